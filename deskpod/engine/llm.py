@@ -1,0 +1,61 @@
+"""The in-process Python API: `deskpod.LLM("smollm2").generate(prompts, params)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from deskpod.engine.chat_template import render_chat
+from deskpod.engine.generate import Completion, generate, stream
+from deskpod.engine.loader import LoadedModel, load_gguf
+from deskpod.engine.sampler import SamplingParams
+from deskpod.errors import UnsupportedModel
+
+
+def resolve_model_file(model: str, progress: bool = False) -> Path:
+    """A GGUF path as given, or the GGUF of a store model (pulled first when it is a catalog name)."""
+    path = Path(model)
+    if path.suffix == ".gguf" and path.exists():
+        return path
+    from deskpod.store import Store
+
+    store = Store()
+    manifest = store.ensure(model, progress=progress)
+    if manifest.format != "gguf":
+        raise UnsupportedModel(f"{manifest.ref} is a {manifest.format} model; the LLM engine runs GGUF models")
+    return store.model_file(manifest)
+
+
+class LLM:
+    def __init__(self, model: str, *, weights: str = "compact", context: int | None = None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded: LoadedModel = load_gguf(resolve_model_file(model), weights)
+        self.tokenizer = self.loaded.tokenizer
+        self.context = context
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        text = render_chat(tok.chat_template, messages, bos_token=tok.special.bos_text, eos_token=tok.special.eos_text)
+        return tok.encode(text)
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+
+    def generate(self, prompts: str | list[int] | list, params: SamplingParams | None = None) -> list[Completion]:
+        """Completions for one prompt or a list of them (text or token ids), in order."""
+        params = params or SamplingParams()
+        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
+        return [generate(self.loaded, self.prompt_ids(p), params, self.context) for p in batch]
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
+        return generate(self.loaded, self.chat_prompt(messages), params or SamplingParams(), self.context)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+        return stream(self.loaded, prompt_ids, params, self.context)
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) for v in value)

@@ -1,0 +1,135 @@
+"""Builds a runnable model from a GGUF file: config from metadata, weights compact or float."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deskpod.engine.models.llama import MLP, Attention, Block, Llama, LlamaConfig, RMSNorm, Rotary
+from deskpod.engine.tokenizer import Tokenizer
+from deskpod.errors import CorruptModel, UnsupportedModel
+from deskpod.formats.gguf import GGUFFile
+from deskpod.quant.ggml import I8Linear, compact_linear
+
+# "compact" keeps GGUF's quantized blocks and runs them with deskpod's kernels; "float32" expands every
+# weight with the gguf package's reference dequantization (the path the correctness tests compare against).
+WEIGHT_MODES = ("compact", "float32")
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)  # [out, in]
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+@dataclass
+class LoadedModel:
+    model: Llama
+    tokenizer: Tokenizer
+    config: LlamaConfig
+    path: Path
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.model.buffers()) + sum(
+            p.numel() * p.element_size() for p in self.model.parameters()
+        )
+
+
+def llama_config(gguf: GGUFFile) -> LlamaConfig:
+    hidden = int(gguf.arch_value("embedding_length"))
+    heads = int(gguf.arch_value("attention.head_count"))
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens") or []
+    scaling = {}
+    if gguf.arch_value("rope.scaling.type") == "llama3" or gguf.has_tensor("rope_freqs.weight"):
+        scaling = {  # Llama 3.1 stores the rescaled frequencies as a tensor; we recompute them from the factors
+            "factor": float(gguf.arch_value("rope.scaling.factor", 8.0)),
+            "original_max_position_embeddings": float(gguf.arch_value("rope.scaling.original_context_length", 8192)),
+        }
+    return LlamaConfig(
+        vocab_size=int(gguf.arch_value("vocab_size", len(tokens))),
+        hidden_size=hidden,
+        intermediate_size=int(gguf.arch_value("feed_forward_length")),
+        num_layers=int(gguf.arch_value("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(gguf.arch_value("attention.head_count_kv", heads)),
+        head_dim=int(gguf.arch_value("attention.key_length", hidden // heads)),
+        max_context=int(gguf.arch_value("context_length", 2048)),
+        rms_eps=float(gguf.arch_value("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(gguf.arch_value("rope.freq_base", 10000.0)),
+        rope_interleaved=True,
+        rope_scaling=tuple(scaling.items()),
+    )
+
+
+class _Weights:
+    """Reads tensors from a GGUF file into the layer types the chosen weight mode asks for."""
+
+    def __init__(self, gguf: GGUFFile, mode: str):
+        self.gguf, self.compact = gguf, mode == "compact"
+
+    def vector(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.gguf.dequantize(name).copy())
+
+    def linear(self, *names: str) -> nn.Module:
+        """One linear layer whose output rows are the given tensors stacked (e.g. q, k and v fused)."""
+        raws = [self.gguf.raw(n) for n in names]
+        types = {r.ggml_type for r in raws}
+        if self.compact and len(types) == 1:
+            rows = sum(r.shape[0] for r in raws)
+            data = np.concatenate([np.asarray(r.data).reshape(r.shape[0], -1) for r in raws])
+            layer = compact_linear(types.pop(), data, (rows, raws[0].shape[1]))
+            if layer is not None:
+                return layer
+        return DenseLinear(torch.from_numpy(np.concatenate([self.gguf.dequantize(n) for n in names])))
+
+
+def _embedding(table: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(table, I8Linear):
+        return table.rows
+    return lambda ids: F.embedding(ids, table.weight)
+
+
+def build_llama(gguf: GGUFFile, mode: str) -> tuple[Llama, LlamaConfig]:
+    cfg = llama_config(gguf)
+    w = _Weights(gguf, mode)
+    rotary = Rotary(cfg)
+    blocks = []
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        attn = Attention(cfg, w.linear(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"), w.linear(p + "attn_output.weight"), rotary)
+        mlp = MLP(w.linear(p + "ffn_gate.weight", p + "ffn_up.weight"), w.linear(p + "ffn_down.weight"), cfg.intermediate_size)
+        blocks.append(Block(RMSNorm(w.vector(p + "attn_norm.weight"), cfg.rms_eps), attn, RMSNorm(w.vector(p + "ffn_norm.weight"), cfg.rms_eps), mlp))
+    table = w.linear("token_embd.weight")
+    lm_head = w.linear("output.weight") if gguf.has_tensor("output.weight") else table  # tied when absent
+    model = Llama(cfg, _embedding(table), blocks, RMSNorm(w.vector("output_norm.weight"), cfg.rms_eps), lm_head)
+    model.table = table  # registered so its buffers count as the model's
+    return model.eval(), cfg
+
+
+# general.architecture → builder. GGUF writes Mistral and other Llama-shaped models as "llama".
+ARCHITECTURES: dict[str, Callable[[GGUFFile, str], tuple[Llama, LlamaConfig]]] = {"llama": build_llama}
+
+
+def load_gguf(path: str | Path, mode: str = "compact") -> LoadedModel:
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weight mode {mode!r} is not one of {WEIGHT_MODES}")
+    gguf = GGUFFile(path)
+    arch = gguf.architecture
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModel(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
+    tokenizer = Tokenizer.from_gguf(gguf)
+    try:
+        model, cfg = ARCHITECTURES[arch](gguf, mode)
+    except (KeyError, TypeError) as e:
+        raise CorruptModel(f"{path}: metadata incomplete for architecture {arch!r} ({e})") from None
+    return LoadedModel(model, tokenizer, cfg, Path(path))

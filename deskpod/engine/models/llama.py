@@ -1,0 +1,154 @@
+"""The Llama family of decoder-only transformers: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Reads top to bottom in dependency order. Linear layers are whatever the loader gives (float, or
+kernel-backed quantized weights); the model only calls them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # GGUF files store q/k rows permuted for rotation of adjacent pairs (x0,x1),(x2,x3)...; Hugging Face
+    # checkpoints rotate the two halves of each head instead.
+    rope_interleaved: bool = True
+    rope_scaling: tuple[tuple[str, float], ...] = ()  # Llama 3.1 style: factor, low/high_freq_factor, original_max
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with Llama 3.1's long-context rescaling when the file asks for it."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    scaling = dict(cfg.rope_scaling)
+    if "factor" in scaling and "original_max_position_embeddings" in scaling:
+        factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        mid = (wavelen <= old / low) & (wavelen >= old / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.float()
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        angles = torch.outer(torch.arange(cfg.max_context, dtype=torch.float32), rope_frequencies(cfg))
+        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_context, head_dim/2]
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.interleaved = cfg.rope_interleaved
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, head_dim], positions: [T]
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [T, 1, head_dim/2]
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of one sequence, for every layer: [layers, max_len, kv_heads, head_dim]."""
+
+    def __init__(self, cfg: LlamaConfig, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (cfg.num_layers, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, wqkv: nn.Module, wo: nn.Module, rotary: Rotary):
+        super().__init__()
+        self.wqkv, self.wo, self.rotary = wqkv, wo, rotary
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_sizes = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        # x: [T, hidden]
+        T = x.shape[0]
+        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        q = self.rotary(q.view(T, self.n_heads, self.head_dim), positions)
+        k = self.rotary(k.view(T, self.n_kv, self.head_dim), positions)
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        cache.k[layer, start:end] = k
+        cache.v[layer, start:end] = v.view(T, self.n_kv, self.head_dim)
+        keys, values = cache.k[layer, :end], cache.v[layer, :end]  # [S, kv_heads, head_dim]
+        mask = None
+        if T > 1:  # query i sees keys up to its own position
+            mask = torch.arange(end, device=x.device)[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, enable_gqa=True
+        )  # [heads, T, head_dim]
+        return self.wo(out.transpose(0, 1).reshape(T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, w_gate_up: nn.Module, w_down: nn.Module, intermediate: int):
+        super().__init__()
+        self.w_gate_up, self.w_down, self.intermediate = w_gate_up, w_down, intermediate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.intermediate, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP):
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+    def forward(self, x, positions, cache, layer):
+        x = x + self.attn(self.attn_norm(x), positions, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig, embed, blocks: list[Block], norm: RMSNorm, lm_head: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = embed  # callable ids [T] -> [T, hidden]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm, self.lm_head = norm, lm_head
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False):
+        """ids, positions: [T] for one sequence -> logits [T, vocab] (or [1, vocab] for the last token)."""
+        x = self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, cache, i)
+        if not all_logits:
+            x = x[-1:]
+        return self.lm_head(self.norm(x))

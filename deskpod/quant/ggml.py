@@ -1,0 +1,110 @@
+"""Linear layers over ggml block-quantized weights, and the conversion from GGUF's raw blocks.
+
+The layout of each ggml block type is read once at load time into two forms the kernels use
+(see kernels/ggml_cpu.cpp): u4 (4-bit codes + float scale and min per 32) and i8 (int8 codes + float
+scale per 32). Types with no compact form here are expanded to float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deskpod.quant.kernels import ggml_cpu
+
+GROUP = 32
+# Below this many rows of activations, decoding the codes per row is cheaper than a float GEMM.
+MATVEC_MAX_ROWS = 8
+
+
+def _blocks(raw: np.ndarray, rows: int, block_bytes: int) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1, block_bytes)
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    return blocks[..., start : start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def u4_from_q4_0(raw: np.ndarray, shape: tuple[int, int]):
+    """Q4_0 block: f16 d, 16 bytes of nibbles; w = d * (q - 8)."""
+    b = _blocks(raw, shape[0], 18)
+    d = _f16(b, 0)
+    return b[..., 2:].reshape(shape[0], -1).copy(), d, -8.0 * d
+
+
+def u4_from_q4_1(raw: np.ndarray, shape: tuple[int, int]):
+    """Q4_1 block: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m."""
+    b = _blocks(raw, shape[0], 20)
+    return b[..., 4:].reshape(shape[0], -1).copy(), _f16(b, 0), _f16(b, 2)
+
+
+def i8_from_q8_0(raw: np.ndarray, shape: tuple[int, int]):
+    """Q8_0 block: f16 d, 32 int8; w = d * q."""
+    b = _blocks(raw, shape[0], 34)
+    return b[..., 2:].reshape(shape[0], -1).copy().view(np.int8), _f16(b, 0)
+
+
+U4_READERS = {"Q4_0": u4_from_q4_0, "Q4_1": u4_from_q4_1}
+I8_READERS = {"Q8_0": i8_from_q8_0}
+
+
+class U4Linear(nn.Module):
+    """y = x @ W.T with W = scale * q + min per group of 32 along the input dimension."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape[0], codes.shape[1] * 2
+        self.register_buffer("codes", codes)  # [N, K/2] uint8
+        self.register_buffer("scales", scales)  # [N, K/32] float32
+        self.register_buffer("mins", mins)  # [N, K/32] float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = ggml_cpu()
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        if x2.shape[0] <= MATVEC_MAX_ROWS:
+            y = kernels.u4_matmul(x2, self.codes, self.scales, self.mins)
+        else:
+            y = F.linear(x2, kernels.u4_dequantize(self.codes, self.scales, self.mins))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return ggml_cpu().u4_dequantize(self.codes, self.scales, self.mins)
+
+
+class I8Linear(nn.Module):
+    """y = x @ W.T with W = scale * q per group of 32; also serves as a (tied) embedding table."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes)  # [N, K] int8
+        self.register_buffer("scales", scales)  # [N, K/32] float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = ggml_cpu()
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        if x2.shape[0] <= MATVEC_MAX_ROWS:
+            y = kernels.i8_matmul(x2, self.codes, self.scales)
+        else:
+            y = F.linear(x2, kernels.i8_dequantize(self.codes, self.scales))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids] as float32: the embedding lookup. ids: [T] -> [T, K]"""
+        codes = self.codes[ids].float().view(len(ids), -1, GROUP)
+        return (codes * self.scales[ids].unsqueeze(-1)).view(len(ids), self.in_features)
+
+
+def compact_linear(ggml_type: str, raw: np.ndarray, shape: tuple[int, int]) -> nn.Module | None:
+    """A kernel-backed linear layer for this block type, or None when there is no compact form for it."""
+    if ggml_cpu() is None or shape[1] % GROUP:
+        return None
+    if ggml_type in U4_READERS:
+        codes, scales, mins = U4_READERS[ggml_type](raw, shape)
+        return U4Linear(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins))
+    if ggml_type in I8_READERS:
+        codes, scales = I8_READERS[ggml_type](raw, shape)
+        return I8Linear(torch.from_numpy(codes), torch.from_numpy(scales))
+    return None
