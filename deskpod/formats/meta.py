@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from deskpod.errors import CorruptModel, ModelNotFound, UnsupportedModel
 
 
 @dataclass(frozen=True)
@@ -20,3 +30,216 @@ class ModelMeta:
     head_dim: int = 0
     vocab_size: int = 0
     intermediate_size: int = 0
+
+
+def read_meta(path: str | Path) -> ModelMeta:
+    """Read a model's metadata (never its weights): a .gguf file, a safetensors folder or file, an .onnx file.
+
+    Works on store blobs too (no suffix): GGUF is recognised by its magic bytes.
+    Raises CorruptModel naming the file when it is truncated or damaged.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFound(f"{path} does not exist")
+    path = _single_file(path)
+    return READERS[_detect(path)](path)
+
+
+def _single_file(path: Path) -> Path:
+    """A folder with no config.json holding one .gguf or .onnx (a store snapshot) stands for that file."""
+    if not path.is_dir() or (path / "config.json").exists():
+        return path
+    singles = [p for p in path.iterdir() if p.suffix in (".gguf", ".onnx")]
+    return singles[0] if len(singles) == 1 else path
+
+
+def _detect(path: Path) -> str:
+    if path.is_dir():
+        return "safetensors"
+    if path.suffix in SUFFIX_FORMATS:
+        return SUFFIX_FORMATS[path.suffix]
+    with path.open("rb") as f:
+        if f.read(len(GGUF_MAGIC)) == GGUF_MAGIC:
+            return "gguf"
+    raise UnsupportedModel(
+        f"{path}: unknown model format; deskpod reads .gguf files, .onnx files and "
+        "Hugging Face folders (config.json + *.safetensors)"
+    )
+
+
+# --- GGUF -------------------------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"
+# ModelMeta field -> GGUF key after "<architecture>."
+GGUF_KEYS = {
+    "context_length": "context_length",
+    "num_layers": "block_count",
+    "hidden_size": "embedding_length",
+    "num_heads": "attention.head_count",
+    "num_kv_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "intermediate_size": "feed_forward_length",
+}
+
+
+def _read_gguf(path: Path) -> ModelMeta:
+    reader = _open_gguf(path)
+    arch = str(_gguf_value(reader, "general.architecture") or "unknown")
+    shape = {field: _as_int(_gguf_value(reader, f"{arch}.{key}")) for field, key in GGUF_KEYS.items()}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens else _as_int(_gguf_value(reader, f"{arch}.vocab_size"))
+    return ModelMeta(
+        format="gguf",
+        architecture=arch,
+        parameters=sum(int(t.n_elements) for t in reader.tensors),
+        quantization=_gguf_quantization(reader),
+        vocab_size=vocab,
+        **_with_derived_heads(shape),
+    )
+
+
+def _open_gguf(path: Path) -> gguf.GGUFReader:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise CorruptModel(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader fails with ValueError, IndexError, struct and numpy errors alike
+        raise CorruptModel(f"{path}: damaged or truncated GGUF ({type(e).__name__}: {e}); pull it again") from e
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise CorruptModel(
+                f"{path}: truncated GGUF: tensor {t.name!r} ends at byte {end} but the file has {size} bytes"
+            )
+    return reader
+
+
+def _gguf_value(reader: gguf.GGUFReader, key: str) -> Any:
+    field = reader.fields.get(key)
+    return field.contents() if field is not None else None
+
+
+def _gguf_quantization(reader: gguf.GGUFReader) -> str:
+    """The file type llama.cpp recorded ("Q4_K_M"), else the tensor type holding most parameters."""
+    file_type = _gguf_value(reader, "general.file_type")
+    if file_type in {t.value for t in gguf.LlamaFileType} and file_type != gguf.LlamaFileType.GUESSED:
+        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    return _dominant({t.tensor_type.name: int(t.n_elements) for t in reader.tensors}.items())
+
+
+# --- safetensors ----------------------------------------------------------------------------------
+
+# ModelMeta field -> config.json keys, first present wins (names differ between model families)
+HF_KEYS = {
+    "context_length": ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_heads": ("num_attention_heads", "n_head"),
+    "num_kv_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim"),
+    "vocab_size": ("vocab_size",),
+}
+
+
+def _read_safetensors(path: Path) -> ModelMeta:
+    weights = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not weights:
+        raise UnsupportedModel(f"{path}: no *.safetensors weights in this folder")
+    config = _read_config(path) if path.is_dir() else {}
+    text = {**config, **(config.get("text_config") or {})}  # multimodal configs nest the LLM
+    counts: Counter[str] = Counter()
+    for file in weights:
+        for dtype, n in _safetensors_counts(file).items():
+            counts[dtype] += n
+    shape = {field: _as_int(next((text[k] for k in keys if k in text), 0)) for field, keys in HF_KEYS.items()}
+    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    return ModelMeta(
+        format="safetensors",
+        architecture=str(config.get("model_type") or "unknown"),
+        parameters=sum(counts.values()),
+        quantization=str(quant_method).upper() if quant_method else _dominant(counts.items()),
+        **_with_derived_heads(shape),
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UnsupportedModel(f"{folder}: a safetensors model folder needs a config.json")
+    try:
+        data = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptModel(f"{config}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CorruptModel(f"{config}: expected a JSON object")
+    return data
+
+
+def _safetensors_counts(file: Path) -> Counter[str]:
+    """Parameter count per dtype, from the header alone (8-byte length + JSON; no tensor bytes read)."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise CorruptModel(f"{file}: truncated safetensors (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptModel(f"{file}: safetensors header is not valid JSON ({e})") from e
+    counts: Counter[str] = Counter()
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        for name, info in tensors.items():
+            if info["data_offsets"][1] > size - 8 - n:
+                raise CorruptModel(f"{file}: truncated safetensors: tensor {name!r} ends past the end of the file")
+            counts[info["dtype"]] += math.prod(info["shape"])
+    except (KeyError, TypeError, IndexError) as e:
+        raise CorruptModel(f"{file}: malformed safetensors header ({type(e).__name__}: {e})") from e
+    return counts
+
+
+# --- ONNX -----------------------------------------------------------------------------------------
+
+
+def _read_onnx(path: Path) -> ModelMeta:
+    if path.stat().st_size == 0:
+        raise CorruptModel(f"{path}: empty ONNX file")
+    return ModelMeta(format="onnx", architecture="onnx", parameters=0, quantization="unknown", context_length=0)
+
+
+# --- shared ---------------------------------------------------------------------------------------
+
+
+def _as_int(value: Any) -> int:
+    """GGUF and config values may be per-layer lists (e.g. head counts); the largest one sizes memory."""
+    if isinstance(value, list):
+        return max((int(v) for v in value), default=0)
+    return int(value or 0)
+
+
+def _with_derived_heads(shape: dict[str, int]) -> dict[str, int]:
+    heads = shape["num_heads"]
+    return {
+        **shape,
+        "num_kv_heads": shape["num_kv_heads"] or heads,
+        "head_dim": shape["head_dim"] or (shape["hidden_size"] // heads if heads else 0),
+    }
+
+
+def _dominant(counts: Any) -> str:
+    """The dtype holding the most parameters; 'unknown' when there are none."""
+    best = max(counts, key=lambda item: item[1], default=None)
+    return best[0] if best else "unknown"
+
+
+READERS: dict[str, Callable[[Path], ModelMeta]] = {
+    "gguf": _read_gguf,
+    "safetensors": _read_safetensors,
+    "onnx": _read_onnx,
+}
+SUFFIX_FORMATS = {".gguf": "gguf", ".onnx": "onnx", ".safetensors": "safetensors"}
