@@ -62,28 +62,32 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    """Rotary position embedding, applied to queries and keys of all heads in one complex multiply."""
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         angles = torch.outer(torch.arange(cfg.max_context, dtype=torch.float32), rope_frequencies(cfg))
-        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_context, head_dim/2]
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("rotations", torch.polar(torch.ones_like(angles), angles), persistent=False)  # [ctx, hd/2]
         self.interleaved = cfg.rope_interleaved
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [T, heads, head_dim], positions: [T]
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [T, 1, head_dim/2]
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        T, H, D = x.shape
+        rot = self.rotations[positions].unsqueeze(1)  # [T, 1, head_dim/2]
+        if self.interleaved:  # pairs (x0, x1), (x2, x3), ...
+            return torch.view_as_real(torch.view_as_complex(x.reshape(T, H, D // 2, 2)) * rot).view(T, H, D)
+        # pairs (x_i, x_{i + D/2})
+        pairs = x.view(T, H, 2, D // 2).transpose(-1, -2).contiguous()
+        return torch.view_as_real(torch.view_as_complex(pairs) * rot).transpose(-1, -2).reshape(T, H, D)
 
 
 class KVCache:
-    """Keys and values of one sequence, for every layer: [layers, max_len, kv_heads, head_dim]."""
+    """Keys and values of one sequence, for every layer: [layers, kv_heads, max_len, head_dim].
+
+    Heads outermost, so a layer's keys up to the current position are a view that matmul takes as is."""
 
     def __init__(self, cfg: LlamaConfig, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (cfg.num_layers, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -94,25 +98,27 @@ class Attention(nn.Module):
         super().__init__()
         self.wqkv, self.wo, self.rotary = wqkv, wo, rotary
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_sizes = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+        self.group = cfg.num_heads // cfg.num_kv_heads
+        self.scale = cfg.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
-        # x: [T, hidden]
-        T = x.shape[0]
-        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
-        q = self.rotary(q.view(T, self.n_heads, self.head_dim), positions)
-        k = self.rotary(k.view(T, self.n_kv, self.head_dim), positions)
+        # x: [T, hidden]; queries and keys are rotated together, they sit side by side in wqkv's output
+        T, D, H, KV = x.shape[0], self.head_dim, self.n_heads, self.n_kv
+        qkv = self.wqkv(x).view(T, H + 2 * KV, D)
+        qk = self.rotary(qkv[:, : H + KV], positions)
         start, end = int(positions[0]), int(positions[-1]) + 1
-        cache.k[layer, start:end] = k
-        cache.v[layer, start:end] = v.view(T, self.n_kv, self.head_dim)
-        keys, values = cache.k[layer, :end], cache.v[layer, :end]  # [S, kv_heads, head_dim]
-        mask = None
+        cache.k[layer, :, start:end] = qk[:, H:].transpose(0, 1)
+        cache.v[layer, :, start:end] = qkv[:, H + KV :].transpose(0, 1)
+        keys, values = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [kv_heads, S, head_dim]
+        # queries grouped by the kv head they share: [kv_heads, group * T, head_dim]
+        q = qk[:, :H].view(T, KV, self.group, D).permute(1, 2, 0, 3).reshape(KV, self.group * T, D)
+        scores = torch.baddbmm(q.new_zeros(1, 1, 1), q, keys.transpose(1, 2), beta=0, alpha=self.scale)  # [KV, group*T, S]
         if T > 1:  # query i sees keys up to its own position
-            mask = torch.arange(end, device=x.device)[None, :] <= positions[:, None]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, enable_gqa=True
-        )  # [heads, T, head_dim]
-        return self.wo(out.transpose(0, 1).reshape(T, self.n_heads * self.head_dim))
+            hidden = torch.arange(end, device=x.device)[None, :] > positions[:, None]  # [T, S]
+            scores = scores.masked_fill(hidden.repeat(self.group, 1), float("-inf"))
+        out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KV, group * T, head_dim]
+        out = out.view(KV, self.group, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+        return self.wo(out)
 
 
 class MLP(nn.Module):

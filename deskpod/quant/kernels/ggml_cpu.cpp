@@ -8,10 +8,78 @@
 // nibbles 16..31); scales and mins are widened to float32 once at load time.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int64_t GROUP = 32;
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 bytes_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+inline __m256 sbytes_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+
+// sum_j scale[g] * q[j] * x[j] over G groups of one u4 row (mins handled by the caller)
+inline float u4_row_dot(const uint8_t* q, const float* s, const float* x, int64_t G) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, q += 16, x += GROUP) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i lo = _mm_and_si128(packed, low), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+    __m256 d = _mm256_mul_ps(bytes_to_ps(lo), _mm256_loadu_ps(x));
+    d = _mm256_fmadd_ps(bytes_to_ps(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(x + 8), d);
+    __m256 e = _mm256_mul_ps(bytes_to_ps(hi), _mm256_loadu_ps(x + 16));
+    e = _mm256_fmadd_ps(bytes_to_ps(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(x + 24), e);
+    const __m256 sc = _mm256_set1_ps(s[g]);
+    acc0 = _mm256_fmadd_ps(sc, d, acc0);
+    acc1 = _mm256_fmadd_ps(sc, e, acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+inline float i8_row_dot(const int8_t* q, const float* s, const float* x, int64_t G) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, q += GROUP, x += GROUP) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
+    __m256 d = _mm256_mul_ps(sbytes_to_ps(a), _mm256_loadu_ps(x));
+    d = _mm256_fmadd_ps(sbytes_to_ps(_mm_srli_si128(a, 8)), _mm256_loadu_ps(x + 8), d);
+    __m256 e = _mm256_mul_ps(sbytes_to_ps(b), _mm256_loadu_ps(x + 16));
+    e = _mm256_fmadd_ps(sbytes_to_ps(_mm_srli_si128(b, 8)), _mm256_loadu_ps(x + 24), e);
+    const __m256 sc = _mm256_set1_ps(s[g]);
+    acc0 = _mm256_fmadd_ps(sc, d, acc0);
+    acc1 = _mm256_fmadd_ps(sc, e, acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+#else
+// Portable versions: one accumulator lane per position so the compiler can vectorize without
+// reassociating float sums.
+inline float u4_row_dot(const uint8_t* q, const float* s, const float* x, int64_t G) {
+  float acc[16] = {0};
+  for (int64_t g = 0; g < G; ++g, q += 16, x += GROUP)
+    for (int j = 0; j < 16; ++j) acc[j] += s[g] * (float(q[j] & 15) * x[j] + float(q[j] >> 4) * x[j + 16]);
+  float total = 0.f;
+  for (int j = 0; j < 16; ++j) total += acc[j];
+  return total;
+}
+
+inline float i8_row_dot(const int8_t* q, const float* s, const float* x, int64_t G) {
+  float acc[GROUP] = {0};
+  for (int64_t g = 0; g < G; ++g, q += GROUP, x += GROUP)
+    for (int j = 0; j < GROUP; ++j) acc[j] += s[g] * (float(q[j]) * x[j]);
+  float total = 0.f;
+  for (int j = 0; j < GROUP; ++j) total += acc[j];
+  return total;
+}
+#endif
 
 // out[m, n] = sum_k x[m, k] * w[n, k]; rows of w are split across threads.
 torch::Tensor u4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins) {
@@ -33,21 +101,10 @@ torch::Tensor u4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
       const float* s = sp + n * G;
       const float* mn = mp + n * G;
       for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xp + m * K;
         const float* xg = xs + m * G;
-        float acc[16] = {0};  // one lane per code position: vectorizes without reassociating floats
         float bias = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* qb = q + g * 16;
-          const float* xb = xr + g * GROUP;
-          const float sc = s[g];
-          for (int j = 0; j < 16; ++j)
-            acc[j] += sc * (float(qb[j] & 15) * xb[j] + float(qb[j] >> 4) * xb[j + 16]);
-          bias += mn[g] * xg[g];
-        }
-        float total = bias;
-        for (int j = 0; j < 16; ++j) total += acc[j];
-        op[m * N + n] = total;
+        for (int64_t g = 0; g < G; ++g) bias += mn[g] * xg[g];
+        op[m * N + n] = u4_row_dot(q, s, xp + m * K, G) + bias;
       }
     }
   });
@@ -67,19 +124,7 @@ torch::Tensor i8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* q = qp + n * K;
       const float* s = sp + n * G;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xp + m * K;
-        float acc[GROUP] = {0};
-        for (int64_t g = 0; g < G; ++g) {
-          const int8_t* qb = q + g * GROUP;
-          const float* xb = xr + g * GROUP;
-          const float sc = s[g];
-          for (int j = 0; j < GROUP; ++j) acc[j] += sc * (float(qb[j]) * xb[j]);
-        }
-        float total = 0.f;
-        for (int j = 0; j < GROUP; ++j) total += acc[j];
-        op[m * N + n] = total;
-      }
+      for (int64_t m = 0; m < M; ++m) op[m * N + n] = i8_row_dot(q, s, xp + m * K, G);
     }
   });
   return out;
