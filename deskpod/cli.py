@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 
 from deskpod import __version__
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("deskpod").setLevel(logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

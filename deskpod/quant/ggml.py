@@ -40,13 +40,31 @@ def u4_from_q4_1(raw: np.ndarray, shape: tuple[int, int]):
     return b[..., 4:].reshape(shape[0], -1).copy(), _f16(b, 0), _f16(b, 2)
 
 
+def u4_from_q4_k(raw: np.ndarray, shape: tuple[int, int]):
+    """Q4_K super-block of 256: f16 d, f16 dmin, 12 bytes of 6-bit sub-scales and sub-mins, 128 bytes of
+    nibbles; sub-block j holds w = d * sc[j] * q - dmin * m[j]. Every sub-block is one u4 group of 32."""
+    b = _blocks(raw, shape[0], 144)
+    d, dmin = _f16(b, 0)[..., None], _f16(b, 2)[..., None]
+    s = b[..., 4:16].astype(np.uint8)
+    low6 = np.uint8(63)
+    sc = np.concatenate([s[..., 0:4] & low6, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[..., 4:8] & low6, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    # each 32-byte chunk c holds sub-block 2c in its low nibbles and 2c+1 in its high nibbles
+    qs = b[..., 16:].reshape(*b.shape[:2], 4, 1, 32)
+    values = np.concatenate([qs & 0xF, qs >> 4], axis=-2).reshape(shape[0], -1, 32)  # [N, groups, 32]
+    codes = values[..., :16] | (values[..., 16:] << 4)  # deskpod's u4 group: low nibbles 0..15, high 16..31
+    scales = (d * sc.astype(np.float32)).reshape(shape[0], -1)
+    mins = -(dmin * mn.astype(np.float32)).reshape(shape[0], -1)
+    return codes.reshape(shape[0], -1).astype(np.uint8), scales, mins
+
+
 def i8_from_q8_0(raw: np.ndarray, shape: tuple[int, int]):
     """Q8_0 block: f16 d, 32 int8; w = d * q."""
     b = _blocks(raw, shape[0], 34)
     return b[..., 2:].reshape(shape[0], -1).copy().view(np.int8), _f16(b, 0)
 
 
-U4_READERS = {"Q4_0": u4_from_q4_0, "Q4_1": u4_from_q4_1}
+U4_READERS = {"Q4_0": u4_from_q4_0, "Q4_1": u4_from_q4_1, "Q4_K": u4_from_q4_k}
 I8_READERS = {"Q8_0": i8_from_q8_0}
 
 

@@ -30,12 +30,15 @@ def ggml_cpu():
     from torch.utils.cpp_extension import load
 
     tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    build_dir = _build_dir(tag)
+    if not any(build_dir.glob("*.so")):
+        log.info("deskpod: building the CPU kernels for this machine (once, about a minute)...")
     try:
         return load(
             name=f"deskpod_ggml_cpu_{tag}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native"],
-            build_directory=str(_build_dir(tag)),
+            build_directory=str(build_dir),
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, headers missing: run without kernels
