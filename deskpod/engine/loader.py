@@ -111,7 +111,7 @@ def build_llama(gguf: GGUFFile, mode: str) -> tuple[Llama, LlamaConfig]:
         blocks.append(Block(RMSNorm(w.vector(p + "attn_norm.weight"), cfg.rms_eps), attn, RMSNorm(w.vector(p + "ffn_norm.weight"), cfg.rms_eps), mlp))
     table = w.linear("token_embd.weight")
     lm_head = w.linear("output.weight") if gguf.has_tensor("output.weight") else table  # tied when absent
-    model = Llama(cfg, _embedding(table), blocks, RMSNorm(w.vector("output_norm.weight"), cfg.rms_eps), lm_head)
+    model = Llama(cfg, _embedding(table), blocks, RMSNorm(w.vector("output_norm.weight"), cfg.rms_eps), lm_head, rotary)
     model.table = table  # registered so its buffers count as the model's
     return model.eval(), cfg
 

@@ -36,7 +36,8 @@ class GGUFFile:
         try:
             self._reader = gguf.GGUFReader(self.path, "r")
         except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on damage
-            raise CorruptModel(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+            size = self.path.stat().st_size
+            raise CorruptModel(f"{self.path}: truncated or damaged GGUF file ({size:,} bytes; {type(e).__name__}: {e})") from None
         self.metadata: dict[str, Any] = {
             name: field.contents() for name, field in self._reader.fields.items() if not name.startswith("GGUF.")
         }

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deskpod.quant.kernels import ggml_cpu
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -43,7 +45,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = ggml_cpu() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if kernels is not None:  # one fused pass instead of PyTorch's chain of small ops
+            return kernels.rms_norm(x.contiguous(), self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+@dataclass
+class Step:
+    """What every layer needs to know about the tokens of one forward pass, computed once per pass."""
+
+    positions: torch.Tensor  # [T]
+    start: int  # first position written to the cache
+    end: int  # one past the last
+    rotations: torch.Tensor  # [T, 1, head_dim/2] complex
+    hidden: torch.Tensor | None  # [T, end] True where a query must not see a key (None when T == 1)
 
 
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
@@ -70,10 +86,9 @@ class Rotary(nn.Module):
         self.register_buffer("rotations", torch.polar(torch.ones_like(angles), angles), persistent=False)  # [ctx, hd/2]
         self.interleaved = cfg.rope_interleaved
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, head_dim], positions: [T]
+    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, head_dim], rot: [T, 1, head_dim/2] = rotations[positions]
         T, H, D = x.shape
-        rot = self.rotations[positions].unsqueeze(1)  # [T, 1, head_dim/2]
         if self.interleaved:  # pairs (x0, x1), (x2, x3), ...
             return torch.view_as_real(torch.view_as_complex(x.reshape(T, H, D // 2, 2)) * rot).view(T, H, D)
         # pairs (x_i, x_{i + D/2})
@@ -91,6 +106,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
 
 
 class Attention(nn.Module):
@@ -101,21 +117,20 @@ class Attention(nn.Module):
         self.group = cfg.num_heads // cfg.num_kv_heads
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: [T, hidden]; queries and keys are rotated together, they sit side by side in wqkv's output
         T, D, H, KV = x.shape[0], self.head_dim, self.n_heads, self.n_kv
         qkv = self.wqkv(x).view(T, H + 2 * KV, D)
-        qk = self.rotary(qkv[:, : H + KV], positions)
-        start, end = int(positions[0]), int(positions[-1]) + 1
-        cache.k[layer, :, start:end] = qk[:, H:].transpose(0, 1)
-        cache.v[layer, :, start:end] = qkv[:, H + KV :].transpose(0, 1)
-        keys, values = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [kv_heads, S, head_dim]
+        qk = self.rotary(qkv[:, : H + KV], step.rotations)
+        k_cache, v_cache = kv  # [kv_heads, max_len, head_dim]
+        k_cache[:, step.start : step.end] = qk[:, H:].transpose(0, 1)
+        v_cache[:, step.start : step.end] = qkv[:, H + KV :].transpose(0, 1)
+        keys, values = k_cache[:, : step.end], v_cache[:, : step.end]  # [kv_heads, S, head_dim]
         # queries grouped by the kv head they share: [kv_heads, group * T, head_dim]
         q = qk[:, :H].view(T, KV, self.group, D).permute(1, 2, 0, 3).reshape(KV, self.group * T, D)
         scores = torch.baddbmm(q.new_zeros(1, 1, 1), q, keys.transpose(1, 2), beta=0, alpha=self.scale)  # [KV, group*T, S]
-        if T > 1:  # query i sees keys up to its own position
-            hidden = torch.arange(end, device=x.device)[None, :] > positions[:, None]  # [T, S]
-            scores = scores.masked_fill(hidden.repeat(self.group, 1), float("-inf"))
+        if step.hidden is not None:
+            scores = scores.masked_fill(step.hidden.repeat(self.group, 1), float("-inf"))
         out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KV, group * T, head_dim]
         out = out.view(KV, self.group, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
         return self.wo(out)
@@ -136,15 +151,15 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
-    def forward(self, x, positions, cache, layer):
-        x = x + self.attn(self.attn_norm(x), positions, cache, layer)
+    def forward(self, x, step: Step, kv):
+        x = x + self.attn(self.attn_norm(x), step, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig, embed, blocks: list[Block], norm: RMSNorm, lm_head: nn.Module):
+    def __init__(self, cfg: LlamaConfig, embed, blocks: list[Block], norm: RMSNorm, lm_head: nn.Module, rotary: Rotary):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.rotary = cfg, rotary
         self.embed = embed  # callable ids [T] -> [T, hidden]
         self.blocks = nn.ModuleList(blocks)
         self.norm, self.lm_head = norm, lm_head
@@ -152,9 +167,14 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False):
         """ids, positions: [T] for one sequence -> logits [T, vocab] (or [1, vocab] for the last token)."""
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        hidden = None
+        if len(ids) > 1:  # query i sees keys up to its own position
+            hidden = torch.arange(end, device=ids.device)[None, :] > positions[:, None]
+        step = Step(positions, start, end, self.rotary.rotations[positions].unsqueeze(1), hidden)
         x = self.embed(ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, positions, cache, i)
+        for block, kv in zip(self.blocks, cache.layers):
+            x = block(x, step, kv)
         if not all_logits:
             x = x[-1:]
         return self.lm_head(self.norm(x))

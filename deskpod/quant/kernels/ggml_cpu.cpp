@@ -8,6 +8,8 @@
 // nibbles 16..31); scales and mins are widened to float32 once at load time.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -87,10 +89,12 @@ torch::Tensor u4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = K / GROUP;
   TORCH_CHECK(K % GROUP == 0 && codes.size(1) == K / 2, "codes must be [N, K/2] with K a multiple of 32");
   // sum of x over each group, so the per-group min costs one multiply: sum(w*x) = scale*sum(q*x) + min*sum(x)
-  auto xsum = x.view({M, G, GROUP}).sum(-1).contiguous();
-  auto out = torch::empty({M, N}, x.options());
+  std::vector<float> xsum(M * G, 0.f);
   const float* xp = x.data_ptr<float>();
-  const float* xs = xsum.data_ptr<float>();
+  for (int64_t i = 0; i < M * G; ++i)
+    for (int j = 0; j < GROUP; ++j) xsum[i] += xp[i * GROUP + j];
+  auto out = torch::empty({M, N}, x.options());
+  const float* xs = xsum.data();
   const uint8_t* qp = codes.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* mp = mins.data_ptr<float>();
@@ -164,6 +168,25 @@ torch::Tensor i8_dequantize(torch::Tensor codes, torch::Tensor scales) {
   return w;
 }
 
+// y = x / rms(x) * weight over the last dimension, in one pass (PyTorch's version is a chain of small ops,
+// which at decode's one row per call costs more than the arithmetic).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32");
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * D;
+    float ss = 0.f;
+    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / float(D) + float(eps));
+    for (int64_t i = 0; i < D; ++i) op[r * D + i] = xr[i] * inv * wp[i];
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -171,4 +194,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("i8_matmul", &i8_matmul);
   m.def("u4_dequantize", &u4_dequantize);
   m.def("i8_dequantize", &i8_dequantize);
+  m.def("rms_norm", &rms_norm);
 }
