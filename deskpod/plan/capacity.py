@@ -161,7 +161,7 @@ def ways_out(plan: MemoryPlan, shape: ModelShape) -> list[str]:
                          kv_dtype_bytes=plan.kv_per_token // kv_bytes_per_token(shape, 1),
                          overhead_bytes=plan.overhead)
     if boxes:
-        ways.append(f"linking boxes: {boxes} like this one hold it in a pipeline split (deskpod serve --nodes {boxes})")
+        ways.append(f"linking boxes: {boxes} boxes like this one hold it, the layers split between them")
     return ways or ["none at this size: even the smallest settings exceed this box"]
 
 
