@@ -67,8 +67,9 @@ def measure_deskpod(gguf: str) -> tuple[int, float]:
     """Peak RSS and decode tokens/s of deskpod's engine (deskpod.engine.llm.LLM) on `gguf`.
 
     Like the engine's own benchmarks/decode.py: prefill a PROMPT_TOKENS-token prompt into a KV cache
-    sized for it plus NEW_TOKENS, then time NEW_TOKENS greedy decode steps. Best of two runs after a
-    warm-up (the first call may build the engine's kernels).
+    sized for it plus NEW_TOKENS, then time NEW_TOKENS greedy decode steps one by one. The rate is one
+    over the median step, so a slow first step (kernels being built, pages faulted in) or another
+    process's burst on a shared machine does not stand for the engine's steady speed.
     """
     import torch
 
@@ -78,16 +79,14 @@ def measure_deskpod(gguf: str) -> tuple[int, float]:
     lm = LLM(gguf, threads=os.cpu_count()).loaded
     prompt = prompt_of(lm.tokenizer.encode, PROMPT_TOKENS)
 
-    def decode_rate(steps: int) -> float:
-        cache = KVCache(lm.config, PROMPT_TOKENS + steps)
-        token = int(lm.model(torch.tensor(prompt), torch.arange(PROMPT_TOKENS), cache)[-1].argmax())
+    cache = KVCache(lm.config, PROMPT_TOKENS + NEW_TOKENS)
+    token = int(lm.model(torch.tensor(prompt), torch.arange(PROMPT_TOKENS), cache)[-1].argmax())
+    seconds = []
+    for i in range(NEW_TOKENS):
         start = time.perf_counter()
-        for i in range(steps):
-            token = int(lm.model(torch.tensor([token]), torch.tensor([PROMPT_TOKENS + i]), cache)[-1].argmax())
-        return steps / (time.perf_counter() - start)
-
-    decode_rate(4)
-    return peak_rss_bytes(), max(decode_rate(NEW_TOKENS) for _ in range(2))
+        token = int(lm.model(torch.tensor([token]), torch.tensor([PROMPT_TOKENS + i]), cache)[-1].argmax())
+        seconds.append(time.perf_counter() - start)
+    return peak_rss_bytes(), 1 / statistics.median(seconds)
 # ==============================================================================================
 
 
@@ -98,16 +97,13 @@ def measure_llama_cpp(gguf: str) -> tuple[int, float]:
     llm = Llama(gguf, n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8, n_threads=os.cpu_count(), verbose=False)
     prompt = prompt_of(lambda t: llm.tokenize(t.encode(), add_bos=False), PROMPT_TOKENS)
 
-    def decode_rate(steps: int) -> float:
-        llm.reset()
-        llm.eval(prompt)
+    llm.eval(prompt)
+    seconds = []
+    for _ in range(NEW_TOKENS):
         start = time.perf_counter()
-        for _ in range(steps):
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-        return steps / (time.perf_counter() - start)
-
-    decode_rate(4)
-    return peak_rss_bytes(), max(decode_rate(NEW_TOKENS) for _ in range(2))
+        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        seconds.append(time.perf_counter() - start)
+    return peak_rss_bytes(), 1 / statistics.median(seconds)
 
 
 def load_callable(spec: str):
