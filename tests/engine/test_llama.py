@@ -1,0 +1,90 @@
+"""The Llama model on a tiny random GGUF: compact weights compute what float32 weights compute, and the
+KV cache makes token-by-token decoding equal to one pass over the whole sequence."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deskpod.engine.loader import load_gguf
+from deskpod.engine.models.llama import KVCache, RMSNorm
+from deskpod.quant.ggml import MATVEC_MAX_ROWS
+
+TEXT = "<|im_start|>user\nthe inner herb, the heron<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def tiny_models(request, make_tiny_llama):
+    """The tiny model in both weight modes; tied: the Q8_0 embedding is also the output head (as in SmolLM2)."""
+    path = make_tiny_llama(tied=request.param == "tied")
+    return {mode: load_gguf(path, mode) for mode in ("compact", "float32")}
+
+
+def forward(lm, ids: list[int], chunks: list[int] | None = None) -> torch.Tensor:
+    """Logits [len(ids), vocab], feeding the sequence in pieces of the given sizes (one piece by default)."""
+    cache = KVCache(lm.config, len(ids))
+    chunks = chunks or [len(ids)]
+    assert sum(chunks) == len(ids)
+    out, start = [], 0
+    for n in chunks:
+        piece, positions = torch.tensor(ids[start : start + n]), torch.arange(start, start + n)
+        out.append(lm.model(piece, positions, cache, all_logits=True))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_models) -> list[int]:
+    ids = tiny_models["compact"].tokenizer.encode(TEXT)
+    assert len(ids) >= 3 * MATVEC_MAX_ROWS
+    return ids
+
+
+@pytest.mark.skipif(bool(os.environ.get("DESKPOD_NO_KERNELS")), reason="DESKPOD_NO_KERNELS is set")
+def test_compact_layers_are_used(tiny_models):
+    kinds = {type(m).__name__ for m in tiny_models["compact"].model.modules()}
+    assert {"U4Linear", "I8Linear", "DenseLinear"} <= kinds  # Q4_x, Q8_0, and the F16/BF16/mixed fallbacks
+    assert "U4Linear" not in {type(m).__name__ for m in tiny_models["float32"].model.modules()}
+
+
+@pytest.mark.parametrize("rows", ["prefill", "decode"])
+def test_compact_and_float32_logits_agree(tiny_models, ids, rows):
+    # a long prefill takes the dequantize + GEMM path, one token at a time the matvec kernels
+    chunks = None if rows == "prefill" else [1] * len(ids)
+    compact, dense = forward(tiny_models["compact"], ids, chunks), forward(tiny_models["float32"], ids, chunks)
+    assert compact.shape == (len(ids), tiny_models["compact"].config.vocab_size)
+    assert dense.abs().max() > 2  # logits of a real spread, so the tolerance below means something
+    torch.testing.assert_close(compact, dense, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["compact", "float32"])
+def test_incremental_decoding_equals_one_full_pass(tiny_models, ids, mode):
+    lm = tiny_models[mode]
+    full = forward(lm, ids)
+    # a prefill, then token by token; and chunks on both sides of the matvec/GEMM switch
+    mixed = [MATVEC_MAX_ROWS + 1, 3, MATVEC_MAX_ROWS, len(ids) - 2 * MATVEC_MAX_ROWS - 4]
+    for chunks in ([5] + [1] * (len(ids) - 5), mixed):
+        torch.testing.assert_close(forward(lm, ids, chunks), full, rtol=0, atol=1e-4)
+
+
+def test_last_logits_only_by_default(tiny_models, ids):
+    lm = tiny_models["compact"]
+    last = lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.config, len(ids)))
+    assert last.shape == (1, lm.config.vocab_size)
+    torch.testing.assert_close(last[0], forward(lm, ids)[-1])
+
+
+def test_causal_mask_later_tokens_do_not_change_earlier_logits(tiny_models, ids):
+    lm = tiny_models["float32"]
+    changed = ids[:-3] + [(i + 1) % lm.config.vocab_size for i in ids[-3:]]
+    torch.testing.assert_close(forward(lm, changed)[:-3], forward(lm, ids)[:-3], rtol=0, atol=1e-5)
+    assert not torch.allclose(forward(lm, changed)[-2:], forward(lm, ids)[-2:])
+
+
+def test_rms_norm_matches_pytorch():
+    weight = torch.randn(64)
+    x = torch.randn(5, 64) * 3
+    torch.testing.assert_close(RMSNorm(weight, 1e-5)(x), F.rms_norm(x, (64,), weight, 1e-5), rtol=1e-5, atol=1e-5)

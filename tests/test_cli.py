@@ -1,0 +1,81 @@
+"""The `deskpod` command as a user runs it: a real subprocess, real model, output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REFERENCE = Path(__file__).parent / "data" / "smollm2-greedy.json"
+
+
+def deskpod(*args: str) -> subprocess.CompletedProcess:
+    # the session's $DESKPOD_HOME (set by conftest) is inherited: no test touches ~/.deskpod
+    return subprocess.run([sys.executable, "-m", "deskpod.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_path(smollm2_gguf, tmp_path_factory) -> Path:
+    """The store's blob under a .gguf name, as a user would pass a downloaded file."""
+    path = tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path.symlink_to(smollm2_gguf)
+    return path
+
+
+def test_run_raw_json_matches_llama_cpp_prompt_ids(smollm2_path):
+    results = json.loads(REFERENCE.read_text())["results"]
+    [raw] = [r for r in results if r["mode"] == "raw" and r["prompt"] == "The capital of France is"]
+    result = deskpod("run", str(smollm2_path), raw["prompt"], "--raw", "--json", "--temperature", "0", "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["prompt_token_ids"] == raw["prompt_token_ids"]
+    # deskpod's greedy tokens are transformers' float32 ones (llama.cpp's part after 5; see test_reference.py)
+    assert out["token_ids"] == raw["transformers_fp32_completion_token_ids"][:8]
+    assert out["text"] == " Paris.\n\nThe answer is:" and out["finish_reason"] == "length"
+
+
+def test_unknown_model_lists_what_there_is(smollm2_gguf):
+    line = assert_one_line_error(deskpod("run", "no-such-model", "hi"))
+    assert "no-such-model" in line and "smollm2" in line
+
+
+def test_corrupt_model_file_is_named(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 4)  # the magic, then garbage (truncation: tests/formats)
+    line = assert_one_line_error(deskpod("run", str(path), "hi"))
+    assert str(path) in line
+
+
+def test_bad_sampling_value_fails_before_loading():
+    line = assert_one_line_error(deskpod("run", "no-such-model", "hi", "--temperature", "-1"))
+    assert "temperature" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--help"], ["run", "chat"]),
+        (["run", "--help"], ["--raw", "--json", "--temperature", "--max-tokens", "--seed", "--stop"]),
+        (["chat", "--help"], ["--system", "--temperature"]),
+    ],
+)
+def test_help(args, words):
+    result = deskpod(*args)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: deskpod") and all(w in result.stdout for w in words)
+
+
+def test_version():
+    result = deskpod("--version")
+    assert result.returncode == 0 and result.stdout.startswith("deskpod ")
