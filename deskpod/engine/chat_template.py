@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from deskpod.errors import DeskpodError
@@ -35,9 +36,29 @@ def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
+# A prompt is text for a context window: nothing a template builds needs to be larger than this.
+MAX_RENDERED_ITEMS = 1 << 20
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus a cap on `*` and `**`, which can otherwise build gigabyte strings
+    or numbers with billions of digits from a one-line template."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise SecurityError(f"exponent {right} is too large for a chat template")
+        if operator == "*":
+            length, count = next(((len(a), b) for a, b in ((left, right), (right, left)) if isinstance(a, (str, list, tuple)) and isinstance(b, int)), (0, 0))
+            if length * count > MAX_RENDERED_ITEMS:
+                raise SecurityError(f"a chat template tried to build a sequence of {length * count:,} items")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

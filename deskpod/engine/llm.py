@@ -17,7 +17,7 @@ from deskpod.errors import UnsupportedModel
 def resolve_model_file(model: str, progress: bool = False) -> Path:
     """A GGUF path as given, or the GGUF of a store model (pulled first when it is a catalog name)."""
     path = Path(model)
-    if path.suffix == ".gguf" and path.exists():
+    if path.is_file():
         return path
     from deskpod.store import Store
 

@@ -1,4 +1,5 @@
 import json
+import subprocess
 import sys
 
 import pytest
@@ -54,7 +55,15 @@ def test_profile_files_name_what_is_missing(tmp_path):
 def test_available_memory_is_mem_available(monkeypatch):
     monkeypatch.setattr(devices, "meminfo", lambda: {"MemTotal": 8 << 30, "MemAvailable": 3 << 30})
     assert devices.available_memory_bytes(cuda=False) == 3 << 30
-    assert "torch" not in sys.modules  # the planner never loads torch on its own
+
+
+def test_planning_never_imports_torch():
+    # a fresh interpreter: other tests in this process may have imported torch already
+    code = (
+        "import sys; from deskpod.plan.planner import *; from deskpod.plan import devices; "
+        "devices.available_memory_bytes(); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_this_machine_is_probed_once(monkeypatch):
