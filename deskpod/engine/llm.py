@@ -32,7 +32,7 @@ class LLM:
     def __init__(self, model: str, *, weights: str = "compact", context: int | None = None, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.loaded: LoadedModel = load_gguf(resolve_model_file(model), weights)
+        self.loaded: LoadedModel = load_gguf(resolve_model_file(model), weights, context, name=model)
         self.tokenizer = self.loaded.tokenizer
         self.context = context
 

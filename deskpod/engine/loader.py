@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,7 +16,10 @@ from deskpod.engine.models.llama import MLP, Attention, Block, Llama, LlamaConfi
 from deskpod.engine.tokenizer import Tokenizer
 from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.gguf import GGUFFile
-from deskpod.quant.ggml import I8Linear, compact_linear
+from deskpod.plan.capacity import MemoryPlan, check_fits
+from deskpod.plan.devices import available_memory_bytes
+from deskpod.plan.shape import ModelShape
+from deskpod.quant.ggml import BYTES_PER_WEIGHT, I8Linear, compact_form, compact_linear
 
 # "compact" keeps GGUF's quantized blocks and runs them with deskpod's kernels; "float32" expands every
 # weight with the gguf package's reference dequantization (the path the correctness tests compare against).
@@ -71,6 +75,30 @@ def llama_config(gguf: GGUFFile) -> LlamaConfig:
     )
 
 
+KV_DTYPE_BYTES = 4  # the CPU engine keeps keys and values in float32
+
+
+def planned_weight_bytes(gguf: GGUFFile, mode: str) -> int:
+    """What the weights will take once loaded in this mode, known before loading any of them."""
+    total = 0.0
+    for name in gguf.tensor_names():
+        info = gguf.raw(name)
+        form = compact_form(info.ggml_type, info.shape) if mode == "compact" else None
+        total += math.prod(info.shape) * (BYTES_PER_WEIGHT[form] if form else 4)
+    return int(total)
+
+
+def admit(gguf: GGUFFile, cfg: LlamaConfig, mode: str, context: int, name: str | None = None) -> MemoryPlan:
+    """Refuses (DoesNotFit, with the breakdown and the ways out) a model that cannot fit in the memory
+    free right now, with the same functions `deskpod plan` uses."""
+    shape = ModelShape(
+        name=name or gguf.path.name, architecture=gguf.architecture, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, max_context=cfg.max_context,
+    )
+    return check_fits(shape, planned_weight_bytes(gguf, mode), context, available_memory_bytes(), kv_dtype_bytes=KV_DTYPE_BYTES)
+
+
 class _Weights:
     """Reads tensors from a GGUF file into the layer types the chosen weight mode asks for."""
 
@@ -99,8 +127,7 @@ def _embedding(table: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda ids: F.embedding(ids, table.weight)
 
 
-def build_llama(gguf: GGUFFile, mode: str) -> tuple[Llama, LlamaConfig]:
-    cfg = llama_config(gguf)
+def build_llama(gguf: GGUFFile, cfg: LlamaConfig, mode: str) -> Llama:
     w = _Weights(gguf, mode)
     rotary = Rotary(cfg)
     blocks = []
@@ -113,23 +140,27 @@ def build_llama(gguf: GGUFFile, mode: str) -> tuple[Llama, LlamaConfig]:
     lm_head = w.linear("output.weight") if gguf.has_tensor("output.weight") else table  # tied when absent
     model = Llama(cfg, _embedding(table), blocks, RMSNorm(w.vector("output_norm.weight"), cfg.rms_eps), lm_head, rotary)
     model.table = table  # registered so its buffers count as the model's
-    return model.eval(), cfg
+    return model.eval()
 
 
 # general.architecture → builder. GGUF writes Mistral and other Llama-shaped models as "llama".
-ARCHITECTURES: dict[str, Callable[[GGUFFile, str], tuple[Llama, LlamaConfig]]] = {"llama": build_llama}
+ARCHITECTURES: dict[str, Callable[[GGUFFile, LlamaConfig, str], Llama]] = {"llama": build_llama}
 
 
-def load_gguf(path: str | Path, mode: str = "compact") -> LoadedModel:
+def load_gguf(path: str | Path, mode: str = "compact", context: int | None = None, name: str | None = None) -> LoadedModel:
+    """The model, its tokenizer and config; refused with DoesNotFit when it cannot fit at `context`
+    tokens (default: the model's full context). `name` is how errors call the model."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {mode!r} is not one of {WEIGHT_MODES}")
     gguf = GGUFFile(path)
     arch = gguf.architecture
     if arch not in ARCHITECTURES:
         raise UnsupportedModel(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
-    tokenizer = Tokenizer.from_gguf(gguf)
     try:
-        model, cfg = ARCHITECTURES[arch](gguf, mode)
-    except (KeyError, TypeError) as e:
+        cfg = llama_config(gguf)
+    except (KeyError, TypeError, ValueError) as e:
         raise CorruptModel(f"{path}: metadata incomplete for architecture {arch!r} ({e})") from None
+    admit(gguf, cfg, mode, min(context or cfg.max_context, cfg.max_context), name)
+    tokenizer = Tokenizer.from_gguf(gguf)
+    model = ARCHITECTURES[arch](gguf, cfg, mode)
     return LoadedModel(model, tokenizer, cfg, Path(path))

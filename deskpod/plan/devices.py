@@ -222,14 +222,30 @@ def available_memory_bytes(cuda: bool | None = None) -> int:
     /proc/meminfo. `cuda=None` asks CUDA only when torch is already loaded in this process (the
     engine's case), so the planner itself never pays for importing torch.
     """
-    if cuda or (cuda is None and "torch" in sys.modules):
-        free = _cuda_free_bytes()
-        if free is not None:
-            return free
-    info = meminfo()
-    if "MemAvailable" in info:
-        return info["MemAvailable"]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = _cuda_free_bytes() if cuda or (cuda is None and "torch" in sys.modules) else None
+    if free is None:
+        info = meminfo()
+        free = info.get("MemAvailable") or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = memory_limit_bytes()
+    return min(free, limit) if limit else free
+
+
+def memory_limit_bytes() -> int | None:
+    """$DESKPOD_MEMORY_LIMIT: the most memory deskpod may plan to use (bytes, or with a KB/MB/GB/TB
+    suffix), for sharing a box with other work. None when unset."""
+    text = os.environ.get("DESKPOD_MEMORY_LIMIT", "").strip().upper()
+    if not text:
+        return None
+    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    unit = next((u for u in units if text.endswith(u)), "B")
+    number = text[: len(text) - len(unit)] if text.endswith(unit) else text
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise InvalidPlanInput(f"DESKPOD_MEMORY_LIMIT={text!r}: give bytes or a size such as 16GB") from None
+    if value <= 0:
+        raise InvalidPlanInput(f"DESKPOD_MEMORY_LIMIT={text!r}: must be positive")
+    return int(value)
 
 
 def _cuda_free_bytes() -> int | None:

@@ -115,14 +115,24 @@ class I8Linear(nn.Module):
         return (codes * self.scales[ids].unsqueeze(-1)).view(len(ids), self.in_features)
 
 
+# Bytes per weight in each compact form: codes plus float32 scales (and mins) per group of 32.
+BYTES_PER_WEIGHT = {"u4": 0.5 + 8 / GROUP, "i8": 1 + 4 / GROUP}
+
+
+def compact_form(ggml_type: str, shape: tuple[int, ...]) -> str | None:
+    """"u4" or "i8" when a matrix of this block type runs on the kernels here, else None (float32)."""
+    if ggml_cpu() is None or len(shape) != 2 or shape[1] % GROUP:
+        return None
+    return "u4" if ggml_type in U4_READERS else "i8" if ggml_type in I8_READERS else None
+
+
 def compact_linear(ggml_type: str, raw: np.ndarray, shape: tuple[int, int]) -> nn.Module | None:
     """A kernel-backed linear layer for this block type, or None when there is no compact form for it."""
-    if ggml_cpu() is None or shape[1] % GROUP:
-        return None
-    if ggml_type in U4_READERS:
+    form = compact_form(ggml_type, shape)
+    if form == "u4":
         codes, scales, mins = U4_READERS[ggml_type](raw, shape)
         return U4Linear(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins))
-    if ggml_type in I8_READERS:
+    if form == "i8":
         codes, scales = I8_READERS[ggml_type](raw, shape)
         return I8Linear(torch.from_numpy(codes), torch.from_numpy(scales))
     return None

@@ -83,3 +83,17 @@ def test_this_machine_is_probed_once(monkeypatch):
 def test_the_probes_measure_something():
     assert devices.probe_bandwidth(nbytes=8 << 20, repeats=1) > 1e8
     assert devices.probe_flops(n=128, repeats=1) > 1e6
+
+
+@pytest.mark.parametrize("text, expected", [("16GB", 16 * 10**9), ("512mb", 512 * 10**6), ("1000", 1000), ("1.5TB", 1.5e12)])
+def test_memory_limit_caps_what_is_available(monkeypatch, text, expected):
+    monkeypatch.setenv("DESKPOD_MEMORY_LIMIT", text)
+    monkeypatch.setattr(devices, "meminfo", lambda: {"MemAvailable": 2 * 10**12})
+    assert devices.available_memory_bytes(cuda=False) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-5GB", "0"])
+def test_memory_limit_nonsense_is_refused(monkeypatch, text):
+    monkeypatch.setenv("DESKPOD_MEMORY_LIMIT", text)
+    with pytest.raises(InvalidPlanInput, match="DESKPOD_MEMORY_LIMIT"):
+        devices.available_memory_bytes(cuda=False)
