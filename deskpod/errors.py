@@ -21,5 +21,9 @@ class UnsupportedModel(DeskpodError):
     pass
 
 
-class PromptTooLong(DeskpodError):
+class InvalidRequest(DeskpodError):
+    """A request the engine cannot take as it is (the server answers 400)."""
+
+
+class PromptTooLong(InvalidRequest):
     pass

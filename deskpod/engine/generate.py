@@ -1,17 +1,15 @@
-"""One sequence from prompt to finish: prefill, decode, stop conditions, streamed text."""
+"""Generation without a server: one request or a batch, run to completion on a private engine."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
-
+from deskpod.engine.engine import EngineConfig, LLMEngine, check_prompt
 from deskpod.engine.loader import LoadedModel
-from deskpod.engine.models.llama import KVCache
-from deskpod.engine.sampler import Sampler, SamplingParams
-from deskpod.engine.tokenizer import IncrementalDetokenizer
-from deskpod.errors import PromptTooLong
+from deskpod.engine.sampler import SamplingParams
+
+__all__ = ["Completion", "check_prompt", "generate", "generate_batch", "stream"]
 
 
 @dataclass
@@ -22,61 +20,46 @@ class Completion:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
 
 
-def check_prompt(n_prompt: int, context: int) -> None:
-    if n_prompt == 0:
-        raise PromptTooLong("the prompt is empty: give at least one token")
-    if n_prompt >= context:
-        raise PromptTooLong(
-            f"the prompt has {n_prompt} tokens but the context holds {context}: shorten the prompt"
-            " (or raise the context length if the model allows it)"
-        )
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters could still grow into a stop string, so must not be shown yet."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+def _engine(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, context: int | None) -> LLMEngine:
+    """An engine whose KV pool holds exactly these requests, all at once."""
+    context = min(context or lm.config.max_context, lm.config.max_context)
+    for ids in prompts:
+        check_prompt(len(ids), context)
+    block = 16
+    blocks = sum(-(-min(len(ids) + params.max_tokens, context) // block) for ids in prompts)
+    config = EngineConfig(max_num_seqs=len(prompts), max_waiting=len(prompts), block_size=block, context=context)
+    return LLMEngine(lm, config, num_blocks=blocks)
 
 
 def stream(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams, context: int | None = None) -> Iterator[str]:
     """Yields text deltas; the returned Completion (StopIteration.value) holds ids, text and finish reason."""
-    context = min(context or lm.config.max_context, lm.config.max_context)
-    check_prompt(len(prompt_ids), context)
-    budget = min(params.max_tokens, context - len(prompt_ids))
-    cache = KVCache(lm.config, len(prompt_ids) + budget)
-    sampler, detok = Sampler(params), IncrementalDetokenizer(lm.tokenizer)
-    out = Completion(list(prompt_ids))
-    shown, final_text = 0, None
-    logits = lm.model(torch.tensor(prompt_ids), torch.arange(len(prompt_ids)), cache)
-    while True:
-        token = sampler(logits[-1])
-        if token in lm.tokenizer.eog_ids and not params.ignore_eos:
-            out.finish_reason = "stop"
-            break
-        out.token_ids.append(token)
-        detok.push(token)
-        hit = [i for i in (detok.text.find(s) for s in params.stop) if i >= 0]
-        if hit:
-            final_text, out.finish_reason = detok.text[: min(hit)], "stop"
-            break
-        visible = len(detok.text) - _held_back(detok.text, params.stop)
-        if visible > shown:
-            yield detok.text[shown:visible]
-            shown = visible
-        if len(out.token_ids) >= budget:
-            out.finish_reason = "length"
-            break
-        position = len(prompt_ids) + len(out.token_ids) - 1
-        logits = lm.model(torch.tensor([token]), torch.tensor([position]), cache)
-    out.text = detok.text if final_text is None else final_text
-    if len(out.text) > shown:
-        yield out.text[shown:]
-    return out
+    engine = _engine(lm, [prompt_ids], params, context)
+    engine.add_request(prompt_ids, params, "0")
+    done = Completion(list(prompt_ids))
+    while engine.has_work():
+        for out in engine.step():
+            done.token_ids += out.token_ids
+            done.text += out.text
+            done.finish_reason = out.finish_reason
+            if out.text:
+                yield out.text
+    return done
 
 
 def generate(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams, context: int | None = None) -> Completion:
-    it = stream(lm, prompt_ids, params, context)
-    while True:
-        try:
-            next(it)
-        except StopIteration as done:
-            return done.value
+    return generate_batch(lm, [prompt_ids], params, context)[0]
+
+
+def generate_batch(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, context: int | None = None) -> list[Completion]:
+    """All prompts decoded together (continuous batching), results in order."""
+    engine = _engine(lm, prompts, params, context)
+    done = {str(i): Completion(list(ids)) for i, ids in enumerate(prompts)}
+    for request_id, ids in enumerate(prompts):
+        engine.add_request(ids, params, str(request_id))
+    while engine.has_work():
+        for out in engine.step():
+            c = done[out.request_id]
+            c.token_ids += out.token_ids
+            c.text += out.text
+            c.finish_reason = out.finish_reason
+    return list(done.values())

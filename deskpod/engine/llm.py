@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from deskpod.engine.chat_template import render_chat
-from deskpod.engine.generate import Completion, generate, stream
+from deskpod.engine.generate import Completion, generate, generate_batch, stream
 from deskpod.engine.loader import LoadedModel, load_gguf
 from deskpod.engine.sampler import SamplingParams
 from deskpod.errors import UnsupportedModel
@@ -48,7 +48,7 @@ class LLM:
         """Completions for one prompt or a list of them (text or token ids), in order."""
         params = params or SamplingParams()
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
-        return [generate(self.loaded, self.prompt_ids(p), params, self.context) for p in batch]
+        return generate_batch(self.loaded, [self.prompt_ids(p) for p in batch], params, self.context)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
         return generate(self.loaded, self.chat_prompt(messages), params or SamplingParams(), self.context)

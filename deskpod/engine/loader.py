@@ -88,14 +88,19 @@ def planned_weight_bytes(gguf: GGUFFile, mode: str) -> int:
     return int(total)
 
 
-def admit(gguf: GGUFFile, cfg: LlamaConfig, mode: str, context: int, name: str | None = None) -> MemoryPlan:
-    """Refuses (DoesNotFit, with the breakdown and the ways out) a model that cannot fit in the memory
-    free right now, with the same functions `deskpod plan` uses."""
-    shape = ModelShape(
-        name=name or gguf.path.name, architecture=gguf.architecture, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+def model_shape(name: str | Path, cfg: LlamaConfig, architecture: str = "llama") -> ModelShape:
+    """The planner's view of a loaded (or about to be loaded) model."""
+    return ModelShape(
+        name=str(name), architecture=architecture, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, max_context=cfg.max_context,
     )
+
+
+def admit(gguf: GGUFFile, cfg: LlamaConfig, mode: str, context: int, name: str | None = None) -> MemoryPlan:
+    """Refuses (DoesNotFit, with the breakdown and the ways out) a model that cannot fit in the memory
+    free right now, with the same functions `deskpod plan` uses."""
+    shape = model_shape(name or gguf.path.name, cfg, gguf.architecture)
     return check_fits(shape, planned_weight_bytes(gguf, mode), context, available_memory_bytes(), kv_dtype_bytes=KV_DTYPE_BYTES)
 
 

@@ -22,6 +22,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
 
     def __post_init__(self):
         checks = [
@@ -30,6 +31,7 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be 0 (off) or more"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,8 +15,9 @@ from torch import nn
 from deskpod.quant.kernels import ggml_cpu
 
 GROUP = 32
-# Below this many rows of activations, decoding the codes per row is cheaper than a float GEMM.
-MATVEC_MAX_ROWS = 8
+# Up to this many rows of activations (a decode batch), the kernels expand each weight group once and
+# apply it to every row; beyond it (prefill), expanding the matrix once for a float GEMM is cheaper.
+MATVEC_MAX_ROWS = 64
 
 
 def _blocks(raw: np.ndarray, rows: int, block_bytes: int) -> np.ndarray:

@@ -6,6 +6,7 @@ kernel-backed quantized weights); the model only calls them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deskpod.engine.attention import AttentionBatch, PagedKVCache, decode_attention, prefill_attention, store_kv
 from deskpod.quant.kernels import ggml_cpu
 
 
@@ -51,17 +53,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-@dataclass
-class Step:
-    """What every layer needs to know about the tokens of one forward pass, computed once per pass."""
-
-    positions: torch.Tensor  # [T]
-    start: int  # first position written to the cache
-    end: int  # one past the last
-    rotations: torch.Tensor  # [T, 1, head_dim/2] complex
-    hidden: torch.Tensor | None  # [T, end] True where a query must not see a key (None when T == 1)
-
-
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2], with Llama 3.1's long-context rescaling when the file asks for it."""
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
@@ -96,17 +87,16 @@ class Rotary(nn.Module):
         return torch.view_as_real(torch.view_as_complex(pairs) * rot).transpose(-1, -2).reshape(T, H, D)
 
 
-class KVCache:
-    """Keys and values of one sequence, for every layer: [layers, kv_heads, max_len, head_dim].
+class KVCache(PagedKVCache):
+    """The paged cache laid out for one sequence of up to `max_len` tokens (blocks 0, 1, 2, ... in order)."""
 
-    Heads outermost, so a layer's keys up to the current position are a view that matmul takes as is."""
+    BLOCK_SIZE = 16
 
     def __init__(self, cfg: LlamaConfig, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        blocks = -(-max_len // self.BLOCK_SIZE)
+        super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks, self.BLOCK_SIZE, dtype, device)
         self.max_len = max_len
-        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
+        self.block_table = list(range(blocks))
 
 
 class Attention(nn.Module):
@@ -114,26 +104,27 @@ class Attention(nn.Module):
         super().__init__()
         self.wqkv, self.wo, self.rotary = wqkv, wo, rotary
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.group = cfg.num_heads // cfg.num_kv_heads
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, step: Step, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, rot: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: [T, hidden]; queries and keys are rotated together, they sit side by side in wqkv's output
         T, D, H, KV = x.shape[0], self.head_dim, self.n_heads, self.n_kv
         qkv = self.wqkv(x).view(T, H + 2 * KV, D)
-        qk = self.rotary(qkv[:, : H + KV], step.rotations)
-        k_cache, v_cache = kv  # [kv_heads, max_len, head_dim]
-        k_cache[:, step.start : step.end] = qk[:, H:].transpose(0, 1)
-        v_cache[:, step.start : step.end] = qkv[:, H + KV :].transpose(0, 1)
-        keys, values = k_cache[:, : step.end], v_cache[:, : step.end]  # [kv_heads, S, head_dim]
-        # queries grouped by the kv head they share: [kv_heads, group * T, head_dim]
-        q = qk[:, :H].view(T, KV, self.group, D).permute(1, 2, 0, 3).reshape(KV, self.group * T, D)
-        scores = torch.baddbmm(q.new_zeros(1, 1, 1), q, keys.transpose(1, 2), beta=0, alpha=self.scale)  # [KV, group*T, S]
-        if step.hidden is not None:
-            scores = scores.masked_fill(step.hidden.repeat(self.group, 1), float("-inf"))
-        out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KV, group * T, head_dim]
-        out = out.view(KV, self.group, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
-        return self.wo(out)
+        qk = self.rotary(qkv[:, : H + KV], rot)
+        k_cache, v_cache = kv
+        store_kv(k_cache, v_cache, batch.slots, qk[:, H:], qkv[:, H + KV :])
+        q = qk[:, :H]
+        if batch.all_decode:
+            out = decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale)
+        else:
+            out = torch.empty_like(q)
+            if len(batch.decode_rows):
+                out[batch.decode_rows] = decode_attention(
+                    q[batch.decode_rows], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale
+                )
+            for chunk in batch.prefills:
+                out[chunk.rows] = prefill_attention(q[chunk.rows], k_cache, v_cache, chunk, self.scale)
+        return self.wo(out.reshape(T, H * D))
 
 
 class MLP(nn.Module):
@@ -151,8 +142,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
-    def forward(self, x, step: Step, kv):
-        x = x + self.attn(self.attn_norm(x), step, kv)
+    def forward(self, x, batch: AttentionBatch, rot: torch.Tensor, kv):
+        x = x + self.attn(self.attn_norm(x), batch, rot, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -165,16 +156,17 @@ class Llama(nn.Module):
         self.norm, self.lm_head = norm, lm_head
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False):
-        """ids, positions: [T] for one sequence -> logits [T, vocab] (or [1, vocab] for the last token)."""
-        start, end = int(positions[0]), int(positions[-1]) + 1
-        hidden = None
-        if len(ids) > 1:  # query i sees keys up to its own position
-            hidden = torch.arange(end, device=ids.device)[None, :] > positions[:, None]
-        step = Step(positions, start, end, self.rotary.rotations[positions].unsqueeze(1), hidden)
+    def forward_batch(self, ids: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:
+        """ids: [T], the tokens of every scheduled sequence back to back -> logits [len(logit_rows), vocab]."""
+        rot = self.rotary.rotations[batch.positions].unsqueeze(1)  # [T, 1, head_dim/2]
         x = self.embed(ids)
         for block, kv in zip(self.blocks, cache.layers):
-            x = block(x, step, kv)
-        if not all_logits:
-            x = x[-1:]
-        return self.lm_head(self.norm(x))
+            x = block(x, batch, rot, kv)
+        return self.lm_head(self.norm(x[batch.logit_rows]))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False):
+        """One sequence: ids, positions [T] -> logits [T, vocab] (or [1, vocab] for the last token)."""
+        batch = AttentionBatch.build([(len(ids), int(positions[0]), cache.block_table, True)], cache.block_size)
+        if all_logits:
+            batch = dataclasses.replace(batch, logit_rows=torch.arange(len(ids)))
+        return self.forward_batch(ids, batch, cache)

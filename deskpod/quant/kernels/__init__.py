@@ -37,7 +37,7 @@ def ggml_cpu():
         return load(
             name=f"deskpod_ggml_cpu_{tag}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
             build_directory=str(build_dir),
             verbose=False,
         )

@@ -8,6 +8,7 @@
 // nibbles 16..31); scales and mins are widened to float32 once at load time.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -61,7 +62,55 @@ inline float i8_row_dot(const int8_t* q, const float* s, const float* x, int64_t
   }
   return hsum(_mm256_add_ps(acc0, acc1));
 }
+// Several rows of x at once (batched decoding): each group of weights is expanded to floats once and
+// used for up to ROWS rows, whose accumulators stay in registers.
+constexpr int ROWS = 8;
+
+inline void u4_rows_dot(const uint8_t* q, const float* s, const float* mn, const float* x, int64_t K, int64_t G,
+                        int rows, float* out, int64_t out_stride) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, q += 16) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i lo = _mm_and_si128(packed, low), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+    const __m256 sc = _mm256_set1_ps(s[g]), m = _mm256_set1_ps(mn[g]);
+    const __m256 w0 = _mm256_fmadd_ps(bytes_to_ps(lo), sc, m), w1 = _mm256_fmadd_ps(bytes_to_ps(_mm_srli_si128(lo, 8)), sc, m);
+    const __m256 w2 = _mm256_fmadd_ps(bytes_to_ps(hi), sc, m), w3 = _mm256_fmadd_ps(bytes_to_ps(_mm_srli_si128(hi, 8)), sc, m);
+    const float* xg = x + g * GROUP;
+    for (int r = 0; r < rows; ++r, xg += K) {
+      acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg), acc[r]);
+      acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), acc[r]);
+      acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 16), acc[r]);
+      acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 24), acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) out[r * out_stride] = hsum(acc[r]);
+}
+
+inline void i8_rows_dot(const int8_t* q, const float* s, const float* x, int64_t K, int64_t G, int rows, float* out,
+                        int64_t out_stride) {
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, q += GROUP) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
+    const __m256 sc = _mm256_set1_ps(s[g]);
+    const __m256 w0 = _mm256_mul_ps(sbytes_to_ps(a), sc), w1 = _mm256_mul_ps(sbytes_to_ps(_mm_srli_si128(a, 8)), sc);
+    const __m256 w2 = _mm256_mul_ps(sbytes_to_ps(b), sc), w3 = _mm256_mul_ps(sbytes_to_ps(_mm_srli_si128(b, 8)), sc);
+    const float* xg = x + g * GROUP;
+    for (int r = 0; r < rows; ++r, xg += K) {
+      acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg), acc[r]);
+      acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), acc[r]);
+      acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 16), acc[r]);
+      acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 24), acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) out[r * out_stride] = hsum(acc[r]);
+}
+#define HAVE_ROWS_KERNELS 1
 #else
+#define HAVE_ROWS_KERNELS 0
 // Portable versions: one accumulator lane per position so the compiler can vectorize without
 // reassociating float sums.
 inline float u4_row_dot(const uint8_t* q, const float* s, const float* x, int64_t G) {
@@ -104,6 +153,13 @@ torch::Tensor u4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
       const uint8_t* q = qp + n * (K / 2);
       const float* s = sp + n * G;
       const float* mn = mp + n * G;
+#if HAVE_ROWS_KERNELS
+      if (M > 1) {
+        for (int64_t m = 0; m < M; m += ROWS)
+          u4_rows_dot(q, s, mn, xp + m * K, K, G, int(std::min<int64_t>(ROWS, M - m)), op + m * N + n, N);
+        continue;
+      }
+#endif
       for (int64_t m = 0; m < M; ++m) {
         const float* xg = xs + m * G;
         float bias = 0.f;
@@ -128,6 +184,13 @@ torch::Tensor i8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* q = qp + n * K;
       const float* s = sp + n * G;
+#if HAVE_ROWS_KERNELS
+      if (M > 1) {
+        for (int64_t m = 0; m < M; m += ROWS)
+          i8_rows_dot(q, s, xp + m * K, K, G, int(std::min<int64_t>(ROWS, M - m)), op + m * N + n, N);
+        continue;
+      }
+#endif
       for (int64_t m = 0; m < M; ++m) op[m * N + n] = i8_row_dot(q, s, xp + m * K, G);
     }
   });
@@ -187,6 +250,59 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+// Attention of one new query per sequence over its keys in a paged cache, read in place.
+// q: [B, H, D]; caches: [num_blocks, block_size, KV, D]; block_tables: [B, max_blocks]; context_lens: [B].
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_decode_attention: contiguous float32 tensors expected");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), KV = k_cache.size(2), G = H / KV, width = block_tables.size(1);
+  auto out = torch::zeros_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KV, h = i % KV, L = lens[b];
+      scores.assign(G * L, 0.f);
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t slot = tables[b * width + t / bs] * bs + t % bs;
+        const float* k = kp + (slot * KV + h) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qv = qp + (b * H + h * G + g) * D;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qv[d] * k[d];
+          scores[g * L + t] = dot * float(scale);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {  // softmax over the context
+        float* row = scores.data() + g * L;
+        const float top = *std::max_element(row, row + L);
+        float total = 0.f;
+        for (int64_t t = 0; t < L; ++t) total += (row[t] = std::exp(row[t] - top));
+        for (int64_t t = 0; t < L; ++t) row[t] /= total;
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t slot = tables[b * width + t / bs] * bs + t % bs;
+        const float* v = vp + (slot * KV + h) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          float* o = op + (b * H + h * G + g) * D;
+          const float p = scores[g * L + t];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -195,4 +311,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("u4_dequantize", &u4_dequantize);
   m.def("i8_dequantize", &i8_dequantize);
   m.def("rms_norm", &rms_norm);
+  m.def("paged_decode_attention", &paged_decode_attention);
 }

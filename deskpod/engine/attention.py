@@ -1,0 +1,136 @@
+"""Attention over a paged KV cache, for a batch that mixes decoding sequences and prefill chunks.
+
+The cache is a pool of fixed-size blocks per layer: [num_blocks, block_size, kv_heads, head_dim]. A
+sequence's block table says which blocks hold its positions, so position p lives at flat slot
+block_table[p // block_size] * block_size + p % block_size. Decoding sequences (one new token each) are
+attended to together; each prefill chunk (several tokens of one sequence) is attended to on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deskpod.quant.kernels import ggml_cpu
+
+
+class PagedKVCache:
+    """Keys and values for every layer: [layers, num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+                 dtype=torch.float32, device="cpu", alloc=torch.zeros):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    rows: slice  # its tokens' rows in the batch
+    block_table: torch.Tensor  # [blocks covering the context] long
+    context_len: int  # keys visible to its last token
+    hidden: torch.Tensor  # [T, context_len] True where a query must not see a key (the future)
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Where every token of a forward pass goes in the cache and which keys it sees. Built once per pass."""
+
+    positions: torch.Tensor  # [T] long
+    slots: torch.Tensor  # [T] long, flat cache index of each token's key and value
+    decode_rows: torch.Tensor  # [B] long, rows of the single-token sequences
+    decode_block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0
+    decode_context_lens: torch.Tensor  # [B] long
+    prefills: tuple[PrefillChunk, ...]
+    logit_rows: torch.Tensor  # [R] long, rows whose next-token logits are wanted
+
+    @property
+    def all_decode(self) -> bool:
+        return not self.prefills
+
+    @classmethod
+    def build(cls, sequences: list[tuple[int, int, list[int], bool]], block_size: int) -> AttentionBatch:
+        """sequences: (num_tokens, start position, block table, wants logits) for each, in batch order."""
+        positions, slots, decode_rows, decode_tables, decode_lens, prefills, logit_rows = [], [], [], [], [], [], []
+        row = 0
+        for n, start, table, wants_logits in sequences:
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+            end = start + n
+            used = table[: -(-end // block_size)]
+            if n == 1:
+                decode_rows.append(row)
+                decode_tables.append(used)
+                decode_lens.append(end)
+            else:
+                q_pos = torch.arange(start, end)
+                hidden = torch.arange(end)[None, :] > q_pos[:, None]
+                prefills.append(PrefillChunk(slice(row, row + n), torch.tensor(used), end, hidden))
+            if wants_logits:
+                logit_rows.append(row + n - 1)
+            row += n
+        width = max((len(t) for t in decode_tables), default=0)
+        return cls(
+            positions=torch.tensor(positions),
+            slots=torch.tensor(slots),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
+            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long).view(len(decode_tables), width),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long),
+            prefills=tuple(prefills),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+        )
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    # k, v: [T, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]
+    kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, heads, head_dim], one query per sequence -> [B, heads, head_dim]."""
+    kernels = ggml_cpu() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    if kernels is not None:  # reads keys in place, block by block: no gathered copy of the context
+        return kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
+    return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """The same in plain PyTorch (any device): gather each sequence's blocks, mask past its length."""
+    B, H, D = q.shape
+    kv_heads = k_cache.shape[2]
+    keys = k_cache[block_tables].flatten(1, 2)  # [B, S, kv_heads, D]
+    values = v_cache[block_tables].flatten(1, 2)
+    S = keys.shape[1]
+    q = q.view(B, kv_heads, H // kv_heads, D)
+    scores = torch.einsum("bkgd,bskd->bkgs", q, keys) * scale
+    beyond = torch.arange(S, device=q.device)[None, :] >= context_lens[:, None]  # [B, S]
+    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    values = values.masked_fill(beyond[:, :, None, None], 0.0)  # never-written slots may hold NaN
+    return torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), values).reshape(B, H, D)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PrefillChunk,
+                      scale: float) -> torch.Tensor:
+    """q: [T, heads, head_dim], the chunk's queries (causal within the sequence) -> [T, heads, head_dim]."""
+    T, H, D = q.shape
+    kv_heads = k_cache.shape[2]
+    group = H // kv_heads
+    keys = k_cache[chunk.block_table].flatten(0, 1)[: chunk.context_len].transpose(0, 1)  # [kv_heads, S, D]
+    values = v_cache[chunk.block_table].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
+    # queries grouped by the kv head they share: [kv_heads, group * T, D]
+    qg = q.view(T, kv_heads, group, D).permute(1, 2, 0, 3).reshape(kv_heads, group * T, D)
+    scores = torch.baddbmm(qg.new_zeros(1, 1, 1), qg, keys.transpose(1, 2), beta=0, alpha=scale)
+    scores = scores.masked_fill(chunk.hidden.repeat(group, 1), float("-inf"))
+    out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [kv_heads, group * T, D]
+    return out.view(kv_heads, group, T, D).permute(2, 0, 1, 3).reshape(T, H, D)

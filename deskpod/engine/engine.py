@@ -1,0 +1,193 @@
+"""The engine loop: schedule → execute → update, with text, stop conditions and outputs per request.
+
+    out = scheduler.schedule()      # pure Python: which tokens of which requests this step
+    result = runner.execute(out)    # tensors: forward pass over the batch, sampling
+    scheduler.update(out, ...)      # pure Python: append tokens, finish requests, free their blocks
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from deskpod.engine.chat_template import render_chat
+from deskpod.engine.loader import KV_DTYPE_BYTES, LoadedModel, model_shape
+from deskpod.engine.request import Request, RequestStatus
+from deskpod.engine.runner import ModelRunner, TokenLogprob
+from deskpod.engine.sampler import SamplingParams
+from deskpod.engine.scheduler import Scheduler, SchedulerConfig
+from deskpod.engine.text import TextStream
+from deskpod.errors import DeskpodError, InvalidRequest, PromptTooLong
+from deskpod.plan.capacity import kv_blocks_for
+from deskpod.plan.devices import available_memory_bytes
+
+# Without a KV budget from the user, the pool may take this share of the memory free after loading: a
+# desktop box runs other programs too (vLLM's 0.9 assumes a dedicated GPU).
+DEFAULT_MEMORY_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512  # per step: the prefill chunk budget
+    max_waiting: int = 256
+    block_size: int = 16
+    memory_fraction: float | None = None  # share of free memory for the KV pool
+    kv_cache_gb: float | None = None  # or an absolute size
+    context: int | None = None  # per-request token limit (default: the model's)
+
+    def __post_init__(self):
+        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
+            raise DeskpodError(f"memory fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise DeskpodError(f"the KV cache size must be positive, got {self.kv_cache_gb} GB")
+
+
+@dataclass
+class RequestOutput:
+    """What one step added to one request."""
+
+    request_id: str
+    token_ids: list[int]  # new this step
+    text: str  # new this step
+    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    logprobs: list[TokenLogprob] | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival_time: float
+    first_token_time: float | None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    kv_blocks_total: int
+    kv_blocks_free: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+@dataclass
+class _Tracked:
+    """The engine's side of a request: its text and timing."""
+
+    params: SamplingParams
+    text: TextStream
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    delta: str = ""
+    eos: bool = False
+
+
+def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
+    """KV blocks from the budget: `kv_cache_gb`, else a share of the memory free now (weights loaded)."""
+    budget = config.kv_cache_gb * 1e9 if config.kv_cache_gb else available_memory_bytes() * (config.memory_fraction or DEFAULT_MEMORY_FRACTION)
+    blocks = kv_blocks_for(model_shape(loaded.path, loaded.config), int(budget), config.block_size, KV_DTYPE_BYTES)
+    context = min(config.context or loaded.config.max_context, loaded.config.max_context)
+    needed = -(-context // config.block_size)
+    if blocks < needed:
+        raise DeskpodError(
+            f"the KV cache budget ({budget / 1e9:.2f} GB) holds {blocks * config.block_size:,} tokens, fewer than one "
+            f"{context:,}-token context: raise --kv-cache-gb / --memory-fraction or lower --ctx"
+        )
+    # a pool larger than every slot's full context is never used
+    return min(blocks, needed * config.max_num_seqs)
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), num_blocks: int | None = None):
+        self.loaded, self.config, self.tokenizer = loaded, config, loaded.tokenizer
+        self.context = min(config.context or loaded.config.max_context, loaded.config.max_context)
+        num_blocks = num_blocks or kv_pool_blocks(loaded, config)
+        sched = SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
+                                config.max_waiting, config.block_size, num_blocks)
+        self.scheduler = Scheduler(sched, self._stop_check)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size)
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self._prompt_tokens = self._generated_tokens = 0
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        return tok.encode(render_chat(tok.chat_template, messages, bos_token=tok.special.bos_text, eos_token=tok.special.eos_text))
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        check_prompt(len(prompt_ids), self.context)
+        bad = [t for t in prompt_ids if not 0 <= t < self.loaded.config.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.loaded.config.vocab_size - 1})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        self.scheduler.add(Request(request_id, list(prompt_ids), params))  # QueueFull when the queue is full
+        self._tracked[request_id] = _Tracked(params, TextStream(self.tokenizer, params.stop))
+        self._prompt_tokens += len(prompt_ids)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        self._tracked.pop(request_id, None)
+        return self.scheduler.cancel(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        result = self.runner.execute(out)
+        advanced = self.scheduler.update(out, result.tokens)
+        return [self._output(r, result.logprobs.get(r.request_id)) for r in advanced]
+
+    def stats(self) -> EngineStats:
+        pool = self.scheduler.pool
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting), kv_usage=pool.usage,
+            kv_blocks_total=self.scheduler.config.num_blocks, kv_blocks_free=pool.num_free,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generated_tokens,
+        )
+
+    def _stop_check(self, request: Request) -> RequestStatus | None:
+        """Called by the scheduler with each new token: extend the text, decide whether the request ends."""
+        tracked = self._tracked[request.request_id]
+        token, params = request.output_token_ids[-1], tracked.params
+        tracked.first_token = tracked.first_token or time.monotonic()
+        self._generated_tokens += 1
+        if token in self.tokenizer.eog_ids and not params.ignore_eos:
+            tracked.eos = True
+            tracked.delta += tracked.text.flush()
+            return RequestStatus.FINISHED_STOPPED
+        tracked.delta += tracked.text.push(token)
+        if tracked.text.stopped:
+            return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.context:
+            tracked.delta += tracked.text.flush()
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _output(self, request: Request, logprob: TokenLogprob | None) -> RequestOutput:
+        tracked = self._tracked[request.request_id]
+        finished = request.status.finished
+        token_ids = [] if tracked.eos else request.output_token_ids[-1:]
+        delta, tracked.delta = tracked.delta, ""
+        if finished:
+            del self._tracked[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id, token_ids=token_ids, text=delta,
+            finish_reason=request.status.value if finished else None,
+            logprobs=[logprob] if logprob and token_ids else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=len(request.output_token_ids) - tracked.eos,
+            arrival_time=tracked.arrival, first_token_time=tracked.first_token,
+        )
+
+
+def check_prompt(n_prompt: int, context: int) -> None:
+    if n_prompt == 0:
+        raise PromptTooLong("the prompt is empty: give at least one token")
+    if n_prompt >= context:
+        raise PromptTooLong(
+            f"the prompt has {n_prompt} tokens but the context holds {context}: shorten the prompt"
+            " (or raise the context length if the model allows it)"
+        )
