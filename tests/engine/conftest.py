@@ -46,7 +46,7 @@ def smollm2_float32(smollm2_gguf: Path) -> LoadedModel:
 # --- a tiny random Llama ------------------------------------------------------------------------
 
 Q = gguf.GGMLQuantizationType
-HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, CONTEXT = 64, 4, 2, 128, 2, 128
+HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, CONTEXT = 64, 4, 2, 128, 2, 512
 HEAD_DIM = HIDDEN // HEADS
 MERGES = ["h e", "Ġ t", "Ġt he", "i n", "e r"]
 CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>"]

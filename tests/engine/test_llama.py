@@ -13,7 +13,8 @@ from deskpod.engine.loader import load_gguf
 from deskpod.engine.models.llama import KVCache, RMSNorm
 from deskpod.quant.ggml import MATVEC_MAX_ROWS
 
-TEXT = "<|im_start|>user\nthe inner herb, the heron<|im_end|>\n<|im_start|>assistant\n"
+# long enough to cross the matvec/GEMM switch three times (MATVEC_MAX_ROWS tokens each)
+TEXT = "<|im_start|>user\n" + "the inner herb, the heron; " * 14 + "<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module", params=["tied", "untied"])

@@ -15,7 +15,7 @@ from deskpod.errors import CorruptModel, UnsupportedModel
 def test_config_comes_from_metadata(tiny_llama_gguf, tiny_tokens):
     cfg = load_gguf(tiny_llama_gguf, "float32").config
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == (2, 64, 128)
-    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_context) == (4, 2, 16, 128)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_context) == (4, 2, 16, 512)
     assert cfg.vocab_size == len(tiny_tokens)
 
 

@@ -1,0 +1,152 @@
+"""The serving engine on the real SmolLM2: continuous batching, paged KV cache, preemption, prefix caching,
+cancellation, and the async front end."""
+
+import asyncio
+
+import pytest
+import torch
+
+from deskpod.engine.async_engine import AsyncLLM
+from deskpod.engine.attention import decode_attention, decode_attention_reference
+from deskpod.engine.engine import EngineConfig, LLMEngine
+from deskpod.engine.generate import generate
+from deskpod.engine.sampler import SamplingParams
+from deskpod.engine.scheduler import QueueFull
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?", "Count to five.", "Say hello."]
+
+
+def run_all(engine: LLMEngine, prompts: dict[str, list[int]], params=GREEDY, cancel: dict[int, str] | None = None) -> dict[str, list[int]]:
+    outputs = {rid: [] for rid in prompts}
+    for rid, ids in prompts.items():
+        engine.add_request(ids, params, rid)
+    step = 0
+    while engine.has_work():
+        for out in engine.step():
+            outputs[out.request_id] += out.token_ids
+        step += 1
+        if cancel and step in cancel:
+            engine.abort(cancel[step])
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_compact):
+    engine = LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024))
+    return {f"r{i}": engine.chat_prompt([{"role": "user", "content": q}]) for i, q in enumerate(QUESTIONS)}
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2_compact, prompts):
+    """Each prompt's greedy tokens when it runs by itself."""
+    return {rid: generate(smollm2_compact, ids, GREEDY).token_ids for rid, ids in prompts.items()}
+
+
+def test_batched_greedy_equals_single_request(smollm2_compact, prompts, alone):
+    engine = LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024))
+    assert run_all(engine, prompts) == alone
+    assert engine.stats().kv_usage == 0
+
+
+def test_chunked_prefill_and_late_arrivals_change_nothing(smollm2_compact, prompts, alone):
+    # a 20-token chunk budget cuts every prompt; requests arrive while others decode
+    engine = LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024, max_num_batched_tokens=20, max_num_seqs=5))
+    outputs = {rid: [] for rid in prompts}
+    pending = list(prompts.items())
+    while pending or engine.has_work():
+        if pending:
+            rid, ids = pending.pop(0)
+            engine.add_request(ids, GREEDY, rid)
+        for out in engine.step():
+            outputs[out.request_id] += out.token_ids
+    assert outputs == alone
+
+
+def test_preemption_leaves_outputs_unchanged(smollm2_compact):
+    # raw prompts (no shared template prefix to cache) and a pool of little more than one request:
+    # requests must be preempted and recomputed
+    tok = smollm2_compact.tokenizer
+    prompts = {f"p{i}": tok.encode(f"{i} + {i} = {2 * i}. Here is a short story about a {q}") for i, q in enumerate(QUESTIONS)}
+    alone = {rid: generate(smollm2_compact, ids, GREEDY).token_ids for rid, ids in prompts.items()}
+    longest = max(len(ids) for ids in prompts.values()) + GREEDY.max_tokens
+    blocks = -(-longest // 16) + 1
+    engine = LLMEngine(smollm2_compact, EngineConfig(context=longest + 16, block_size=16), num_blocks=blocks)
+    assert run_all(engine, prompts) == alone
+    assert engine.stats().num_preemptions > 0
+    assert engine.stats().kv_blocks_free == blocks
+
+
+def test_shared_system_prompt_is_computed_once(smollm2_compact):
+    engine = LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024))
+    system = [{"role": "system", "content": "You are a terse assistant. " * 8}]
+    a = engine.chat_prompt(system + [{"role": "user", "content": "Hi"}])
+    b = engine.chat_prompt(system + [{"role": "user", "content": "Bye"}])
+    run_all(engine, {"a": a})
+    engine.add_request(b, GREEDY, "b")
+    out = engine.scheduler.schedule()
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert out.scheduled[0].start == shared // 16 * 16 > 0  # only the tokens past the cached blocks
+    engine.runner.execute(out)
+
+
+def test_cancel_frees_blocks_at_once(smollm2_compact, prompts):
+    engine = LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024))
+    free = engine.stats().kv_blocks_free
+    outputs = run_all(engine, prompts, cancel={3: "r1", 5: "r4"})
+    assert len(outputs["r1"]) < GREEDY.max_tokens and len(outputs["r0"]) == GREEDY.max_tokens
+    assert engine.stats().kv_blocks_free == free and engine.stats().kv_usage == 0
+
+
+def test_seeded_sampling_is_reproducible_in_a_batch(smollm2_compact, prompts):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=10, ignore_eos=True)
+    first = run_all(LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024)), prompts, params)
+    second = run_all(LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024)), {"r2": prompts["r2"]}, params)
+    assert first["r2"] == second["r2"]
+
+
+def test_logprobs(smollm2_compact, prompts):
+    engine = LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024))
+    engine.add_request(prompts["r0"], SamplingParams(temperature=0, max_tokens=3, logprobs=2), "x")
+    outs = [o for _ in range(4) for o in engine.step()]
+    lp = outs[0].logprobs[0]
+    assert lp.token_id == outs[0].token_ids[0] == lp.top[0][0]  # greedy picks the most likely
+    assert lp.logprob <= 0 and len(lp.top) == 2 and lp.top[0][2] >= lp.top[1][2]
+
+
+def test_queue_full(smollm2_compact, prompts):
+    engine = LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024, max_waiting=2))
+    engine.add_request(prompts["r0"], GREEDY)
+    engine.add_request(prompts["r1"], GREEDY)
+    with pytest.raises(QueueFull):
+        engine.add_request(prompts["r2"], GREEDY)
+
+
+def test_decode_kernel_matches_reference():
+    torch.manual_seed(0)
+    k, v = torch.randn(10, 16, 3, 64), torch.randn(10, 16, 3, 64)
+    q = torch.randn(4, 9, 64)
+    tables = torch.tensor([[3, 1, 0], [2, 0, 0], [9, 8, 7], [5, 0, 0]])
+    lens = torch.tensor([20, 1, 48, 16])
+    torch.testing.assert_close(decode_attention(q, k, v, tables, lens, 0.125),
+                               decode_attention_reference(q, k, v, tables, lens, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_async_engine_streams_and_aborts(smollm2_compact, prompts, alone):
+    async def main():
+        llm = AsyncLLM(LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024)), "smollm2")
+
+        async def collect(rid):
+            return [t async for out in llm.generate(prompts[rid], GREEDY) for t in out.token_ids]
+
+        results = await asyncio.gather(*(collect(rid) for rid in prompts))
+        stream = llm.generate(prompts["r0"], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        await stream.__anext__()
+        await stream.aclose()  # the client went away
+        stats = llm.stats()
+        await llm.shutdown()
+        return results, stats
+
+    results, stats = asyncio.run(main())
+    assert results == list(alone.values())
+    assert stats.kv_usage == 0 and stats.num_running == 0
