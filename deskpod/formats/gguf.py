@@ -1,15 +1,17 @@
-"""GGUF reading for the engine: metadata and tensors, memory-mapped, through the `gguf` package.
+"""GGUF reading for all of deskpod (engine, store, planner): metadata and tensors, memory-mapped.
 
-The `gguf` package parses the file and dequantizes every ggml type; deskpod only adds clear errors
-(a broken file names itself) and hands raw quantized blocks to the kernels that can use them as they are.
+The header is parsed here; tensor types, block sizes and dequantization come from the `gguf` package.
+A broken file names itself (CorruptModel), and raw quantized blocks go to the kernels that use them as they are.
 """
 
 from __future__ import annotations
 
+import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,6 +26,16 @@ class RawTensor:
     ggml_type: str  # "F32", "Q4_1", ... (gguf.GGMLQuantizationType names)
     shape: tuple[int, ...]  # PyTorch order: (out_features, in_features) for a matrix
     data: np.ndarray  # the bytes (quantized) or values (float types) as stored, memory-mapped
+
+
+class TensorInfo(NamedTuple):
+    """A tensor as the header describes it; no tensor data is read."""
+
+    name: str
+    ggml_type: str  # gguf.GGMLQuantizationType name
+    shape: tuple[int, ...]  # PyTorch order
+    n_bytes: int
+    n_elements: int
 
 
 class GGUFFile:
@@ -55,7 +67,7 @@ class GGUFFile:
 
     @property
     def architecture(self) -> str:
-        return str(self.metadata.get("general.architecture", "unknown"))
+        return str(self.metadata.get("general.architecture") or "unknown")
 
     def arch_value(self, key: str, default: Any = None) -> Any:
         """`<architecture>.<key>` from the metadata, e.g. arch_value("block_count")."""
@@ -66,6 +78,11 @@ class GGUFFile:
 
     def has_tensor(self, name: str) -> bool:
         return name in self._tensors
+
+    def tensors(self) -> Iterator[TensorInfo]:
+        """Every tensor's name, type, shape and size, in file order."""
+        for name, info in self._tensors.items():
+            yield TensorInfo(name, info.ggml_type, info.shape, info.n_bytes, math.prod(info.shape))
 
     def raw(self, name: str) -> RawTensor:
         """The tensor as stored: values for plain float types, bytes [rows, row_bytes] for block types."""
@@ -90,7 +107,7 @@ class GGUFFile:
             raise CorruptModel(f"{self.path}: tensor {name!r} has type {raw.ggml_type}, which deskpod cannot read") from None
         return np.asarray(values, dtype=np.float32).reshape(raw.shape)
 
-    def _tensor(self, name: str) -> "_TensorInfo":
+    def _tensor(self, name: str) -> _TensorInfo:
         try:
             return self._tensors[name]
         except KeyError:

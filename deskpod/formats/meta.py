@@ -13,6 +13,7 @@ from typing import Any
 import gguf
 
 from deskpod.errors import CorruptModel, ModelNotFound, UnsupportedModel
+from deskpod.formats.gguf import GGUF_MAGIC, GGUFFile
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,6 @@ def _detect(path: Path) -> str:
 
 # --- GGUF -------------------------------------------------------------------------------------
 
-GGUF_MAGIC = b"GGUF"
 # ModelMeta field -> GGUF key after "<architecture>."
 GGUF_KEYS = {
     "context_length": "context_length",
@@ -83,51 +83,29 @@ GGUF_KEYS = {
 
 
 def _read_gguf(path: Path) -> ModelMeta:
-    reader = _open_gguf(path)
-    arch = str(_gguf_value(reader, "general.architecture") or "unknown")
-    shape = {field: _as_int(_gguf_value(reader, f"{arch}.{key}")) for field, key in GGUF_KEYS.items()}
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens else _as_int(_gguf_value(reader, f"{arch}.vocab_size"))
+    model = GGUFFile(path)  # CorruptModel naming the file when it is truncated or damaged
+    shape = {field: _as_int(model.arch_value(key)) for field, key in GGUF_KEYS.items()}
+    tokens = model.metadata.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens is not None else _as_int(model.arch_value("vocab_size"))
+    counts: Counter[str] = Counter()
+    for tensor in model.tensors():
+        counts[tensor.ggml_type] += tensor.n_elements
     return ModelMeta(
         format="gguf",
-        architecture=arch,
-        parameters=sum(int(t.n_elements) for t in reader.tensors),
-        quantization=_gguf_quantization(reader),
+        architecture=model.architecture,
+        parameters=sum(counts.values()),
+        quantization=_gguf_quantization(model.metadata.get("general.file_type"), counts),
         vocab_size=vocab,
         **_with_derived_heads(shape),
     )
 
 
-def _open_gguf(path: Path) -> gguf.GGUFReader:
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        magic = f.read(len(GGUF_MAGIC))
-    if magic != GGUF_MAGIC:
-        raise CorruptModel(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader fails with ValueError, IndexError, struct and numpy errors alike
-        raise CorruptModel(f"{path}: damaged or truncated GGUF ({type(e).__name__}: {e}); pull it again") from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise CorruptModel(
-                f"{path}: truncated GGUF: tensor {t.name!r} ends at byte {end} but the file has {size} bytes"
-            )
-    return reader
-
-
-def _gguf_value(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.fields.get(key)
-    return field.contents() if field is not None else None
-
-
-def _gguf_quantization(reader: gguf.GGUFReader) -> str:
+def _gguf_quantization(file_type: Any, counts: Counter[str]) -> str:
     """The file type llama.cpp recorded ("Q4_K_M"), else the tensor type holding most parameters."""
-    file_type = _gguf_value(reader, "general.file_type")
-    if file_type in {t.value for t in gguf.LlamaFileType} and file_type != gguf.LlamaFileType.GUESSED:
+    known = {t.value for t in gguf.LlamaFileType} - {gguf.LlamaFileType.GUESSED.value}
+    if isinstance(file_type, int) and file_type in known:
         return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    return _dominant({t.tensor_type.name: int(t.n_elements) for t in reader.tensors}.items())
+    return _dominant(counts.items())
 
 
 # --- safetensors ----------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
-from deskpod.errors import DeskpodError, ModelNotFound, UnsupportedModel
+from deskpod.errors import CorruptModel, DeskpodError, ModelNotFound, UnsupportedModel
+from deskpod.formats.gguf import GGUFFile
 from deskpod.plan.builtins import NATIVE_PRECISION, builtin_names, close_builtins, get_builtin
 from deskpod.plan.precision import GGUF_FILE_TYPES
 from deskpod.plan.shape import InvalidPlanInput, ModelShape
@@ -99,20 +100,20 @@ LOCAL_LAYER_SHARE = {"gpt-oss": 1 / 2, "gemma2": 1 / 2, "gemma3": 5 / 6}
 
 def read_gguf(path: Path, name: str | None = None) -> ModelSource:
     """Shape and exact tensor bytes from a GGUF's header (memory-mapped; weights are not read)."""
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
     try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError) as err:
-        raise InvalidPlanInput(f"cannot read GGUF {path}: {err}") from err
-    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("tokenizer.")}
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else 0
-    tied = "output.weight" not in {t.name for t in reader.tensors}
-    shape = gguf_shape(fields, name or path.stem, vocab, tied, str(path))
-    file_type = fields.get("general.file_type")
+        model = GGUFFile(path)
+    except CorruptModel as err:  # its message names the file and what is wrong with it
+        raise InvalidPlanInput(f"cannot read GGUF {err}") from err
+    tokens = model.metadata.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens is not None else 0
+    tied = not model.has_tensor("output.weight")
+    shape = gguf_shape(model.metadata, name or path.stem, vocab, tied, str(path))
+    file_type = model.metadata.get("general.file_type")
+    file_type = file_type if isinstance(file_type, int) else None  # a damaged file may hold anything here
     known = {t.value: t.name.removeprefix("MOSTLY_") for t in LlamaFileType}
-    return ModelSource(shape, f"GGUF {path}", weights=gguf_weight_bytes(reader, tied),
+    return ModelSource(shape, f"GGUF {path}", weights=gguf_weight_bytes(model, tied),
                        precision=GGUF_FILE_TYPES.get(file_type), file_type=known.get(file_type))
 
 
@@ -152,11 +153,11 @@ def gguf_shape(fields: dict, name: str, vocab: int, tied: bool, source: str) -> 
     )
 
 
-def gguf_weight_bytes(reader, tied: bool) -> WeightBytes:
+def gguf_weight_bytes(model: GGUFFile, tied: bool) -> WeightBytes:
     """Sum a GGUF's tensors by role, from their names."""
     parts = {"embedding": 0, "head": 0, "dense": 0, "experts": 0}
-    for tensor in reader.tensors:
-        parts[_tensor_role(tensor.name)] += int(tensor.n_bytes)
+    for tensor in model.tensors():
+        parts[_tensor_role(tensor.name)] += tensor.n_bytes
     return WeightBytes(**parts, tied=tied)
 
 

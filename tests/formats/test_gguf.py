@@ -139,3 +139,16 @@ def test_three_dimensional_tensor_keeps_pytorch_order(tmp_path):
     f = GGUFFile(write_gguf(tmp_path / "m.gguf", {"experts": (stacked, None)}))
     assert f.raw("experts").shape == (2, 3, 32)
     np.testing.assert_array_equal(f.dequantize("experts"), stacked)
+
+
+def test_tensors_describe_every_tensor_as_the_gguf_reader_does(tmp_path, weights):
+    path = write_gguf(tmp_path / "m.gguf", {
+        "q": (quantize(weights, Q.Q4_1), Q.Q4_1),
+        "k": (random_k_blocks(Q.Q6_K), Q.Q6_K),
+        "experts": (np.zeros((2, 3, 32), np.float16), None),
+    })
+    infos = list(GGUFFile(path).tensors())
+    assert [(t.name, t.ggml_type, t.shape) for t in infos] == [
+        ("q", "Q4_1", (ROWS, COLS)), ("k", "Q6_K", (ROWS, COLS)), ("experts", "F16", (2, 3, 32))]
+    expected = [(t.name, t.tensor_type.name, int(t.n_bytes), int(t.n_elements)) for t in gguf.GGUFReader(path).tensors]
+    assert [(t.name, t.ggml_type, t.n_bytes, t.n_elements) for t in infos] == expected

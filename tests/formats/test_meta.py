@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 from deskpod.errors import CorruptModel, ModelNotFound, UnsupportedModel
@@ -33,6 +34,19 @@ def test_tiny_gguf(tiny_gguf: Path) -> None:
 def test_gguf_file_type_names_the_quantization(tmp_path: Path, make_tiny_gguf) -> None:
     path = make_tiny_gguf(tmp_path / "m.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q4_K_M)
     assert read_meta(path).quantization == "Q4_K_M"
+
+
+def test_without_file_type_the_type_holding_most_parameters_names_the_quantization(tmp_path: Path) -> None:
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_tensor("big.weight", np.zeros((8, 64), np.float32))  # 512 F32
+    for i in range(3):  # 3 x 256 F16: fewer per tensor, more in all
+        writer.add_tensor(f"small.{i}.weight", np.zeros((4, 64), np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    meta = read_meta(tmp_path / "m.gguf")
+    assert (meta.parameters, meta.quantization) == (512 + 3 * 256, "F16")
 
 
 def test_gguf_blob_without_suffix_is_recognised_by_magic(tiny_gguf: Path, tmp_path: Path) -> None:

@@ -117,3 +117,10 @@ def test_unknown_names_list_close_matches():
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(InvalidPlanInput, match="does not exist"):
         resolve(str(tmp_path / "nope.gguf"))
+
+
+def test_a_damaged_gguf_is_refused_naming_the_file(tiny_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:200])  # ends inside the metadata
+    with pytest.raises(InvalidPlanInput, match=r"cannot read GGUF .*cut\.gguf: truncated or damaged"):
+        resolve(str(cut))
