@@ -1,0 +1,152 @@
+"""One engine request as the server sees it, shared by chat and text completions.
+
+`Generation.start` awaits the first output, so the engine's refusals (queue full, prompt too long, bad
+parameters) become HTTP errors before any byte of a response is sent. The request is aborted, and its
+KV blocks freed, whenever the server stops reading it early: a client gone mid-stream, a cancelled
+handler, an error while streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from deskpod.errors import DeskpodError, InvalidRequest
+from deskpod.server.errors import error_body, from_engine_error
+from deskpod.server.metrics import RequestTimer
+
+if TYPE_CHECKING:
+    from deskpod.engine.async_engine import AsyncLLM, RequestOutput
+    from deskpod.engine.sampler import SamplingParams
+
+log = logging.getLogger("deskpod.server")
+
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the request"; only the metrics see it
+
+
+class Generation:
+    def __init__(self, engine: AsyncLLM, request_id: str, outputs: AsyncIterator[RequestOutput], timer: RequestTimer):
+        self.engine = engine
+        self.request_id = request_id
+        self._outputs = outputs
+        self._timer = timer
+        self._pending: RequestOutput | None = None
+        self.finished = False
+
+    @classmethod
+    async def start(
+        cls,
+        engine: AsyncLLM,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        timer: RequestTimer,
+        prompt_field: str,
+    ) -> Generation:
+        """Submit the request and wait for its first output; `prompt_field` is the field that a refused
+        prompt (too long, a token outside the vocabulary) is blamed on."""
+        generation = cls(engine, request_id, engine.generate(prompt_ids, params, request_id), timer)
+        try:
+            generation._pending = await generation._next()
+        except DeskpodError as e:  # refused before it was queued: nothing to abort
+            generation.finished = True
+            await generation.close()
+            raise from_engine_error(e, prompt_field if isinstance(e, InvalidRequest) else None) from e
+        except BaseException:
+            await generation.close()
+            raise
+        return generation
+
+    async def _next(self) -> RequestOutput:
+        out = await anext(self._outputs)
+        self._timer.output(out)
+        self.finished = out.finish_reason is not None
+        return out
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            if self._pending is not None:
+                out, self._pending = self._pending, None
+                yield out
+            while not self.finished:
+                yield await self._next()
+        finally:
+            await self.close()
+
+    async def collect(self) -> list[RequestOutput]:
+        return [out async for out in self]
+
+    async def close(self) -> None:
+        """Abort the request unless it finished; safe to call twice."""
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+            self._timer.aborted()
+        await self._outputs.aclose()  # type: ignore[attr-defined]
+
+
+def sse(payload: Any) -> str:
+    """One server-sent event; `payload` is a pydantic model, a dict, or the final "[DONE]"."""
+    if isinstance(payload, str):
+        return f"data: {payload}\n\n"
+    text = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {text}\n\n"
+
+
+async def sse_stream(generation: Generation, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """The events as SSE, then [DONE]; an engine failure mid-stream becomes an error event, not a cut."""
+    try:
+        async for event in events:
+            yield sse(event)
+    except Exception as e:  # the status line is sent: all we can do is say it in the stream
+        log.exception("request %s failed while streaming", generation.request_id)
+        yield sse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"))
+    yield sse("[DONE]")
+
+
+class GenerationStreamingResponse(StreamingResponse):
+    """A StreamingResponse that aborts its generation however it ends, even if the client left before
+    the first byte (Starlette then never starts the body iterator, so only this can clean up)."""
+
+    def __init__(self, generation: Generation, events: AsyncIterator[Any]):
+        super().__init__(
+            sse_stream(generation, events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.generation.close()
+
+
+async def cancel_on_disconnect(request: Request, handler: Callable[[], Awaitable[Response]]) -> Response:
+    """Run `handler`, cancelling it if the client disconnects first (so a request waiting in the queue or
+    generating a plain response is aborted; a streaming response watches for itself once returned)."""
+    work = asyncio.ensure_future(handler())
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work  # let its clean-up (the abort) run before we answer
+    if work.cancelled():
+        return Response(status_code=CLIENT_CLOSED)
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
