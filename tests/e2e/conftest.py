@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 API_KEY = "e2e-secret"
-STARTUP_TIMEOUT_S = 180  # the first start may compile the CPU kernels
+STARTUP_TIMEOUT_S = 600  # the first start on a machine compiles the CPU kernels (about a minute)
 
 
 @dataclass
