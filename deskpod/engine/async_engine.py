@@ -1,12 +1,15 @@
 """The engine for servers: its loop on a background thread, each request an async stream of outputs.
 
-One thread owns the engine and runs steps while there is work; request handlers on the event loop add
-requests and read their outputs from a queue. A failing step fails the requests in it, never the loop.
+One thread owns the engine and runs steps while there is work; request handlers on the event loop send it
+requests and aborts and read each request's outputs from an asyncio queue. A failing step fails the
+requests in it, never the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import threading
 from typing import AsyncIterator
@@ -22,13 +25,18 @@ log = logging.getLogger(__name__)
 
 
 class AsyncLLM:
+    """Requests and aborts are queued for the engine thread, which applies them between steps, so the
+    event loop never waits for a forward pass; `stats()` reads the snapshot taken after the last step."""
+
     def __init__(self, engine: LLMEngine, model_name: str):
         self.engine, self.model_name = engine, model_name
         self.tokenizer = engine.tokenizer
         self.max_context = engine.context
-        self._lock = threading.Lock()  # the engine is not thread-safe: one caller at a time
+        self._inbox: collections.deque = collections.deque()  # ("add", ...) and ("abort", id) for the engine thread
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread only
+        self._stats = engine.stats()
+        self._ids = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="deskpod-engine", daemon=True)
         self._thread.start()
@@ -43,21 +51,21 @@ class AsyncLLM:
         return cls(LLMEngine(loaded, config), name_or_path)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        return self.engine.chat_prompt(messages)
+        return self.engine.chat_prompt(messages)  # reads only the tokenizer: safe beside a running step
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs as the request advances; closing the iterator early aborts the request."""
+        """Outputs as the request advances; closing the iterator early aborts the request. Errors in
+        taking the request (QueueFull, InvalidRequest...) are raised where the first output would be."""
+        request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            request_id = self.engine.add_request(prompt_ids, params, request_id)  # QueueFull, InvalidRequest...
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._wake.set()
+        self._send(("add", request_id, list(prompt_ids), params, asyncio.get_running_loop(), queue))
         finished = False
         try:
             while not finished:
                 out = await queue.get()
                 if isinstance(out, BaseException):
+                    finished = True
                     raise out
                 finished = out.finish_reason is not None
                 yield out
@@ -66,38 +74,56 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._streams.pop(request_id, None)
-            self.engine.abort(request_id)
+        self._send(("abort", request_id))
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            return self.engine.stats()
+        return self._stats
 
     async def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10)
 
+    def _send(self, message: tuple) -> None:
+        self._inbox.append(message)
+        self._wake.set()
+
+    # --- the engine thread ------------------------------------------------------------------------
+
     def _loop(self) -> None:
         while not self._stopping:
-            with self._lock:
-                busy = self.engine.has_work()
-            if not busy:
+            self._apply_inbox()
+            if not self.engine.has_work():
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            with self._lock:
-                try:
-                    outputs = self.engine.step()
-                except Exception as e:  # a bug or a bad batch: fail what was running, keep serving
-                    log.exception("engine step failed")
-                    self._fail_running(e)
-                    continue
-                for out in outputs:
-                    self._deliver(out.request_id, out)
-                    if out.finish_reason is not None:
-                        self._streams.pop(out.request_id, None)
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug or a bad batch: fail what was running, keep serving
+                log.exception("engine step failed")
+                self._fail_running(e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+                if out.finish_reason is not None:
+                    self._streams.pop(out.request_id, None)
+            self._stats = self.engine.stats()
+
+    def _apply_inbox(self) -> None:
+        while self._inbox:
+            kind, request_id, *rest = self._inbox.popleft()
+            if kind == "abort":
+                self._streams.pop(request_id, None)
+                self.engine.abort(request_id)
+                continue
+            prompt_ids, params, loop, queue = rest
+            self._streams[request_id] = (loop, queue)
+            try:
+                self.engine.add_request(prompt_ids, params, request_id)
+            except Exception as e:  # QueueFull, InvalidRequest...: the caller raises it
+                self._deliver(request_id, e)
+                self._streams.pop(request_id, None)
+        self._stats = self.engine.stats()
 
     def _fail_running(self, error: Exception) -> None:
         for request_id in list(self.engine.scheduler.requests):

@@ -44,6 +44,10 @@ class EngineConfig:
             raise DeskpodError(f"the KV cache size must be positive, got {self.kv_cache_gb} GB")
 
 
+FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                  RequestStatus.FINISHED_CANCELLED: "abort"}
+
+
 @dataclass
 class RequestOutput:
     """What one step added to one request."""
@@ -175,7 +179,7 @@ class LLMEngine:
             del self._tracked[request.request_id]
         return RequestOutput(
             request_id=request.request_id, token_ids=token_ids, text=delta,
-            finish_reason=request.status.value if finished else None,
+            finish_reason=FINISH_REASONS[request.status] if finished else None,
             logprobs=[logprob] if logprob and token_ids else None,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_token_ids) - tracked.eos,

@@ -32,12 +32,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     size.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size per LLM, in GB")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default: %(default)s)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default: %(default)s)")
+    p.add_argument("--ctx", type=int, default=None, help="most tokens per request, prompt and reply (default: the model's)")
     p.set_defaults(func=serve)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    engine = EngineOptions(args.memory_fraction, args.kv_cache_gb, args.max_num_seqs, args.max_waiting)
+    engine = EngineOptions(args.memory_fraction, args.kv_cache_gb, args.max_num_seqs, args.max_waiting, args.ctx)
     return ServerConfig(
         models=tuple(args.models or [DEFAULT_MODEL]),
         host=args.host,

@@ -19,6 +19,7 @@ class EngineOptions:
     kv_cache_gb: float | None = None
     max_num_seqs: int = 32
     max_waiting: int = 256
+    context: int | None = None  # per-request token limit (None: the model's)
 
     def __post_init__(self) -> None:
         if self.memory_fraction is not None and self.kv_cache_gb is not None:

@@ -46,6 +46,7 @@ def _load_llm(name: str, manifest: Manifest, options: EngineOptions) -> ServedMo
         kv_cache_gb=options.kv_cache_gb,
         max_num_seqs=options.max_num_seqs,
         max_waiting=options.max_waiting,
+        context=options.context,
     )
     return ServedModel(name, LLM, engine, int(time.time()), engine.max_context)
 
