@@ -103,11 +103,11 @@ class AsyncLLM:
                 log.exception("engine step failed")
                 self._fail_running(e)
                 continue
+            self._stats = self.engine.stats()  # before delivering: a finished request sees itself counted out
             for out in outputs:
                 self._deliver(out.request_id, out)
                 if out.finish_reason is not None:
                     self._streams.pop(out.request_id, None)
-            self._stats = self.engine.stats()
 
     def _apply_inbox(self) -> None:
         while self._inbox:

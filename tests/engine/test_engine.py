@@ -142,8 +142,11 @@ def test_async_engine_streams_and_aborts(smollm2_compact, prompts, alone):
         results = await asyncio.gather(*(collect(rid) for rid in prompts))
         stream = llm.generate(prompts["r0"], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
         await stream.__anext__()
-        await stream.aclose()  # the client went away
-        stats = llm.stats()
+        await stream.aclose()  # the client went away: the abort reaches the engine thread between steps
+        for _ in range(100):
+            if (stats := llm.stats()).kv_usage == 0:
+                break
+            await asyncio.sleep(0.05)
         await llm.shutdown()
         return results, stats
 
