@@ -12,7 +12,7 @@ import collections
 import itertools
 import logging
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from deskpod.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
 from deskpod.engine.llm import resolve_model_file
@@ -28,27 +28,32 @@ class AsyncLLM:
     """Requests and aborts are queued for the engine thread, which applies them between steps, so the
     event loop never waits for a forward pass; `stats()` reads the snapshot taken after the last step."""
 
-    def __init__(self, engine: LLMEngine, model_name: str):
-        self.engine, self.model_name = engine, model_name
-        self.tokenizer = engine.tokenizer
-        self.max_context = engine.context
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], model_name: str):
+        """`engine`, or a function that builds it: then it is built on the engine thread (see _start)."""
+        self.model_name = model_name
         self._inbox: collections.deque = collections.deque()  # ("add", ...) and ("abort", id) for the engine thread
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread only
-        self._stats = engine.stats()
         self._ids = itertools.count()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="deskpod-engine", daemon=True)
+        build = engine if callable(engine) else lambda: engine
+        self._thread = threading.Thread(target=self._start, args=(build,), name="deskpod-engine", daemon=True)
+        self._ready, self._failure = threading.Event(), None
         self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+        self.tokenizer = self.engine.tokenizer
+        self.max_context = self.engine.context
 
     @classmethod
     def from_model(cls, name_or_path: str, *, memory_fraction: float | None = None, kv_cache_gb: float | None = None,
                    max_num_seqs: int = 32, max_waiting: int = 256, context: int | None = None,
                    max_num_batched_tokens: int = 512) -> AsyncLLM:
-        loaded = load_gguf(resolve_model_file(name_or_path), context=context, name=name_or_path)
+        path = resolve_model_file(name_or_path)
         config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
                               memory_fraction=memory_fraction, kv_cache_gb=kv_cache_gb, context=context)
-        return cls(LLMEngine(loaded, config), name_or_path)
+        return cls(lambda: LLMEngine(load_gguf(path, context=context, name=name_or_path), config), name_or_path)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         return self.engine.chat_prompt(messages)  # reads only the tokenizer: safe beside a running step
@@ -89,6 +94,20 @@ class AsyncLLM:
         self._wake.set()
 
     # --- the engine thread ------------------------------------------------------------------------
+
+    def _start(self, build: Callable[[], LLMEngine]) -> None:
+        # Every tensor operation of this engine, loading included, runs on this one thread. GNU OpenMP
+        # gives each thread that starts parallel work its own team of workers, and once a process has
+        # more of them than cores it stops spinning between parallel regions: two threads doing tensor
+        # work would halve decode speed on a 2-core box.
+        try:
+            self.engine = build()
+            self._stats = self.engine.stats()
+        except BaseException as e:
+            self._failure = e
+        self._ready.set()
+        if self._failure is None:
+            self._loop()
 
     def _loop(self) -> None:
         while not self._stopping:

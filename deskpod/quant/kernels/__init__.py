@@ -21,6 +21,17 @@ def _build_dir(tag: str) -> Path:
     return path
 
 
+# at::parallel_for splits work over threads only when the extension is compiled with OpenMP.
+OPENMP = ["-fopenmp"]
+
+
+def _openmp_runtime(torch) -> list[str]:
+    """Link the OpenMP runtime torch itself loaded: a second runtime would bring a second thread pool,
+    whose spinning threads would fight torch's for the same cores."""
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return [str(bundled[0])] if bundled else ["-fopenmp"]
+
+
 @cache
 def ggml_cpu():
     """The kernel module, or None when it cannot be built here (the reason is logged once)."""
@@ -29,7 +40,8 @@ def ggml_cpu():
     import torch
     from torch.utils.cpp_extension import load
 
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    cflags, ldflags = ["-O3", "-march=native", "-fopenmp-simd", *OPENMP], _openmp_runtime(torch)
+    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + repr(cflags + ldflags).encode()).hexdigest()[:16]
     build_dir = _build_dir(tag)
     if not any(build_dir.glob("*.so")):
         log.info("deskpod: building the CPU kernels for this machine (once, about a minute)...")
@@ -37,7 +49,8 @@ def ggml_cpu():
         return load(
             name=f"deskpod_ggml_cpu_{tag}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
             build_directory=str(build_dir),
             verbose=False,
         )
