@@ -35,16 +35,20 @@ class BlockPool:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks  # how many live requests hold each block
         self.hashes: list[bytes | None] = [None] * num_blocks  # set once a block is full and computed
-        # Blocks with no holder, in the order they are handed out: uncached first, then cached ones
-        # least recently freed first. Dict order makes removing a cache hit from the middle O(1).
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Blocks with no holder that have held tokens before, in the order they are handed out: uncached
+        # first, then cached ones least recently freed first. Dict order makes removing a cache hit from
+        # the middle O(1). Blocks never used yet come after all of them: the cache's memory is allocated
+        # lazily, so reusing touched blocks first keeps the resident memory at the peak demand instead
+        # of letting the prefix cache spread over the whole pool.
+        self._free: OrderedDict[int, None] = OrderedDict()
+        self._next_untouched = 0  # blocks [_next_untouched, num_blocks) have never been handed out
         self._cached: dict[bytes, int] = {}  # hash -> block holding that prefix
         self._num_hashed: dict[str, int] = {}  # request id -> how many of its leading blocks are hashed
 
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out now, cached ones included (they are evicted on the way)."""
-        return len(self._free)
+        return len(self._free) + self.num_blocks - self._next_untouched
 
     @property
     def usage(self) -> float:
@@ -135,6 +139,10 @@ class BlockPool:
         self.ref_counts[block_id] += 1
 
     def _take_free(self) -> int:
+        if not self._free:
+            self._next_untouched += 1
+            self.ref_counts[self._next_untouched - 1] = 1
+            return self._next_untouched - 1
         block_id, _ = self._free.popitem(last=False)
         block_hash = self.hashes[block_id]
         if block_hash is not None:  # evict: its memory is about to hold other tokens
