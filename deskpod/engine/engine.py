@@ -11,7 +11,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from deskpod.engine.chat_template import render_chat
 from deskpod.engine.loader import KV_DTYPE_BYTES, LoadedModel, model_shape
 from deskpod.engine.request import Request, RequestStatus
 from deskpod.engine.runner import ModelRunner, TokenLogprob
@@ -116,8 +115,7 @@ class LLMEngine:
         self._prompt_tokens = self._generated_tokens = 0
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        return tok.encode(render_chat(tok.chat_template, messages, bos_token=tok.special.bos_text, eos_token=tok.special.eos_text))
+        return self.tokenizer.apply_chat_template(messages)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         check_prompt(len(prompt_ids), self.context)

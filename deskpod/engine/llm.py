@@ -7,7 +7,6 @@ from typing import Iterator
 
 import torch
 
-from deskpod.engine.chat_template import render_chat
 from deskpod.engine.generate import Completion, generate, generate_batch, stream
 from deskpod.engine.loader import LoadedModel, load_gguf
 from deskpod.engine.sampler import SamplingParams
@@ -37,9 +36,7 @@ class LLM:
         self.context = context
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        text = render_chat(tok.chat_template, messages, bos_token=tok.special.bos_text, eos_token=tok.special.eos_text)
-        return tok.encode(text)
+        return self.tokenizer.apply_chat_template(messages)
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)

@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from deskpod.engine.chat_template import render_chat
 from deskpod.errors import UnsupportedModel
 from deskpod.formats.gguf import GGUFFile
 
@@ -109,6 +110,12 @@ class Tokenizer:
         if add_bos and self.special.bos_id is not None and ids[:1] != [self.special.bos_id]:
             ids = [self.special.bos_id] + ids
         return ids
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """The prompt ids for a conversation, ready for the assistant's reply (the model's template,
+        rendered in the sandbox)."""
+        text = render_chat(self.chat_template, messages, bos_token=self.special.bos_text, eos_token=self.special.eos_text)
+        return self.encode(text)
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._hf.decode(ids, skip_special_tokens=skip_special)
