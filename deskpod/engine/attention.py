@@ -26,10 +26,6 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 @dataclass(frozen=True)
 class PrefillChunk:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from deskpod.engine.engine import EngineConfig, LLMEngine, check_prompt
+from deskpod.engine.engine import EngineConfig, LLMEngine
 from deskpod.engine.loader import LoadedModel
 from deskpod.engine.sampler import SamplingParams
 
-__all__ = ["Completion", "check_prompt", "generate", "generate_batch", "stream"]
+__all__ = ["Completion", "generate", "generate_batch", "stream"]
 
 
 @dataclass
@@ -21,10 +21,8 @@ class Completion:
 
 
 def _engine(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, context: int | None) -> LLMEngine:
-    """An engine whose KV pool holds exactly these requests, all at once."""
+    """An engine whose KV pool holds exactly these requests, all at once (it checks their lengths)."""
     context = min(context or lm.config.max_context, lm.config.max_context)
-    for ids in prompts:
-        check_prompt(len(ids), context)
     block = 16
     blocks = sum(-(-min(len(ids) + params.max_tokens, context) // block) for ids in prompts)
     config = EngineConfig(max_num_seqs=len(prompts), max_waiting=len(prompts), block_size=block, context=context)

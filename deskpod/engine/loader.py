@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -81,10 +80,9 @@ KV_DTYPE_BYTES = 4  # the CPU engine keeps keys and values in float32
 def planned_weight_bytes(gguf: GGUFFile, mode: str) -> int:
     """What the weights will take once loaded in this mode, known before loading any of them."""
     total = 0.0
-    for name in gguf.tensor_names():
-        info = gguf.raw(name)
+    for info in gguf.tensors():
         form = compact_form(info.ggml_type, info.shape) if mode == "compact" else None
-        total += math.prod(info.shape) * (BYTES_PER_WEIGHT[form] if form else 4)
+        total += info.n_elements * (BYTES_PER_WEIGHT[form] if form else 4)
     return int(total)
 
 

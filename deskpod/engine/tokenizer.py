@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -122,9 +121,6 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self._hf.decode([token_id], skip_special_tokens=False)
-
-    def save(self, path: Path) -> None:
-        self._hf.save(str(path))
 
 
 def _special_tokens(meta: dict, tokens: list[str]) -> SpecialTokens:

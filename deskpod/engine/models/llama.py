@@ -95,7 +95,6 @@ class KVCache(PagedKVCache):
     def __init__(self, cfg: LlamaConfig, max_len: int, dtype=torch.float32, device="cpu"):
         blocks = -(-max_len // self.BLOCK_SIZE)
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks, self.BLOCK_SIZE, dtype, device)
-        self.max_len = max_len
         self.block_table = list(range(blocks))
 
 

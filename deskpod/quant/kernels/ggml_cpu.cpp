@@ -138,9 +138,11 @@ torch::Tensor u4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = K / GROUP;
   TORCH_CHECK(K % GROUP == 0 && codes.size(1) == K / 2, "codes must be [N, K/2] with K a multiple of 32");
   // sum of x over each group, so the per-group min costs one multiply: sum(w*x) = scale*sum(q*x) + min*sum(x)
-  std::vector<float> xsum(M * G, 0.f);
+  // (the multi-row kernels expand weights fully, mins included, and need no sums)
+  const bool rows_kernel = HAVE_ROWS_KERNELS && M > 1;
+  std::vector<float> xsum(rows_kernel ? 0 : M * G, 0.f);
   const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < M * G; ++i)
+  for (int64_t i = 0; i < int64_t(xsum.size()); ++i)
     for (int j = 0; j < GROUP; ++j) xsum[i] += xp[i * GROUP + j];
   auto out = torch::empty({M, N}, x.options());
   const float* xs = xsum.data();
@@ -154,7 +156,7 @@ torch::Tensor u4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
       const float* s = sp + n * G;
       const float* mn = mp + n * G;
 #if HAVE_ROWS_KERNELS
-      if (M > 1) {
+      if (rows_kernel) {
         for (int64_t m = 0; m < M; m += ROWS)
           u4_rows_dot(q, s, mn, xp + m * K, K, G, int(std::min<int64_t>(ROWS, M - m)), op + m * N + n, N);
         continue;
