@@ -27,3 +27,11 @@ class InvalidRequest(DeskpodError):
 
 class PromptTooLong(InvalidRequest):
     pass
+
+
+class ModelNotReady(DeskpodError):
+    """The model exists but cannot serve now: loading, unloading, or failed to load (the server answers 503)."""
+
+
+class BackendError(DeskpodError):
+    """A model's own code failed while executing a request (the server answers 500; other requests go on)."""
