@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable
 
 from deskpod.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
 from deskpod.engine.llm import resolve_model_file
-from deskpod.engine.loader import load_gguf
+from deskpod.engine.loader import load_model
 from deskpod.engine.runner import TokenLogprob
 from deskpod.engine.sampler import SamplingParams
 
@@ -53,7 +53,7 @@ class AsyncLLM:
         path = resolve_model_file(name_or_path)
         config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
                               memory_fraction=memory_fraction, kv_cache_gb=kv_cache_gb, context=context)
-        return cls(lambda: LLMEngine(load_gguf(path, context=context, name=name_or_path), config), name_or_path)
+        return cls(lambda: LLMEngine(load_model(path, context=context, name=name_or_path), config), name_or_path)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         return self.engine.chat_prompt(messages)  # reads only the tokenizer: safe beside a running step

@@ -8,30 +8,35 @@ from typing import Iterator
 import torch
 
 from deskpod.engine.generate import Completion, generate, generate_batch, stream
-from deskpod.engine.loader import LoadedModel, load_gguf
+from deskpod.engine.loader import LoadedModel, load_model
 from deskpod.engine.sampler import SamplingParams
 from deskpod.errors import UnsupportedModel
 
 
+# Store formats the LLM engine runs -> how to find the model in the store: its file, or its folder.
+ENGINE_FORMATS = {"gguf": "model_file", "safetensors": "model_dir"}
+
+
 def resolve_model_file(model: str, progress: bool = False) -> Path:
-    """A GGUF path as given, or the GGUF of a store model (pulled first when it is a catalog name)."""
+    """A .gguf file or model folder as given, or a store model's GGUF file or safetensors folder (pulled
+    first when it is a catalog name)."""
     path = Path(model)
-    if path.is_file():
+    if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
         return path
     from deskpod.store import Store
 
     store = Store()
     manifest = store.ensure(model, progress=progress)
-    if manifest.format != "gguf":
-        raise UnsupportedModel(f"{manifest.ref} is a {manifest.format} model; the LLM engine runs GGUF models")
-    return store.model_file(manifest)
+    if manifest.format not in ENGINE_FORMATS:
+        raise UnsupportedModel(f"{manifest.ref} is a {manifest.format} model; the LLM engine runs GGUF and safetensors models")
+    return getattr(store, ENGINE_FORMATS[manifest.format])(manifest)
 
 
 class LLM:
     def __init__(self, model: str, *, weights: str = "compact", context: int | None = None, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.loaded: LoadedModel = load_gguf(resolve_model_file(model), weights, context, name=model)
+        self.loaded: LoadedModel = load_model(resolve_model_file(model), weights, context, name=model)
         self.tokenizer = self.loaded.tokenizer
         self.context = context
 

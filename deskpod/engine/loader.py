@@ -1,4 +1,5 @@
-"""Builds a runnable model from a GGUF file: config from metadata, weights compact or float."""
+"""Builds a runnable model from a GGUF file (config from metadata, weights compact or float32), and
+`load_model`, which picks the loader for any model file or folder by its format."""
 
 from __future__ import annotations
 
@@ -167,3 +168,22 @@ def load_gguf(path: str | Path, mode: str = "compact", context: int | None = Non
     tokenizer = Tokenizer.from_gguf(gguf)
     model = ARCHITECTURES[arch](gguf, cfg, mode)
     return LoadedModel(model, tokenizer, cfg, Path(path))
+
+
+def _load_safetensors(path: str | Path, mode: str = "compact", context: int | None = None, name: str | None = None) -> LoadedModel:
+    from deskpod.engine.loader_safetensors import load_safetensors  # builds on the layers above
+
+    return load_safetensors(path, mode, context, name)
+
+
+# model format -> loader: a .gguf file, or a Hugging Face folder (float, or written by `deskpod quantize`)
+LOADERS: dict[str, Callable[..., LoadedModel]] = {"gguf": load_gguf, "safetensors": _load_safetensors}
+
+
+def model_format(path: str | Path) -> str:
+    return "safetensors" if Path(path).is_dir() else "gguf"
+
+
+def load_model(path: str | Path, mode: str = "compact", context: int | None = None, name: str | None = None) -> LoadedModel:
+    """load_gguf or load_safetensors, whichever the path is (a folder is a safetensors model)."""
+    return LOADERS[model_format(path)](path, mode, context, name)

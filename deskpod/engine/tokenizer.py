@@ -1,15 +1,21 @@
-"""Tokenizer built from GGUF metadata with the `tokenizers` library, and streaming detokenization."""
+"""Tokenizer built from GGUF metadata or a Hugging Face folder with the `tokenizers` library, and
+streaming detokenization."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from deskpod.engine.chat_template import render_chat
-from deskpod.errors import UnsupportedModel
+from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.gguf import GGUFFile
+
+# Tokens that end a turn in the common chat formats: generation stops at them as at EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>")
 
 # ggml token types (llama.cpp's llama_token_type): these are matched whole in text, not split by BPE.
 CONTROL, USER_DEFINED = 3, 4
@@ -100,8 +106,48 @@ class Tokenizer:
         )
         special = _special_tokens(meta, tokens)
         eog = {i for i in (special.eos_id, meta.get("tokenizer.ggml.eot_token_id")) if i is not None}
-        eog |= {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>") if t in vocab}
+        eog |= {vocab[t] for t in END_OF_TURN if t in vocab}
         return cls(hf, special, meta.get("tokenizer.chat_template"), frozenset(eog))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        """A Hugging Face folder: tokenizer.json, tokenizer_config.json (chat template, bos/eos, add_bos_token)
+        and generation_config.json (eos_token_id, one id or a list: every one ends generation)."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise UnsupportedModel(f"{folder}: no tokenizer.json (deskpod reads fast tokenizers only)")
+        try:
+            hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
+            raise CorruptModel(f"{folder / 'tokenizer.json'}: cannot be read ({e})") from None
+        config, generation = _json_or_empty(folder / "tokenizer_config.json"), _json_or_empty(folder / "generation_config.json")
+        bos_text, eos_text = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+        special = SpecialTokens(
+            bos_id=hf.token_to_id(bos_text) if bos_text else None,
+            eos_id=hf.token_to_id(eos_text) if eos_text else None,
+            add_bos=bool(config.get("add_bos_token", False)),
+            bos_text=bos_text,
+            eos_text=eos_text,
+        )
+        listed = generation.get("eos_token_id")
+        eog = set(listed if isinstance(listed, list) else [listed] if listed is not None else [])
+        eog |= {i for t in END_OF_TURN if (i := hf.token_to_id(t)) is not None}
+        eog |= {special.eos_id} if special.eos_id is not None else set()
+        return cls(hf, special, config.get("chat_template"), frozenset(eog))
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json so that from_folder() gives this tokenizer back;
+        the end-of-generation ids go to generation_config.json, which the model's writer owns."""
+        folder = Path(folder)
+        self._hf.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.special.bos_text or None,
+            "eos_token": self.special.eos_text or None,
+            "add_bos_token": self.special.add_bos,
+            "chat_template": self.chat_template,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self._hf.encode(text, add_special_tokens=False).ids
@@ -133,6 +179,23 @@ def _special_tokens(meta: dict, tokens: list[str]) -> SpecialTokens:
         bos_text=tokens[bos] if bos is not None else "",
         eos_text=tokens[eos] if eos is not None else "",
     )
+
+
+def _json_or_empty(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptModel(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(token) -> str:
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else ""
 
 
 class IncrementalDetokenizer:

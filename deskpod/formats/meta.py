@@ -134,7 +134,8 @@ def _read_safetensors(path: Path) -> ModelMeta:
         for dtype, n in _safetensors_counts(file).items():
             counts[dtype] += n
     shape = {field: _as_int(next((text[k] for k in keys if k in text), 0)) for field, keys in HF_KEYS.items()}
-    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    quant = config.get("quantization_config") or {}
+    quant_method = quant.get("scheme") or quant.get("quant_method")  # deskpod quantize records its scheme
     return ModelMeta(
         format="safetensors",
         architecture=str(config.get("model_type") or "unknown"),

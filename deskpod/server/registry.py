@@ -62,6 +62,7 @@ def _load_embedder(name: str, manifest: Manifest, options: EngineOptions) -> Ser
 LOADERS: dict[tuple[str, str], Callable[[str, Manifest, EngineOptions], ServedModel]] = {
     ("gguf", "*"): _load_llm,
     ("safetensors", "bert"): _load_embedder,
+    ("safetensors", "llama"): _load_llm,
 }
 
 
