@@ -1,0 +1,95 @@
+"""gRPC's ModelInferRequest / ModelInferResponse (tritonclient's generated protobuf) <-> InferRequest /
+InferResponse. Inputs come either all as `raw_input_contents` (what tritonclient sends) or all as typed
+`contents`; outputs always go back as `raw_output_contents`, as Triton does."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from deskpod.backends.datatypes import v2_name_of
+from deskpod.backends.types import InferRequest, InferResponse
+from deskpod.errors import InvalidRequest
+from deskpod.server.kserve import tensors
+
+# v2 datatype -> the InferTensorContents field that carries it typed (FP16 and BF16 travel raw only)
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+# python type -> InferParameter field; bool before int: True is an int too
+PARAMETER_FIELDS = ((bool, "bool_param"), (int, "int64_param"), (float, "double_param"), (str, "string_param"))
+
+
+def parameters_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    return {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in params.items()}
+
+
+def parameters_to_pb(target: Any, params: Mapping[str, Any]) -> None:
+    for key, value in params.items():
+        for kind, attr in PARAMETER_FIELDS:
+            if isinstance(value, kind):
+                setattr(target[key], attr, value)
+                break
+        else:
+            target[key].string_param = str(value)
+
+
+def decode_request(request: pb.ModelInferRequest) -> InferRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(
+            f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents: send every input raw, or none"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(request.inputs):
+        if spec.name in inputs:
+            raise InvalidRequest(f"input `{spec.name}` is given twice")
+        inputs[spec.name] = (
+            tensors.from_raw(spec.name, spec.datatype, list(spec.shape), raw[i]) if raw else _from_contents(spec)
+        )
+    for out in request.outputs:
+        if "classification" in out.parameters:
+            raise InvalidRequest(f"output `{out.name}`: the classification extension is not supported")
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version,
+        id=request.id,
+        inputs=inputs,
+        outputs=tuple(o.name for o in request.outputs) or None,
+        parameters=parameters_from_pb(request.parameters),
+    )
+
+
+def _from_contents(spec: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
+    field = CONTENTS.get(spec.datatype)
+    if field is None:
+        tensors.dtype_of(spec.name, spec.datatype)  # an unknown datatype says so
+        raise InvalidRequest(f"input `{spec.name}`: {spec.datatype} must be sent in raw_input_contents")
+    values = list(getattr(spec.contents, field))
+    if spec.datatype == tensors.BYTES:
+        return tensors.from_raw(spec.name, spec.datatype, list(spec.shape), tensors.encode_bytes_elements(np.array(values, dtype=object)))
+    return tensors.from_json(spec.name, spec.datatype, list(spec.shape), values)
+
+
+def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
+    for name, array in response.outputs.items():
+        message.outputs.add(name=name, datatype=v2_name_of(array), shape=list(array.shape))
+        message.raw_output_contents.append(tensors.to_raw(array))
+    parameters_to_pb(message.parameters, response.parameters)
+    return message
