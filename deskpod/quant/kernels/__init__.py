@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("ggml_cpu.cpp")
+HERE = Path(__file__).parent
 
 
 def _build_dir(tag: str) -> Path:
@@ -32,28 +32,41 @@ def _openmp_runtime(torch) -> list[str]:
     return [str(bundled[0])] if bundled else ["-fopenmp"]
 
 
-@cache
-def ggml_cpu():
-    """The kernel module, or None when it cannot be built here (the reason is logged once)."""
+def _build(name: str):
+    """Compile (or load the cached build of) kernels/<name>.cpp for this machine; None when that fails here
+    or DESKPOD_NO_KERNELS is set (the reason is logged once per module: callers cache)."""
     if os.environ.get("DESKPOD_NO_KERNELS"):
         return None
     import torch
     from torch.utils.cpp_extension import load
 
+    source = HERE / f"{name}.cpp"
     cflags, ldflags = ["-O3", "-march=native", "-fopenmp-simd", *OPENMP], _openmp_runtime(torch)
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + repr(cflags + ldflags).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + repr(cflags + ldflags).encode()).hexdigest()[:16]
     build_dir = _build_dir(tag)
     if not any(build_dir.glob("*.so")):
-        log.info("deskpod: building the CPU kernels for this machine (once, about a minute)...")
+        log.info("deskpod: building the %s kernels for this machine (once, about a minute)...", name)
     try:
         return load(
-            name=f"deskpod_ggml_cpu_{tag}",
-            sources=[str(SOURCE)],
+            name=f"deskpod_{name}_{tag}",
+            sources=[str(source)],
             extra_cflags=cflags,
             extra_ldflags=ldflags,
             build_directory=str(build_dir),
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, headers missing: run without kernels
-        log.warning("deskpod: CPU kernels unavailable (%s); weights will be expanded to float32", e)
+        log.warning("deskpod: %s kernels unavailable (%s); weights will be expanded to float32", name, e)
         return None
+
+
+@cache
+def ggml_cpu():
+    """The ggml block-format kernels (u4/i8 matmul, rms_norm, paged attention), or None."""
+    return _build("ggml_cpu")
+
+
+@cache
+def lowbit_cpu():
+    """The FP4 (NVFP4, MXFP4) and FP8 (E4M3, E5M2) weight kernels, or None."""
+    return _build("lowbit_cpu")

@@ -1,0 +1,216 @@
+"""CPU kernels for quantized weights against the reference: dequantize the stored layout, then F.linear.
+
+The test weights are random codes and scales written straight into the contract's layouts, so every code
+value and scale byte the kernels may meet is exercised (not only those a quantizer happens to produce)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from deskpod.quant import cpu
+from deskpod.quant.cpu import CPUWeights, cpu_weights
+from deskpod.quant.ggml import MATVEC_MAX_ROWS
+from deskpod.quant.kernels import lowbit_cpu
+
+NO_KERNELS = bool(os.environ.get("DESKPOD_NO_KERNELS"))
+needs_kernels = pytest.mark.skipif(NO_KERNELS, reason="DESKPOD_NO_KERNELS is set")
+
+N = 13  # odd rows catch a kernel that handles rows in pairs
+E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+SCHEMES = ["nvfp4", "mxfp4", "fp8", "fp8_e5m2", "int4", "int8"]
+
+
+# --- the layouts, built by hand, and their meaning --------------------------------------------------------
+
+
+def _bytes(shape, low: int, high: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(low, high, shape, generator=gen, dtype=torch.int32).to(torch.uint8)
+
+
+def _finite_fp8(shape, e5m2: bool, gen) -> torch.Tensor:
+    """Random fp8 bytes, NaN (and inf) codes replaced by zero."""
+    b = _bytes(shape, 0, 256, gen)
+    special = (b & 0x7C) == 0x7C if e5m2 else (b & 0x7F) == 0x7F
+    return torch.where(special, torch.zeros_like(b), b)
+
+
+def random_layout(scheme: str, n: int, k: int, seed: int = 0) -> SimpleNamespace:
+    """A QuantizedTensor-shaped value: random codes and sensible scales in `scheme`'s layout for [n, k]."""
+    g = torch.Generator().manual_seed(seed)
+    nibbles = (n, -(-k // 2))
+    if scheme == "nvfp4":  # E4M3 block scales between 2^-4 and 2^2 (bytes 0x18..0x48), a per-tensor scale
+        data = {"weight": _bytes(nibbles, 0, 256, g), "weight_scale": _bytes((n, -(-k // 16)), 0x18, 0x48, g).view(torch.float8_e4m3fn),
+                "weight_scale_2": torch.tensor(0.0123, dtype=torch.float32)}
+    elif scheme == "mxfp4":  # E8M0 scales 2^-6 .. 2^3
+        data = {"weight": _bytes(nibbles, 0, 256, g), "weight_scale": _bytes((n, -(-k // 32)), 121, 131, g)}
+    elif scheme in ("fp8", "fp8_e5m2"):
+        e5m2 = scheme == "fp8_e5m2"
+        data = {"weight": _finite_fp8((n, k), e5m2, g).view(torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn),
+                "weight_scale": torch.rand(n, generator=g, dtype=torch.float32) * (1e-4 if e5m2 else 1e-2)}
+    elif scheme == "int4":
+        groups = (n, -(-k // 32))
+        data = {"weight": _bytes(nibbles, 0, 256, g), "weight_scale": (torch.rand(groups, generator=g) * 0.1).half(),
+                "weight_min": (torch.rand(groups, generator=g) - 0.5).half()}
+    else:
+        data = {"weight": _bytes((n, k), 0, 256, g).view(torch.int8), "weight_scale": (torch.rand((n, -(-k // 32)), generator=g) * 0.1).half()}
+    return SimpleNamespace(scheme=scheme, shape=(n, k), data=data)
+
+
+def _per_block(scales: torch.Tensor, block: int, k: int) -> torch.Tensor:
+    return scales.double().repeat_interleave(block, dim=1)[:, :k]
+
+
+def _nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Element 2j is the low nibble of byte j, element 2j+1 the high one."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :k].long()
+
+
+def reference_weight(qt) -> torch.Tensor:
+    """float64 [n, k] straight from the contract's formulas."""
+    d, (n, k) = qt.data, qt.shape
+    if qt.scheme == "nvfp4":
+        scales = _per_block(d["weight_scale"].float(), 16, k)
+        return E2M1[_nibbles(d["weight"], k)] * scales * float(d["weight_scale_2"])
+    if qt.scheme == "mxfp4":
+        exponent = _per_block(d["weight_scale"], 32, k)
+        return E2M1[_nibbles(d["weight"], k)] * torch.where(exponent == 255, torch.nan, torch.exp2(exponent - 127))
+    if qt.scheme in ("fp8", "fp8_e5m2"):
+        return d["weight"].double() * d["weight_scale"].double()[:, None]
+    if qt.scheme == "int4":
+        return _nibbles(d["weight"], k) * _per_block(d["weight_scale"], 32, k) + _per_block(d["weight_min"], 32, k)
+    return d["weight"].double() * _per_block(d["weight_scale"], 32, k)
+
+
+def assert_matches(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """y = x @ w.T up to float32 summation error, bounded relative to sum |x * w| rather than to y."""
+    want = x.double() @ w.T
+    assert y.shape == want.shape and y.dtype == torch.float32
+    bound = 2e-6 * (x.double().abs() @ w.abs().T)
+    err = (y.double() - want).abs()
+    assert bool((err <= bound).all()), f"max error {err.max():.3g}, max bound {bound.max():.3g}"
+
+
+# --- every scheme, every path ---------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_kernels_build():
+    assert lowbit_cpu() is not None, "the low-bit CPU kernels did not build (the logged warning says why)"
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [192, 75])  # whole blocks; ragged (odd, and not a multiple of 16 or 32)
+@pytest.mark.parametrize("m", [1, 3, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, 200])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_matches_reference(scheme, m, k, monkeypatch):
+    monkeypatch.setattr(cpu, "GEMM_TILE", 4 * 192)  # several tiles, the last one short, in the GEMM path
+    qt = random_layout(scheme, N, k, seed=m + k)
+    layer = cpu_weights(qt)
+    assert isinstance(layer, CPUWeights) and (layer.out_features, layer.in_features) == (N, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    assert_matches(layer(x), x, reference_weight(qt))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantize_is_the_reference(scheme):
+    qt = random_layout(scheme, N, 75)
+    torch.testing.assert_close(cpu_weights(qt).dequantize().double(), reference_weight(qt), rtol=1e-6, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_keeps_leading_dimensions(scheme):
+    layer = cpu_weights(random_layout(scheme, N, 64))
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(layer(x), layer(x.reshape(6, 64)).reshape(2, 3, N))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4", "fp8", "fp8_e5m2"])
+def test_portable_kernels_match_reference(scheme, m):
+    """The scalar fallback (what a machine without AVX2 runs) computes the same product."""
+    qt = random_layout(scheme, N, 96, seed=3)
+    layer, kernels = cpu_weights(qt), lowbit_cpu()
+    x = torch.randn(m, 96)
+    if scheme in ("nvfp4", "mxfp4"):
+        y = kernels.fp4_matmul(x, layer.codes, layer.scales, *layer._args(), portable=True)
+        w = kernels.fp4_dequantize(layer.codes, layer.scales, *layer._args(), portable=True)
+    else:
+        y = kernels.fp8_matmul(x, layer.codes, layer.row_scales, layer.e5m2, portable=True)
+        w = kernels.fp8_dequantize(layer.codes, layer.row_scales, layer.e5m2, portable=True)
+    assert_matches(y, x, reference_weight(qt))
+    torch.testing.assert_close(w.double(), reference_weight(qt), rtol=1e-6, atol=0)
+
+
+# --- resident memory ------------------------------------------------------------------------------------
+
+# bits per weight the kernels keep resident for a [576, 1536] matrix (SmolLM2's MLP): the stored layout for
+# the float formats; int4/int8 widen their float16 scales (and mins) to the float32 the ggml kernels read.
+RESIDENT_BITS = {"nvfp4": 4.5, "mxfp4": 4.25, "fp8": 8 + 32 / 1536, "fp8_e5m2": 8 + 32 / 1536, "int4": 6.0, "int8": 9.0}
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_resident_memory_is_the_compact_form(scheme):
+    layer = cpu_weights(random_layout(scheme, 576, 1536))
+    bits = 8 * sum(b.numel() * b.element_size() for b in layer.buffers()) / (576 * 1536)
+    assert bits == pytest.approx(RESIDENT_BITS[scheme])
+    assert not list(layer.parameters())
+
+
+# --- special values -------------------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_fp8_e4m3_nan_codes_are_left_to_the_reference_path():
+    qt = random_layout("fp8", N, 64)
+    qt.data["weight"].view(torch.uint8)[3, 5] = 0x7F
+    assert cpu_weights(qt) is None
+
+
+@needs_kernels
+def test_non_finite_values_propagate_like_the_reference():
+    """E5M2 infinities and an MXFP4 NaN scale (255) give the same non-finite outputs as dequantize + matmul."""
+    e5 = random_layout("fp8_e5m2", N, 64)
+    e5.data["weight"].view(torch.uint8)[2, 7] = 0x7C  # +inf
+    mx = random_layout("mxfp4", N, 64)
+    mx.data["weight_scale"][4, 1] = 255
+    x = torch.randn(3, 64)
+    for qt in (e5, mx):
+        want = x.double() @ reference_weight(qt).T
+        got = cpu_weights(qt)(x)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        assert got.isfinite().sum() == want.isfinite().sum() > 0
+
+
+# --- when there is no kernel -----------------------------------------------------------------------------
+
+
+def test_no_kernel_for_unknown_schemes_or_other_devices():
+    assert cpu_weights(SimpleNamespace(scheme="bf16", shape=(2, 2), data={"weight": torch.zeros(2, 2)})) is None
+    on_meta = random_layout("nvfp4", N, 64)
+    on_meta.data = {name: t.to("meta") for name, t in on_meta.data.items()}
+    assert cpu_weights(on_meta) is None
+
+
+def test_without_kernels_cpu_weights_is_none():
+    # the kernel loaders are cached for the process, so the switch is tried in a fresh interpreter
+    script = (
+        "import sys; sys.path.insert(0, 'tests/quant')\n"
+        "from test_cpu import SCHEMES, random_layout\n"
+        "from deskpod.quant.cpu import cpu_weights\n"
+        "print(*[cpu_weights(random_layout(s, 4, 32)) for s in SCHEMES])\n"
+    )
+    env = {**os.environ, "DESKPOD_NO_KERNELS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None"] * len(SCHEMES)
