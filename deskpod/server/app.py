@@ -1,10 +1,13 @@
-"""The FastAPI app: models loaded at startup, one router per OpenAI endpoint family, errors, auth, metrics."""
+"""The FastAPI app: models loaded at startup, one router per OpenAI endpoint family, the KServe v2 routes
+(and their gRPC twin, started on the same event loop), errors, auth, metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 
@@ -13,6 +16,12 @@ from deskpod.server.api_router import health_router, metrics_router
 from deskpod.server.auth import require_api_key
 from deskpod.server.config import ServerConfig
 from deskpod.server.errors import install_error_handlers
+from deskpod.server.kserve import generate as kserve_generate
+from deskpod.server.kserve import http_router as kserve_http
+from deskpod.server.kserve.grpc_service import start_grpc_server
+from deskpod.server.kserve.llm import LLMModels
+from deskpod.server.kserve.metrics import TritonCollector
+from deskpod.server.kserve.serving import KServeServing, Limits
 from deskpod.server.metrics import RequestCounter, ServerMetrics
 from deskpod.server.openai.chat.api_router import router as chat_router
 from deskpod.server.openai.chat.serving import OpenAIServingChat
@@ -24,43 +33,73 @@ from deskpod.server.openai.models.api_router import router as models_router
 from deskpod.server.openai.models.serving import OpenAIServingModels
 from deskpod.server.registry import ModelRegistry
 
+if TYPE_CHECKING:
+    from deskpod.backends.repository import ModelRepository
+
 log = logging.getLogger("deskpod.server")
 
-KEYED_ROUTERS = (models_router, chat_router, completions_router, embeddings_router, metrics_router)
+KEYED_ROUTERS = (
+    models_router,
+    chat_router,
+    completions_router,
+    embeddings_router,
+    metrics_router,
+    kserve_http.router,
+    kserve_generate.router,
+)
+OPEN_ROUTERS = (health_router, kserve_http.health_router)  # probes: no API key
+GRPC_GRACE_S = 5
 
 
-def install(app: FastAPI, registry: ModelRegistry) -> None:
-    """Hang the registry, the metrics and one serving object per endpoint family on app.state."""
+def install(app: FastAPI, registry: ModelRegistry, repository: ModelRepository | None = None,
+            limits: Limits = Limits()) -> None:
+    """Hang the registry, the repository, the metrics and one serving object per endpoint family on app.state."""
     metrics = ServerMetrics(registry.llms)
+    if repository is not None:
+        metrics.registry.register(TritonCollector(repository.statistics))
     app.state.registry = registry
+    app.state.repository = repository
     app.state.metrics = metrics
     app.state.serving_models = OpenAIServingModels(registry)
     app.state.serving_chat = OpenAIServingChat(registry, metrics)
     app.state.serving_completion = OpenAIServingCompletion(registry, metrics)
     app.state.serving_embedding = OpenAIServingEmbedding(registry, metrics)
+    app.state.kserve = KServeServing(repository, LLMModels(registry, metrics), limits)
 
 
-def create_app(config: ServerConfig, registry: ModelRegistry) -> FastAPI:
-    """The app serving `registry`'s models (loaded beforehand: a model that cannot load fails the command
-    with its own message, not a server that starts and dies); their engines shut down with the app."""
+def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelRepository | None = None) -> FastAPI:
+    """The app serving `registry`'s models and `repository`'s (both loaded beforehand: a store model that
+    cannot load fails the command with its own message, not a server that starts and dies). With
+    `config.grpc_port`, the v2 gRPC server runs on the app's event loop for the app's lifetime; engines and
+    repository shut down with the app."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        log.info("serving %s on http://%s:%d", ", ".join(registry.models), config.host, config.port)
+        served = [*registry.models, *(m["name"] for m in repository.index())] if repository is not None else [*registry.models]
+        log.info("serving %s on http://%s:%d", ", ".join(served) or "no models", config.host, config.port)
+        grpc_server = None
+        if config.grpc_port is not None:
+            grpc_server = await start_grpc_server(app.state.kserve, config.host, config.grpc_port, config.api_key)
+            log.info("KServe v2 gRPC on %s:%d", config.host, config.grpc_port)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(GRPC_GRACE_S)
             await registry.shutdown()
+            if repository is not None:
+                await asyncio.to_thread(repository.close)
 
     # no /docs or /openapi.json: they would be the only routes outside the API key
     app = FastAPI(
         title="deskpod", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.api_key = config.api_key
-    install(app, registry)
+    install(app, registry, repository, Limits(config.max_request_bytes))
     install_error_handlers(app)
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     for router in KEYED_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_api_key)])
-    app.include_router(health_router)
+    for router in OPEN_ROUTERS:
+        app.include_router(router)
     return app

@@ -1,25 +1,57 @@
-"""`deskpod serve [NAME ...]`: pull what is missing, load the models, serve them over HTTP."""
+"""`deskpod serve [NAME ...] [--model-repository DIR]`: pull what is missing, load the models, serve them
+over HTTP (OpenAI /v1 and KServe v2 /v2) and, with a repository, KServe v2 gRPC on the same host."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deskpod.errors import DeskpodError
-from deskpod.server.config import DEFAULT_MODEL, EngineOptions, ServerConfig
+from deskpod.server.config import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_MAX_REQUEST_MB,
+    DEFAULT_MODEL,
+    EngineOptions,
+    ServerConfig,
+)
+
+if TYPE_CHECKING:
+    from deskpod.backends.repository import ModelRepository
 
 API_KEY_ENV = "DESKPOD_API_KEY"
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    p = subparsers.add_parser(
+        "serve", help="serve models over an OpenAI-compatible HTTP API and KServe v2 / Triton (HTTP, gRPC)"
+    )
     p.add_argument(
         "models",
         nargs="*",
         metavar="NAME",
-        help=f"store models to serve (default: {DEFAULT_MODEL}); catalog models are pulled",
+        help=f"store models to serve (default: {DEFAULT_MODEL}, none with --model-repository); catalog models are pulled",
+    )
+    p.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        default=None,
+        help="a Triton-style model repository (DIR/<model>/config.pbtxt, DIR/<model>/<version>/...) to serve over KServe v2",
+    )
+    grpc = p.add_mutually_exclusive_group()
+    grpc.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help=f"KServe v2 gRPC port, on --host (default: {DEFAULT_GRPC_PORT} with --model-repository, none otherwise)",
+    )
+    grpc.add_argument("--no-grpc", action="store_true", help="no gRPC server")
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=DEFAULT_MAX_REQUEST_MB,
+        help="largest KServe v2 request body or gRPC message accepted, in MB (default: %(default)g)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -39,13 +71,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     engine = EngineOptions(args.memory_fraction, args.kv_cache_gb, args.max_num_seqs, args.max_waiting, args.ctx)
+    repository = args.model_repository
+    grpc_port = args.grpc_port if args.grpc_port is not None else (DEFAULT_GRPC_PORT if repository else None)
     return ServerConfig(
-        models=tuple(args.models or [DEFAULT_MODEL]),
+        models=tuple(args.models or ([] if repository else [DEFAULT_MODEL])),
         host=args.host,
         port=args.port,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         insecure=args.insecure,
         engine=engine,
+        model_repository=repository,
+        grpc_port=None if args.no_grpc else grpc_port,
+        max_request_mb=args.max_request_mb,
     )
 
 
@@ -62,11 +99,28 @@ def serve(args: argparse.Namespace) -> int:
     from deskpod.server.app import create_app
     from deskpod.server.registry import ModelRegistry
 
+    repository = load_repository(config.model_repository)
     registry = ModelRegistry.load(list(config.models), config.engine)
+    # the gRPC server starts in the app's lifespan: on uvicorn's event loop, beside the HTTP server
     uvicorn.run(
-        create_app(config, registry), host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5
+        create_app(config, registry, repository),
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def load_repository(root: str | None) -> ModelRepository | None:
+    """The repository with every model tried: one that fails is UNAVAILABLE with its reason, the others serve."""
+    if root is None:
+        return None
+    from deskpod.backends.repository import ModelRepository
+
+    repository = ModelRepository(root)
+    repository.load_all()
+    return repository
 
 
 def main(argv: list[str] | None = None) -> int:

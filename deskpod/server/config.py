@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from deskpod.errors import DeskpodError
 
 DEFAULT_MODEL = "smollm2"
+DEFAULT_GRPC_PORT = 8001  # Triton's
+DEFAULT_MAX_REQUEST_MB = 64.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,11 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Refuses a non-loopback host without an API key (unless `insecure`) at construction."""
+    """Refuses a non-loopback host without an API key (unless `insecure`) at construction.
+
+    `model_repository`: a Triton-style repository served over KServe v2 beside the store models (which may
+    then be none); `grpc_port`: where the v2 gRPC service listens, on `host` (None: no gRPC);
+    `max_request_mb`: the largest v2 request body or gRPC message accepted (413 / RESOURCE_EXHAUSTED)."""
 
     models: tuple[str, ...] = (DEFAULT_MODEL,)
     host: str = "127.0.0.1"
@@ -42,11 +48,24 @@ class ServerConfig:
     api_key: str | None = None
     insecure: bool = False
     engine: EngineOptions = field(default_factory=EngineOptions)
+    model_repository: str | None = None
+    grpc_port: int | None = None
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise DeskpodError("name at least one model to serve")
+        if not self.models and self.model_repository is None:
+            raise DeskpodError("name at least one model to serve, or a --model-repository")
+        if self.grpc_port is not None and not 0 < self.grpc_port < 65536:
+            raise DeskpodError(f"--grpc-port must be a port number (1-65535), got {self.grpc_port}")
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise DeskpodError(f"--grpc-port and --port are both {self.port}: give them different ports")
+        if not self.max_request_mb > 0:
+            raise DeskpodError(f"--max-request-mb must be more than 0, got {self.max_request_mb}")
         check_exposure(self.host, self.api_key, self.insecure)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
 
 
 def is_loopback(host: str) -> bool:

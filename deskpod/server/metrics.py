@@ -13,6 +13,9 @@ deskpod_kv_cache_usage_ratio{model}             0..1, blocks held by live reques
 deskpod_kv_cache_blocks_total{model} / deskpod_kv_cache_blocks_free{model}
 deskpod_num_preemptions_total{model}
 deskpod_embedding_input_tokens_total{model}
+
+With a model repository, Triton's nv_inference_* series too (deskpod.server.kserve.metrics.TritonCollector,
+registered in the same registry by the app).
 """
 
 from __future__ import annotations

@@ -1,0 +1,93 @@
+"""Triton's generate extension for the server's LLMs:
+
+POST /v2/models/{m}/generate         {"text_input": "...", "parameters": {"max_tokens": 32, ...}}
+                                     -> {"model_name", "model_version", "text_output"}
+POST /v2/models/{m}/generate_stream  the same request -> server-sent events `data: {...}`, one per new
+                                     piece of text; an error after the first event is an event {"error"}
+
+Sampling settings may also sit at the top level of the body, beside text_input, as Triton allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from deskpod.errors import InvalidRequest
+from deskpod.server.kserve.errors import classify
+from deskpod.server.kserve.http_router import TritonRoute, read_json, serving
+from deskpod.server.kserve.llm import SAMPLING, TEXT_INPUT, VERSION
+from deskpod.server.openai.generation import Generation, cancel_on_disconnect
+
+log = logging.getLogger("deskpod.server")
+router = APIRouter(route_class=TritonRoute)
+
+
+async def start(model: str, version: str, raw: Request, body: dict) -> Generation:
+    text = body.get(TEXT_INPUT)
+    if not isinstance(text, str):
+        raise InvalidRequest(f"the body needs `{TEXT_INPUT}`: the prompt, as a string")
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("`parameters` must be a JSON object")
+    top_level = {key: value for key, value in body.items() if key in SAMPLING}
+    kserve = serving(raw)
+    engine = kserve.llm_engine(model, version)
+    return await kserve.llms.start(model, engine, text, {**top_level, **parameters})
+
+
+def event(model: str, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model_name": model, "model_version": VERSION, "text_output": text}
+    if finish_reason is not None:
+        body["finish_reason"] = finish_reason
+    return body
+
+
+@router.post("/v2/models/{model}/generate")
+@router.post("/v2/models/{model}/versions/{version}/generate")
+async def generate(model: str, raw: Request, version: str = "") -> Response:
+    body = await read_json(raw)  # before watching for a disconnect, which reads the same channel
+
+    async def run() -> Response:
+        outputs = await (await start(model, version, raw, body)).collect()
+        return JSONResponse(event(model, "".join(o.text for o in outputs), outputs[-1].finish_reason))
+
+    return await cancel_on_disconnect(raw, run)
+
+
+@router.post("/v2/models/{model}/generate_stream")
+@router.post("/v2/models/{model}/versions/{version}/generate_stream")
+async def generate_stream(model: str, raw: Request, version: str = "") -> Response:
+    return EventStream(await start(model, version, raw, await read_json(raw)), model)
+
+
+class EventStream(StreamingResponse):
+    """SSE of one generation, aborted however the response ends (a client gone before the first byte
+    included: Starlette then never starts the body iterator)."""
+
+    def __init__(self, generation: Generation, model: str):
+        super().__init__(self.events(generation, model), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.generation = generation
+
+    @staticmethod
+    async def events(generation: Generation, model: str) -> AsyncIterator[str]:
+        try:
+            async for out in generation:
+                if out.text or out.finish_reason:
+                    yield f"data: {json.dumps(event(model, out.text, out.finish_reason))}\n\n"
+        except Exception as e:  # the status line is sent: say it in the stream
+            log.exception("generation %s failed while streaming", generation.request_id)
+            yield f"data: {json.dumps({'error': classify(e)[2]})}\n\n"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.generation.close()

@@ -1,0 +1,171 @@
+"""The v2 HTTP routes: thin adapters from a request to one KServeServing call and back.
+
+Bodies are read as bytes and parsed here, with or without a Content-Type header (Triton's clients often
+send none), and refused with 413 beyond the server's size limit: first from Content-Length, then while
+reading, for bodies that do not declare it. Every failure is Triton's {"error": "..."} with its status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
+from starlette.responses import JSONResponse, Response
+
+from deskpod.errors import InvalidRequest
+from deskpod.server.kserve import http_codec
+from deskpod.server.kserve.errors import RequestTooLarge, error_response
+from deskpod.server.kserve.serving import KServeServing
+
+
+class TritonRoute(APIRoute):
+    """A route whose every error, the API key's included, leaves as {"error": "..."}."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as e:
+                return error_response(e)
+
+        return run
+
+
+health_router = APIRouter(route_class=TritonRoute)  # no API key: probes must reach it
+router = APIRouter(route_class=TritonRoute)
+
+
+def serving(raw: Request) -> KServeServing:
+    return raw.app.state.kserve
+
+
+async def read_body(raw: Request) -> bytes:
+    limit = serving(raw).limits.max_request_bytes
+    declared = raw.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(_too_large(int(declared), limit))
+    chunks, size = [], 0
+    async for chunk in raw.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(_too_large(size, limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"the request body is over the server's limit of {limit / 2**20:g} MB ({size} bytes or more):"
+        " send smaller batches, or start the server with a larger --max-request-mb"
+    )
+
+
+async def read_json(raw: Request, default: dict | None = None) -> dict:
+    """The body as a JSON object whatever its Content-Type; an empty body is `default` where allowed."""
+    body = await read_body(raw)
+    if not body.strip() and default is not None:
+        return default
+    return http_codec.parse_json_header(body)
+
+
+def empty() -> Response:
+    return Response(status_code=200)
+
+
+# --- health and server ---------------------------------------------------------------------------
+
+
+@health_router.get("/v2/health/live")
+async def live() -> Response:
+    return empty()
+
+
+@health_router.get("/v2/health/ready")
+async def ready() -> Response:
+    return empty()  # answered only once every model was tried: uvicorn listens after startup
+
+
+@router.get("/v2")
+async def server_metadata(raw: Request) -> dict:
+    return serving(raw).server_metadata()
+
+
+# --- models (the fixed /v2/models/stats before /v2/models/{model}) -------------------------------
+
+
+@router.get("/v2/models/stats")
+async def all_statistics(raw: Request) -> dict:
+    return {"model_stats": serving(raw).statistics()}
+
+
+@router.get("/v2/models/{model}")
+@router.get("/v2/models/{model}/versions/{version}")
+async def model_metadata(model: str, raw: Request, version: str = "") -> dict:
+    return serving(raw).model_metadata(model, version)
+
+
+@router.get("/v2/models/{model}/ready")
+@router.get("/v2/models/{model}/versions/{version}/ready")
+async def model_ready(model: str, raw: Request, version: str = "") -> Response:
+    if not serving(raw).model_ready(model, version):
+        return JSONResponse({"error": f"model `{model}` is not ready: GET /v2/repository/index says why"}, 503)
+    return empty()
+
+
+@router.get("/v2/models/{model}/config")
+@router.get("/v2/models/{model}/versions/{version}/config")
+async def model_config(model: str, raw: Request, version: str = "") -> dict:
+    return serving(raw).config_dict(model, version)
+
+
+@router.get("/v2/models/{model}/stats")
+@router.get("/v2/models/{model}/versions/{version}/stats")
+async def model_statistics(model: str, raw: Request, version: str = "") -> dict:
+    return {"model_stats": serving(raw).statistics(model, version)}
+
+
+@router.post("/v2/models/{model}/infer")
+@router.post("/v2/models/{model}/versions/{version}/infer")
+async def infer(model: str, raw: Request, version: str = "") -> Response:
+    body = await read_body(raw)
+    request, fmt = http_codec.decode_request(body, raw.headers.get(http_codec.HEADER_LENGTH), model, version)
+    response = await serving(raw).infer(request)
+    content, header_length = http_codec.encode_response(response, fmt)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content, media_type="application/octet-stream", headers={http_codec.HEADER_LENGTH: str(header_length)}
+    )
+
+
+# --- repository ----------------------------------------------------------------------------------
+
+
+@router.post("/v2/repository/index")
+async def repository_index(raw: Request) -> list[dict]:
+    options = await read_json(raw, default={})
+    return serving(raw).index(ready_only=bool(options.get("ready", False)))
+
+
+@router.post("/v2/repository/models/{model}/load")
+async def repository_load(model: str, raw: Request) -> Response:
+    options = await read_json(raw, default={})
+    parameters = options.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("`parameters` must be a JSON object")
+    config = parameters.get("config")
+    if config is not None and not isinstance(config, str):
+        raise InvalidRequest("parameters.config must be the model configuration as a JSON string")
+    await serving(raw).load(model, config)
+    return empty()
+
+
+@router.post("/v2/repository/models/{model}/unload")
+async def repository_unload(model: str, raw: Request) -> Response:
+    await read_json(raw, default={})
+    await serving(raw).unload(model)
+    return empty()

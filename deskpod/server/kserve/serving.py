@@ -1,0 +1,170 @@
+"""The one core both protocols call: a v2 operation -> the model repository or the server's LLMs.
+
+Repository models are looked up first, then LLMs; a name in neither is ModelNotFound (404 / NOT_FOUND).
+Blocking repository calls (load, unload) run in a worker thread; `infer` runs on the event loop, where
+the repository's batcher queues requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor as F
+from tritonclient.grpc import model_config_pb2 as mc
+
+from deskpod import __version__
+from deskpod.backends.types import InferRequest, InferResponse
+from deskpod.errors import InvalidRequest, ModelNotFound
+from deskpod.server.kserve.llm import VERSION as LLM_VERSION
+from deskpod.server.kserve.llm import LLMModels
+
+if TYPE_CHECKING:
+    from deskpod.backends.repository import ModelRepository
+    from deskpod.engine.async_engine import AsyncLLM
+
+SERVER_NAME = "deskpod"
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics", "parameters", "generate")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 64 << 20  # a body over this is refused with 413 (HTTP) / RESOURCE_EXHAUSTED (gRPC)
+
+
+class KServeServing:
+    def __init__(self, repository: ModelRepository | None, llms: LLMModels, limits: Limits = Limits()):
+        self.repository = repository
+        self.llms = llms
+        self.limits = limits
+
+    # --- server ---------------------------------------------------------------------------------
+
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+    # --- lookup ---------------------------------------------------------------------------------
+
+    def _in_repository(self, name: str) -> bool:
+        return self.repository is not None and any(entry["name"] == name for entry in self.repository.index())
+
+    def _llm(self, name: str, version: str = "") -> AsyncLLM | None:
+        """The LLM called `name` unless the repository has that name; ModelNotFound if neither does."""
+        if self._in_repository(name):
+            return None
+        engine = self.llms.get(name)
+        if engine is None:
+            raise ModelNotFound(f"unknown model `{name}`: GET /v2/repository/index lists the models served")
+        if version not in ("", LLM_VERSION):
+            raise ModelNotFound(f"model `{name}` has no version {version}: it has version {LLM_VERSION} only")
+        return engine
+
+    def _repo(self) -> ModelRepository:
+        assert self.repository is not None  # _llm returned None: the name is in the repository
+        return self.repository
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        if self._llm(name, version) is not None:
+            return True
+        return self._repo().ready(name, version)
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        if self._llm(name, version) is not None:
+            return self.llms.metadata(name)
+        return self._repo().metadata(name, version)
+
+    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        if self._llm(name, version) is not None:
+            return self.llms.config(name)
+        return self._repo().config(name, version)
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict]:
+        if name and self._llm(name, version) is not None:
+            raise InvalidRequest(f"`{name}` is an LLM: its statistics are the deskpod_* series of GET /metrics")
+        return self.repository.statistics(name, version) if self.repository is not None else []
+
+    # --- repository -----------------------------------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        models = self.repository.index(ready_only) if self.repository is not None else []
+        return models + self.llms.index()
+
+    async def load(self, name: str, config_json: str | None = None) -> None:
+        self._refuse_llm(name, "loaded")
+        await asyncio.to_thread(self._need_repository().load, name, config_json)
+
+    async def unload(self, name: str) -> None:
+        self._refuse_llm(name, "unloaded")
+        await asyncio.to_thread(self._need_repository().unload, name)
+
+    def _refuse_llm(self, name: str, what: str) -> None:
+        if not self._in_repository(name) and self.llms.get(name) is not None:
+            raise InvalidRequest(f"`{name}` is an LLM served by `deskpod serve {name}`: it cannot be {what} here")
+
+    def _need_repository(self) -> ModelRepository:
+        if self.repository is None:
+            raise InvalidRequest("this server has no model repository: start it with --model-repository DIR")
+        return self.repository
+
+    # --- inference ------------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        engine = self._llm(request.model, request.version)
+        if engine is not None:
+            return await self.llms.infer(engine, request)
+        return await self._repo().infer(request)
+
+    async def infer_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """An LLM's responses as the text grows; any other model's one response."""
+        engine = self._llm(request.model, request.version)
+        if engine is None:
+            yield await self._repo().infer(request)
+            return
+        async for response in self.llms.infer_stream(engine, request):
+            yield response
+
+    def llm_engine(self, name: str, version: str = "") -> AsyncLLM:
+        """For the generate extension: the LLM `name` (a repository model cannot generate text)."""
+        engine = self._llm(name, version)
+        if engine is None:
+            raise InvalidRequest(
+                f"`{name}` is a repository model: send it tensors with POST /v2/models/{name}/infer"
+            )
+        return engine
+
+    def config_dict(self, name: str, version: str = "") -> dict[str, Any]:
+        return config_to_dict(self.model_config(name, version))
+
+
+def config_to_dict(config: mc.ModelConfig) -> dict[str, Any]:
+    """Triton's JSON for a ModelConfig: proto field names, enums by name, 64-bit integers as numbers
+    (json_format would write them as strings)."""
+    return _int64_as_numbers(config, json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+
+_INT64 = {F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_SINT64, F.TYPE_FIXED64, F.TYPE_SFIXED64}
+
+
+def _int64_as_numbers(message: Any, data: Any) -> Any:
+    """Walk `data` (MessageToDict of `message`) beside the message, turning 64-bit integer fields back into ints."""
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            continue
+        value = getattr(message, field.name)
+        if field.type in _INT64:
+            data[field.name] = [int(v) for v in data[field.name]] if field.is_repeated else int(data[field.name])
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            for key, item in value.items():
+                if value_field.message_type is not None:
+                    _int64_as_numbers(item, data[field.name][str(key)])
+        elif field.message_type is not None:
+            items = zip(value, data[field.name]) if field.is_repeated else [(value, data[field.name])]
+            for sub, sub_data in items:
+                _int64_as_numbers(sub, sub_data)
+    return data
