@@ -73,7 +73,7 @@ def _convert_with_progress(source: Path, folder: Path, args: argparse.Namespace,
 
     from deskpod.quant.convert import convert, open_source, plan
 
-    total = len(plan(open_source(source), args.scheme, tuple(args.keep)))
+    total = len(plan(open_source(source, ref), args.scheme, tuple(args.keep)))
     columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar:
         task = bar.add_task(f"quantizing {ref}", total=total)

@@ -72,6 +72,7 @@ class ModelSource(Protocol):
     """A Llama model to convert: its HF config, its tensors in float32 by HF module name."""
 
     path: Path
+    label: str  # how messages and quantization_config.source name it: the store ref, else the path
     config: dict  # config.json keys (no quantization_config)
     quantization: str  # the source's own precision, for the record ("Q4_1", "BF16")
 
@@ -92,11 +93,11 @@ def unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class GGUFSource:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, label: str | None = None):
+        self.path, self.label = path, label or str(path)
         self.gguf = GGUFFile(path)
         if self.gguf.architecture != "llama":
-            raise UnsupportedModel(f"{path}: `deskpod quantize` converts Llama models, not {self.gguf.architecture!r}")
+            raise UnsupportedModel(f"{self.label}: `deskpod quantize` converts Llama models, not {self.gguf.architecture!r}")
         self.cfg = llama_config(self.gguf)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         tied = not self.gguf.has_tensor("output.weight")
@@ -129,15 +130,15 @@ class GGUFSource:
 
 
 class FolderSource:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, label: str | None = None):
+        self.path, self.label = path, label or str(path)
         self.folder = SafetensorsFolder(path)
         self.config = dict(self.folder.config)
         quant = self.config.get("quantization_config")
         if quant:
-            raise QuantizeError(already_quantized(path, quant))
+            raise QuantizeError(already_quantized(self.label, quant))
         if self.config.get("model_type") != "llama":
-            raise UnsupportedModel(f"{path}: `deskpod quantize` converts Llama models, not {self.config.get('model_type')!r}")
+            raise UnsupportedModel(f"{self.label}: `deskpod quantize` converts Llama models, not {self.config.get('model_type')!r}")
         dtypes = {e.dtype for e in self.folder.entries.values()}
         self.quantization = dtypes.pop() if len(dtypes) == 1 else "mixed"
 
@@ -156,7 +157,7 @@ class FolderSource:
                 shutil.copyfile(self.path / name, dest / name)
 
 
-SOURCES: dict[str, Callable[[Path], ModelSource]] = {"gguf": GGUFSource, "safetensors": FolderSource}
+SOURCES: dict[str, Callable[[Path, str | None], ModelSource]] = {"gguf": GGUFSource, "safetensors": FolderSource}
 
 
 def already_quantized(where: object, quant: dict) -> str:
@@ -166,9 +167,9 @@ def already_quantized(where: object, quant: dict) -> str:
             f"first. Quantize the original model{source} instead")
 
 
-def open_source(path: str | Path) -> ModelSource:
+def open_source(path: str | Path, label: str | None = None) -> ModelSource:
     path = Path(path)
-    return SOURCES[model_format(path)](path)
+    return SOURCES[model_format(path)](path, label)
 
 
 def hf_config(cfg: LlamaConfig, tied: bool, tokenizer: Tokenizer) -> dict:
@@ -267,7 +268,7 @@ def convert(source_path: str | Path, dest: str | Path, scheme: str, keep: tuple[
     """Write the quantized model folder `dest` (created; must not exist). on_group(group) is called as
     each group starts (progress). Raises QuantizeError / CorruptModel naming the tensor at fault."""
     check_scheme(scheme)
-    source = open_source(source_path)
+    source = open_source(source_path, source_name)
     dest = Path(dest)
     dest.mkdir(parents=True)
     groups = plan(source, scheme, keep)
@@ -279,20 +280,22 @@ def convert(source_path: str | Path, dest: str | Path, scheme: str, keep: tuple[
         tensors.update(converted)
         report.add(group.scheme, params, sum(t.numel() * t.element_size() for t in converted.values()))
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    config = {**source.config, "quantization_config": _quant_config(groups, scheme, keep, source, source_name)}
+    config = dict(source.config)
+    if any(g.scheme for g in groups):  # everything kept (--keep '*'): a float model, with no quantization_config
+        config["quantization_config"] = _quant_config(groups, scheme, keep, source)
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     source.write_tokenizer(dest)
     return report
 
 
-def _quant_config(groups: list[Group], scheme: str, keep: tuple[str, ...], source: ModelSource, name: str | None) -> dict:
+def _quant_config(groups: list[Group], scheme: str, keep: tuple[str, ...], source: ModelSource) -> dict:
     return {
         "quant_method": QUANT_METHOD,
         "scheme": scheme,
         "ignore": [m for g in groups if g.scheme is None for m in g.modules],
         "overrides": {m: g.scheme for g in groups if g.scheme not in (None, scheme) for m in g.modules},
         "keep": list(keep),
-        "source": name or str(source.path),
+        "source": source.label,
         "source_quantization": source.quantization,
     }
 
@@ -308,7 +311,7 @@ def _convert_group(source: ModelSource, group: Group) -> tuple[int, dict[str, to
     try:
         qt = quantize(torch.cat(weights), group.scheme)
     except ValueError as e:
-        raise QuantizeError(f"{source.path}: {', '.join(group.modules)}: {e}") from None
+        raise QuantizeError(f"{source.label}: {', '.join(group.modules)}: {e}") from None
     rows, out = [w.shape[0] for w in weights], {}
     for key, value in qt.data.items():
         parts = [value] * len(rows) if value.dim() == 0 else value.split(rows)
@@ -320,6 +323,6 @@ def _convert_group(source: ModelSource, group: Group) -> tuple[int, dict[str, to
 def _finite(w: torch.Tensor, module: str, source: ModelSource) -> torch.Tensor:
     if not torch.isfinite(w).all():
         bad = "NaN" if torch.isnan(w).any() else "infinite"
-        raise CorruptModel(f"{source.path}: tensor {module}.weight contains {bad} values; the source model is damaged "
+        raise CorruptModel(f"{source.label}: tensor {module}.weight contains {bad} values; the source model is damaged "
                            "(pull it again, or convert it afresh from its original)")
     return w

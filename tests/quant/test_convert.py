@@ -1,0 +1,157 @@
+"""deskpod.quant.convert: GGUF / safetensors Llama -> quantized HF folder, and what the engine makes of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny_llama import write_tiny_llama
+
+from deskpod.engine.loader import load_gguf, load_model
+from deskpod.engine.models.llama import KVCache
+from deskpod.engine.tokenizer import Tokenizer
+from deskpod.errors import CorruptModel
+from deskpod.formats.gguf import GGUFFile
+from deskpod.formats.meta import read_meta
+from deskpod.quant.convert import TABLE_SCHEME, QuantizeError, convert, unpermute_rope
+
+SCHEMES = ("fp8", "nvfp4", "mxfp4", "int4", "int8")
+# Relative error of the tiny model's logits against its float32 reference, per scheme: about what each
+# scheme's rounding gives on random weights (measured: fp8 0.04, nvfp4 0.15, mxfp4 0.19, int4 0.09, int8 0.01).
+MAX_LOGIT_ERROR = {"fp8": 0.08, "nvfp4": 0.25, "mxfp4": 0.3, "int4": 0.15, "int8": 0.02}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny random Llama with an untied Q4_0 head (so lm_head is written too)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny.gguf", tied=False)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("quantized")
+    folders = {scheme: out / scheme for scheme in SCHEMES}
+    for scheme, folder in folders.items():
+        convert(tiny, folder, scheme, source_name="tiny:latest")
+    return folders
+
+
+@pytest.fixture(scope="module")
+def float_export(tiny, tmp_path_factory) -> Path:
+    """Everything kept: the GGUF as a float HF folder (exact values, HF names and RoPE order)."""
+    folder = tmp_path_factory.mktemp("float") / "tiny-float"
+    convert(tiny, folder, "int4", keep=("*",))
+    return folder
+
+
+def logits(lm, n: int = 40) -> torch.Tensor:
+    ids = torch.arange(n) % lm.config.vocab_size
+    return lm.model(ids, torch.arange(n), KVCache(lm.config, n), all_logits=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny) -> torch.Tensor:
+    return logits(load_gguf(tiny, "float32"))
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    heads, w = 3, torch.randn(3 * 8, 5)
+    # llama.cpp's convert_hf_to_gguf.py: reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)
+    permuted = w.reshape(heads, 2, 4, 5).swapaxes(1, 2).reshape(w.shape)
+    assert torch.equal(unpermute_rope(permuted, heads), w)
+
+
+def test_float_export_runs_like_the_gguf(float_export, reference):
+    # HF names, rotate-half RoPE on un-permuted q/k rows: the same function as GGUF's interleaved order
+    torch.testing.assert_close(logits(load_model(float_export, "float32")), reference, rtol=1e-5, atol=1e-5)
+    assert "quantization_config" not in json.loads((float_export / "config.json").read_text())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_model_stays_close_to_the_source(converted, reference, scheme):
+    compact, expanded = load_model(converted[scheme], "compact"), load_model(converted[scheme], "float32")
+    got = logits(compact)
+    error = float((got - reference).norm() / reference.norm())
+    assert 0 < error < MAX_LOGIT_ERROR[scheme]
+    # the kernels compute what the dequantized weights do
+    torch.testing.assert_close(got, logits(expanded), rtol=1e-4, atol=1e-4)
+
+
+def test_files_follow_the_contract(converted):
+    folder = converted["nvfp4"]
+    config = json.loads((folder / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert (config["num_hidden_layers"], config["num_key_value_heads"], config["tie_word_embeddings"]) == (2, 2, False)
+    assert quant["quant_method"] == "deskpod" and quant["scheme"] == "nvfp4" and quant["source"] == "tiny:latest"
+    assert quant["overrides"] == {"model.embed_tokens": TABLE_SCHEME, "lm_head": TABLE_SCHEME}
+    assert set(quant["ignore"]) == {"model.norm", *(f"model.layers.{i}.{n}" for i in (0, 1)
+                                                    for n in ("input_layernorm", "post_attention_layernorm"))}
+    tensors = load_file(folder / "model.safetensors")
+    p = "model.layers.1.self_attn."
+    assert tensors[p + "q_proj.weight"].dtype == torch.uint8 and tensors[p + "q_proj.weight"].shape == (64, 32)
+    assert tensors[p + "q_proj.weight_scale"].dtype == torch.float8_e4m3fn
+    # q, k and v were quantized as one matrix: one per-tensor scale, so the engine can fuse them exactly
+    assert tensors[p + "q_proj.weight_scale_2"] == tensors[p + "k_proj.weight_scale_2"] == tensors[p + "v_proj.weight_scale_2"]
+    assert tensors["model.embed_tokens.weight"].dtype == torch.int8 and tensors["lm_head.weight"].dtype == torch.int8
+    assert tensors["model.norm.weight"].dtype == torch.float32
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (folder / name).is_file()
+    assert read_meta(folder).quantization == "NVFP4"
+
+
+def test_tokenizer_survives_the_round_trip(tiny, converted):
+    original, saved = Tokenizer.from_gguf(GGUFFile(tiny)), Tokenizer.from_folder(converted["int8"])
+    text = "<|im_start|>user\nthe herder in there<|im_end|>"
+    assert saved.encode(text) == original.encode(text) and saved.decode(saved.encode(text)) == original.decode(original.encode(text))
+    assert saved.eog_ids == original.eog_ids and saved.special == original.special
+    assert saved.chat_template == original.chat_template
+
+
+def test_a_float_safetensors_source_gives_what_the_gguf_gives(float_export, converted, tmp_path):
+    convert(float_export, tmp_path / "from-folder", "int4")
+    assert _tensors_equal(load_file(tmp_path / "from-folder" / "model.safetensors"), load_file(converted["int4"] / "model.safetensors"))
+
+
+def test_keep_leaves_modules_at_source_precision(tiny, tmp_path):
+    convert(tiny, tmp_path / "kept", "mxfp4", keep=("lm_head", "model.layers.1.mlp.*"))
+    with safe_open(tmp_path / "kept" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("lm_head.weight").dtype == torch.float32  # a Q4_0 source: its exact float32 expansion
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype == torch.bfloat16  # BF16 in the GGUF
+    assert "model.layers.1.mlp.gate_proj.weight_scale" not in names and "model.layers.0.mlp.gate_proj.weight_scale" in names
+    quant = json.loads((tmp_path / "kept" / "config.json").read_text())["quantization_config"]
+    assert {"lm_head", "model.layers.1.mlp.up_proj"} <= set(quant["ignore"]) and quant["keep"] == ["lm_head", "model.layers.1.mlp.*"]
+    assert load_model(tmp_path / "kept").config.num_layers == 2
+
+
+def test_unknown_scheme_lists_the_known_ones(tiny, tmp_path):
+    with pytest.raises(QuantizeError, match="unknown quantization scheme 'fp3'.*nvfp4.*mxfp4"):
+        convert(tiny, tmp_path / "x", "fp3")
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_already_quantized_model_is_refused(converted, tmp_path):
+    with pytest.raises(QuantizeError, match=r"already quantized \(nvfp4\).*Quantize the original model \(tiny:latest\)"):
+        convert(converted["nvfp4"], tmp_path / "twice", "fp8")
+
+
+def test_nan_in_a_tensor_names_it(float_export, tmp_path):
+    source = tmp_path / "broken"
+    source.mkdir()
+    for f in float_export.iterdir():
+        (source / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(source / "model.safetensors"))
+    with pytest.raises(CorruptModel, match=r"model\.layers\.1\.mlp\.up_proj\.weight contains NaN"):
+        convert(source, tmp_path / "out", "nvfp4")
+
+
+def _tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+                                        if a[k].dim() else torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,109 @@
+"""`deskpod quantize`: a new store model from a stored one, that `deskpod run` runs; clear refusals; and
+nothing left in the store (or in the temp folder) when it fails or is interrupted.
+
+(Named test_quantize_cli.py: pytest's default import mode wants test module names unique across folders,
+and tests/test_cli.py exists.)"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from tiny_llama import write_tiny_llama
+
+import deskpod.quant.convert as convert_module
+from deskpod.cli import main
+from deskpod.quant.cli import default_name
+from deskpod.server.registry import _load_llm, loader_for
+from deskpod.store import Store
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Store:
+    """A private store holding the tiny Llama as `tiny`, and a private temp folder to check for leftovers."""
+    monkeypatch.setenv("DESKPOD_HOME", str(tmp_path / "home"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    store = Store(tmp_path / "home")
+    store.pull(str(write_tiny_llama(tmp_path / "tiny.gguf")), name="tiny", progress=False)
+    return store
+
+
+def refs(store: Store) -> set[str]:
+    return {m.ref for m in store.list()}
+
+
+def test_quantize_then_run(store, capsys):
+    assert main(["quantize", "tiny", "--to", "nvfp4"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-nvfp4:latest" in out and "bits/weight" in out
+    manifest = store.get("tiny-nvfp4")
+    assert (manifest.format, manifest.architecture, manifest.quantization) == ("safetensors", "llama", "NVFP4")
+    config = json.loads((store.model_dir(manifest) / "config.json").read_text())
+    assert config["quantization_config"]["source"] == "tiny:latest"
+    assert loader_for(manifest) is _load_llm  # `deskpod serve tiny-nvfp4` runs it with the LLM engine
+
+    assert main(["run", "tiny-nvfp4", "the", "--raw", "--temperature", "0", "--max-tokens", "5", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert len(done["token_ids"]) + (done["finish_reason"] == "stop") >= 1 and done["finish_reason"] in ("stop", "length")
+
+
+def test_name_option_and_default_names(store):
+    assert main(["quantize", "tiny:latest", "--to", "int8", "--name", "tiny-small:v1"]) == 0
+    assert "tiny-small:v1" in refs(store)
+    assert default_name("smollm2", "nvfp4") == "smollm2-nvfp4"
+    assert default_name("smollm2:v2", "fp8") == "smollm2-v2-fp8"
+
+
+def test_unknown_scheme(store, capsys):
+    assert main(["quantize", "tiny", "--to", "fp3"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown quantization scheme 'fp3'" in err and "nvfp4" in err
+    assert refs(store) == {"tiny:latest"}
+
+
+def test_unknown_model(store, capsys):
+    assert main(["quantize", "nosuchmodel", "--to", "fp8"]) == 1
+    assert "'nosuchmodel:latest' is not in the store" in capsys.readouterr().err
+
+
+def test_quantizing_a_quantized_model_is_refused(store, capsys):
+    assert main(["quantize", "tiny", "--to", "nvfp4"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "tiny-nvfp4", "--to", "fp8"]) == 1
+    err = capsys.readouterr().err
+    assert "tiny-nvfp4:latest is already quantized (nvfp4)" in err and "Quantize the original model (tiny:latest)" in err
+    assert refs(store) == {"tiny-nvfp4:latest", "tiny:latest"}
+
+
+def test_interrupted_quantize_leaves_nothing(store, monkeypatch, tmp_path):
+    calls = []
+    real = convert_module._convert_group
+
+    def interrupted(source, group):
+        calls.append(group)
+        if len(calls) == 5:  # some tensors are done, the folder is half written
+            raise KeyboardInterrupt
+        return real(source, group)
+
+    monkeypatch.setattr(convert_module, "_convert_group", interrupted)
+    assert main(["quantize", "tiny", "--to", "mxfp4"]) == 130
+    assert refs(store) == {"tiny:latest"}
+    assert list((tmp_path / "tmp").iterdir()) == []  # the half-written folder is gone too
+
+
+def test_nan_fails_cleanly_naming_the_tensor(store, monkeypatch, tmp_path, capsys):
+    real = convert_module.GGUFSource.weight
+
+    def with_nan(self, module):
+        w = real(self, module)
+        if module == "model.layers.1.self_attn.v_proj":
+            w[0, 0] = float("nan")
+        return w
+
+    monkeypatch.setattr(convert_module.GGUFSource, "weight", with_nan)
+    assert main(["quantize", "tiny", "--to", "int4"]) == 1
+    assert "model.layers.1.self_attn.v_proj.weight contains NaN" in capsys.readouterr().err
+    assert refs(store) == {"tiny:latest"} and list((tmp_path / "tmp").iterdir()) == []
