@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -91,23 +92,33 @@ class Batcher:
         batch = [await self._next()]
         if self.max_batch_size == 0:
             return batch
-        size = batch[0].batch_size
         deadline = batch[0].arrival_ns + self.delay_ns
+        target = max(self.preferred, default=self.max_batch_size)
         while True:
-            size = self._take_compatible(batch, size)
-            if size >= self.max_batch_size or size in self.preferred and not self._queue:
-                return batch
-            if size >= max(self.preferred, default=self.max_batch_size + 1):
+            if self._take_compatible(batch, target) >= target or self._trim_to_preferred(batch):
                 return batch
             remaining = deadline - time.perf_counter_ns()
             if remaining <= 0:
-                return batch
+                break
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining / 1e9)
             except TimeoutError:
-                self._take_compatible(batch, size)
-                return batch
+                break
+        # the oldest request has waited max_queue_delay: send the largest batch there is
+        self._take_compatible(batch, self.max_batch_size)
+        return batch
+
+    def _trim_to_preferred(self, batch: list[Pending]) -> bool:
+        """When a prefix of `batch` makes a preferred batch size, keep the largest such prefix (the rest goes
+        back to the front of the queue) and say so: it is dispatched without waiting."""
+        sizes = list(itertools.accumulate(p.batch_size for p in batch))
+        cut = max((i + 1 for i, size in enumerate(sizes) if size in self.preferred), default=0)
+        if not cut:
+            return False
+        self._queue.extendleft(reversed(batch[cut:]))
+        del batch[cut:]
+        return True
 
     async def _next(self) -> Pending:
         while True:
@@ -118,15 +129,17 @@ class Batcher:
             if not pending.future.done():  # a caller that gave up (cancelled) is skipped
                 return pending
 
-    def _take_compatible(self, batch: list[Pending], size: int) -> int:
-        """Move queued requests that fit (same non-batch shapes, total within max_batch_size) into `batch`."""
+    def _take_compatible(self, batch: list[Pending], limit: int) -> int:
+        """Move queued requests that fit (same non-batch shapes, total batch within `limit`) into `batch`;
+        the batch's total size."""
         key = batch[0].batch_key
+        size = sum(p.batch_size for p in batch)
         kept: collections.deque[Pending] = collections.deque()
         while self._queue:
             pending = self._queue.popleft()
             if pending.future.done():
                 continue
-            if pending.batch_key == key and size + pending.batch_size <= self.max_batch_size:
+            if pending.batch_key == key and size + pending.batch_size <= limit:
                 batch.append(pending)
                 size += pending.batch_size
             else:

@@ -19,7 +19,7 @@ from deskpod.errors import CorruptModel, UnsupportedModel
 
 from . import datatypes
 from .base import ModelContext, Outputs, TensorInstance
-from .config import TensorSpec
+from .config import TensorSpec, autocomplete
 
 # ORT logs to stderr at warning level by default (e.g. about unused initializers); errors are raised anyway
 ort.set_default_logger_severity(3)
@@ -45,6 +45,12 @@ def describe(path: Path) -> tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
     """The model's inputs and outputs as its file declares them (for config auto-complete)."""
     session = _session(path)
     return [_spec(a, path) for a in session.get_inputs()], [_spec(a, path) for a in session.get_outputs()]
+
+
+def complete_config(config: mc.ModelConfig, fields: set[str], path: Path) -> None:
+    """Fill what config.pbtxt leaves out (inputs, outputs, max_batch_size) from the model file."""
+    if not config.input or not config.output:
+        autocomplete(config, fields, describe(path))
 
 
 def _options(config: mc.ModelConfig, context: ModelContext) -> ort.SessionOptions:

@@ -259,11 +259,11 @@ class ModelRepository:
         if config.backend == "ensemble" and not versions:
             versions = ["1"]  # an ensemble has no files; Triton still expects a version folder, we do not
         module = self._backend(config.backend)
-        describe = getattr(module, "describe", None)
-        if describe is not None and (not config.input or not config.output):
+        complete = getattr(module, "complete_config", None)
+        if complete is not None:  # from the newest version's file, as Triton's auto-complete does
             newest = model_dir / versions[-1] / cfg.model_filename(config)
             _require_file(newest)
-            cfg.autocomplete(config, fields, describe(newest))
+            complete(config, fields, newest)
         cfg.validate(config, source)
         if config.backend == "ensemble":
             cfg.validate_ensemble(config, source)
@@ -296,7 +296,7 @@ class ModelRepository:
         try:
             for i in range(count):
                 context = ModelContext(
-                    config.name, version, self.root, f"{config.name}_{i}", i, count, infer=self.infer
+                    config.name, version, self.root, f"{config.name}_0_{i}", i, count, infer=self.infer
                 )
                 instances.append(module.create_instance(config, path, context))
         except Exception:

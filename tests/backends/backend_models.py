@@ -111,3 +111,46 @@ def pair(batch: int = 1, width: int = 4, seed: int = 0) -> tuple[np.ndarray, np.
         rng.standard_normal((batch, width)).astype(np.float32),
         rng.standard_normal((batch, width)).astype(np.float32),
     )
+
+
+# --- Python models (model.py imports triton_python_backend_utils, exactly as under Triton) ---------------
+
+PY_ADD_SUB_CONFIG = """
+name: "py_add_sub"
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "INPUT1" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { }
+"""
+
+PY_ADD_SUB = '''
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.args = args
+        self.model_config = json.loads(args["model_config"])
+        self.out0_dtype = pb_utils.triton_string_to_numpy(
+            pb_utils.get_output_config_by_name(self.model_config, "OUTPUT0")["data_type"]
+        )
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            a = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            b = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy()
+            if (a < -1000).any():  # a request the model itself rejects
+                responses.append(pb_utils.InferenceResponse([], error=pb_utils.TritonError("INPUT0 below -1000")))
+                continue
+            if (a > 1000).any():  # a crash inside the model's code
+                raise ValueError("INPUT0 above 1000")
+            out0 = pb_utils.Tensor("OUTPUT0", (a + b).astype(self.out0_dtype))
+            out1 = pb_utils.Tensor("OUTPUT1", a - b)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out0, out1]))
+        return responses
+'''

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from backend_models import PY_ADD_SUB, PY_ADD_SUB_CONFIG, infer, pair, write_model
+
+from deskpod.backends import InferRequest
+from deskpod.errors import BackendError, CorruptModel
+
+
+@pytest.fixture
+def py_root(root):
+    write_model(root, "py_add_sub", PY_ADD_SUB_CONFIG, {"1/model.py": PY_ADD_SUB})
+    return root
+
+
+def test_python_model_runs_unchanged(py_root, repo_factory):
+    repo = repo_factory(py_root)
+    a, b = pair(3)
+    response = infer(repo, "py_add_sub", INPUT0=a, INPUT1=b)
+    np.testing.assert_allclose(response.outputs["OUTPUT0"], a + b)
+    np.testing.assert_allclose(response.outputs["OUTPUT1"], a - b)
+    assert repo.metadata("py_add_sub")["platform"] == "python"
+
+
+def test_initialize_gets_tritons_args(root, repo_factory):
+    model = """
+    import json
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            self.args = args
+
+        def execute(self, requests):
+            text = json.dumps(self.args).encode()
+            return [pb_utils.InferenceResponse([pb_utils.Tensor("ARGS", np.array([text], dtype=np.object_))])
+                    for _ in requests]
+    """
+    config = """
+    backend: "python"
+    input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
+    output [ { name: "ARGS" data_type: TYPE_STRING dims: [ 1 ] } ]
+    parameters { key: "greeting" value: { string_value: "hi" } }
+    """
+    write_model(root, "args", config, {"2/model.py": model})
+    repo = repo_factory(root)
+    (text,) = infer(repo, "args", X=np.array([1], np.int32)).outputs["ARGS"]
+    args = json.loads(text)
+    assert set(args) == {"model_config", "model_instance_kind", "model_instance_name", "model_instance_device_id",
+                         "model_repository", "model_version", "model_name"}
+    assert args["model_name"] == "args" and args["model_version"] == "2" and args["model_instance_kind"] == "CPU"
+    assert args["model_repository"] == str(root / "args") and args["model_instance_name"] == "args_0_0"
+    config = json.loads(args["model_config"])
+    assert config["input"][0]["dims"] == [1] and config["output"][0]["data_type"] == "TYPE_STRING"
+    assert config["parameters"]["greeting"]["string_value"] == "hi" and config["max_batch_size"] == 0
+
+
+def test_error_response_fails_only_its_request(py_root, repo_factory):
+    """A TritonError in one response of a batch fails that request; the others of the same batch succeed."""
+    repo = repo_factory(py_root)
+    a, b = pair(1)
+    bad = np.full((1, 4), -5000, np.float32)
+
+    async def run():
+        requests = [InferRequest("py_add_sub", {"INPUT0": x, "INPUT1": b}) for x in (a, bad, a, a)]
+        return await asyncio.gather(*(repo.infer(r) for r in requests), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert isinstance(results[1], BackendError) and "INPUT0 below -1000" in str(results[1])
+    for result in (results[0], results[2], results[3]):
+        np.testing.assert_allclose(result.outputs["OUTPUT0"], a + b)
+    stats = repo.statistics("py_add_sub")[0]
+    assert stats["execution_count"] == 1  # all four were in one execution
+    assert stats["inference_stats"]["fail"]["count"] == 1 and stats["inference_stats"]["success"]["count"] == 3
+
+
+def test_exception_fails_that_execution_only(py_root, repo_factory):
+    repo = repo_factory(py_root)
+    a, b = pair(1)
+    with pytest.raises(BackendError, match="ValueError: INPUT0 above 1000"):
+        infer(repo, "py_add_sub", INPUT0=np.full((1, 4), 5000, np.float32), INPUT1=b)
+    np.testing.assert_allclose(infer(repo, "py_add_sub", INPUT0=a, INPUT1=b).outputs["OUTPUT1"], a - b)
+    assert repo.ready("py_add_sub")
+
+
+def test_finalize_runs_at_unload(root, repo_factory):
+    marker = root / "finalized.txt"
+    model = f"""
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse([request.inputs()[0]]) for request in requests]
+
+        def finalize(self):
+            with open({str(marker)!r}, "a") as f:
+                f.write("finalized\\n")
+    """
+    config = """
+    backend: "python"
+    input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
+    output [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
+    """
+    write_model(root, "echo", config, {"1/model.py": model})
+    repo = repo_factory(root)
+    assert infer(repo, "echo", X=np.array([7], np.int32)).outputs["X"].tolist() == [7]
+    assert not marker.exists()
+    repo.unload("echo")
+    assert marker.read_text() == "finalized\n"
+
+
+def test_broken_python_models_are_unavailable(root, repo_factory):
+    config = 'backend: "python"\ninput [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]\n' \
+             'output [ { name: "Y" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+    write_model(root, "syntax", config, {"1/model.py": "def broken(:\n"})
+    write_model(root, "noclass", config, {"1/model.py": "x = 1\n"})
+    write_model(root, "badinit", config, {"1/model.py": "class TritonPythonModel:\n    def initialize(self, args):\n"
+                                                         "        raise RuntimeError('no weights')\n"})
+    repo = repo_factory(root)
+    reasons = {e["name"]: e["reason"] for e in repo.index()}
+    assert "importing it failed: SyntaxError" in reasons["syntax"]
+    assert "defines no class TritonPythonModel" in reasons["noclass"]
+    assert "initialize failed: RuntimeError: no weights" in reasons["badinit"]
+    with pytest.raises(CorruptModel, match="no weights"):
+        repo.load("badinit")
+
+
+def test_auto_complete_config(root, repo_factory):
+    model = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        @staticmethod
+        def auto_complete_config(config):
+            config.add_input({"name": "X", "data_type": "TYPE_FP32", "dims": [2]})
+            config.add_output({"name": "Y", "data_type": "TYPE_FP32", "dims": [2]})
+            config.set_max_batch_size(4)
+            config.set_dynamic_batching()
+            return config
+
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", r.inputs()[0].as_numpy() * 2)])
+                    for r in requests]
+    """
+    write_model(root, "auto", None, {"1/model.py": model})
+    repo = repo_factory(root)
+    assert repo.metadata("auto")["inputs"] == [{"name": "X", "datatype": "FP32", "shape": [-1, 2]}]
+    assert repo.config("auto").HasField("dynamic_batching")
+    x = np.ones((2, 2), np.float32)
+    np.testing.assert_allclose(infer(repo, "auto", X=x).outputs["Y"], 2 * x)
+
+
+def test_bls_calls_another_model(add_sub_root, repo_factory):
+    """A Python model that calls the ONNX add_sub through BLS, then doubles its OUTPUT0."""
+    model = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                a = pb_utils.get_input_tensor_by_name(request, "A").as_numpy()
+                b = pb_utils.get_input_tensor_by_name(request, "B").as_numpy()
+                result = pb_utils.InferenceRequest(
+                    model_name="add_sub", requested_output_names=["OUTPUT0"],
+                    inputs=[pb_utils.Tensor("INPUT0", a), pb_utils.Tensor("INPUT1", b)],
+                ).exec()
+                if result.has_error():
+                    responses.append(pb_utils.InferenceResponse([], error=result.error()))
+                    continue
+                total = pb_utils.get_output_tensor_by_name(result, "OUTPUT0").as_numpy()
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("DOUBLED", total * 2)]))
+            return responses
+    """
+    config = """
+    backend: "python"
+    max_batch_size: 8
+    input [ { name: "A" data_type: TYPE_FP32 dims: [ -1 ] }, { name: "B" data_type: TYPE_FP32 dims: [ -1 ] } ]
+    output [ { name: "DOUBLED" data_type: TYPE_FP32 dims: [ -1 ] } ]
+    """
+    write_model(add_sub_root, "bls", config, {"1/model.py": model})
+    repo = repo_factory(add_sub_root)
+    a, b = pair(2)
+    np.testing.assert_allclose(infer(repo, "bls", A=a, B=b).outputs["DOUBLED"], 2 * (a + b))
+    # the called model's error comes back in the BLS response, and fails this request
+    with pytest.raises(BackendError, match=r"input 'INPUT0' has shape \[2, 3\]"):
+        infer(repo, "bls", A=a[:, :3], B=b[:, :3])
+    assert repo.statistics("add_sub")[0]["inference_count"] == 2
