@@ -1,0 +1,150 @@
+"""Triton kernels for GPUs: y = x @ W^T with W decoded tile by tile inside the kernel.
+
+One kernel serves every scheme of deskpod.quant (KIND picks the decoder at compile time): each program
+computes a [BM, BN] tile of y, loading a [BN, BK] tile of codes and their scales per step of K and
+decoding them in registers, so the full dequantized weight never exists in memory. FP4 and FP8 codes are
+decoded by building the float32 bit pattern (exact, no exp2 approximations). For NVFP4, MXFP4 and FP8
+the decoded tile (code * block scale) is exact in bfloat16, and the per-tensor (NVFP4) or per-row (FP8)
+scale is applied once to the accumulator at the end.
+
+Tested on CPU under TRITON_INTERPRET=1 against QuantizedTensor.dequantize() + matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from deskpod.quant.tensor import QuantizedTensor
+
+NVFP4, MXFP4, FP8_E4M3, FP8_E5M2, INT4, INT8 = range(6)
+
+
+@triton.jit
+def _minifloat(c, MBITS: tl.constexpr, BIAS: tl.constexpr):
+    """Magnitude bits c (int32, sign removed) of a float with MBITS mantissa bits -> float32."""
+    e = c >> MBITS
+    m = c & ((1 << MBITS) - 1)
+    normal = (((e + (127 - BIAS)) << 23) | (m << (23 - MBITS))).to(tl.float32, bitcast=True)
+    subnormal = m.to(tl.float32) * (2.0 ** (1 - BIAS - MBITS))
+    return tl.where(e == 0, subnormal, normal)
+
+
+@triton.jit
+def _signed(mag, c, SIGN: tl.constexpr):
+    return tl.where((c & SIGN) != 0, -mag, mag)
+
+
+@triton.jit
+def _nibble(w_ptr, rn, rk, stride_wn, mask):
+    """The 4-bit code of element k of row n: element 2j is byte j's low nibble, 2j+1 its high nibble."""
+    byte = tl.load(w_ptr + rn[:, None] * stride_wn + (rk // 2)[None, :], mask=mask, other=0).to(tl.int32)
+    return (byte >> ((rk % 2) * 4)[None, :]) & 0xF
+
+
+@triton.jit
+def _decode_tile(w_ptr, s_ptr, a_ptr, rn, rk, stride_wn, stride_sn, mask, KIND: tl.constexpr, GROUP: tl.constexpr):
+    """[BN, BK] float32 weights for rows rn and columns rk (before any per-row/per-tensor scale)."""
+    scale_ptrs = s_ptr + rn[:, None] * stride_sn + (rk // GROUP)[None, :]
+    if KIND == 0:  # NVFP4: E2M1 * E4M3 block scale (weight_scale_2 applied to the accumulator)
+        c = _nibble(w_ptr, rn, rk, stride_wn, mask)
+        s = tl.load(scale_ptrs, mask=mask, other=0).to(tl.int32)
+        w = _signed(_minifloat(c & 7, 1, 1), c, 8) * _minifloat(s & 0x7F, 3, 7)
+    elif KIND == 1:  # MXFP4: E2M1 * E8M0 (2^(s-127); s = 0 is the subnormal 2^-127)
+        c = _nibble(w_ptr, rn, rk, stride_wn, mask)
+        s = tl.load(scale_ptrs, mask=mask, other=127).to(tl.int32)
+        scale = tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
+        w = _signed(_minifloat(c & 7, 1, 1), c, 8) * scale
+    elif KIND == 2 or KIND == 3:  # FP8 E4M3FN / E5M2 codes (per-row scale applied to the accumulator)
+        c = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.int32)
+        if KIND == 2:
+            w = _signed(_minifloat(c & 0x7F, 3, 7), c, 0x80)
+        else:
+            w = _signed(_minifloat(c & 0x7F, 2, 15), c, 0x80)
+    elif KIND == 4:  # int4: q * scale + min, float16 scale and min per group
+        q = _nibble(w_ptr, rn, rk, stride_wn, mask).to(tl.float32)
+        s = tl.load(scale_ptrs, mask=mask, other=0).to(tl.float32)
+        mn = tl.load(a_ptr + rn[:, None] * stride_sn + (rk // GROUP)[None, :], mask=mask, other=0).to(tl.float32)
+        w = q * s + mn
+    else:  # int8: q * scale
+        q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
+        w = q * tl.load(scale_ptrs, mask=mask, other=0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _lowbit_matmul(
+    x_ptr, w_ptr, s_ptr, a_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+    KIND: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    # x: [M, K], codes of W: [N, ...], y: [M, N]
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
+        w_mask = (rn[:, None] < N) & (rk[None, :] < K)
+        w = _decode_tile(w_ptr, s_ptr, a_ptr, rn, rk, stride_wn, stride_sn, w_mask, KIND, GROUP).to(x.dtype)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if KIND == 0:  # NVFP4's per-tensor scale
+        acc = acc * tl.load(a_ptr)
+    elif KIND == 2 or KIND == 3:  # FP8's per-row scale
+        acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0)[None, :]
+    y_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How one scheme's tensors feed the kernel: codes, scales, and the extra tensor (min / scale_2)."""
+
+    kind: int
+    group: int
+    scale: str
+    aux: str | None = None
+
+
+KINDS = {
+    "nvfp4": Kind(NVFP4, 16, "weight_scale", "weight_scale_2"),
+    "mxfp4": Kind(MXFP4, 32, "weight_scale"),
+    "fp8": Kind(FP8_E4M3, 1, "weight_scale"),
+    "fp8_e5m2": Kind(FP8_E5M2, 1, "weight_scale"),
+    "int4": Kind(INT4, 32, "weight_scale", "weight_min"),
+    "int8": Kind(INT8, 32, "weight_scale"),
+}
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """float8 tensors are passed as their bytes: the kernel decodes the bits itself."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
+def matmul(x: torch.Tensor, qt: QuantizedTensor, block: tuple[int, int, int] = (16, 64, 64)) -> torch.Tensor:
+    """x [M, in] @ dequantize(qt)^T -> [M, out] in x's dtype, decoding qt inside the kernel.
+
+    block = (BM, BN, BK): tile sizes (powers of two, BM/BN/BK >= 16, BK a multiple of the scheme's group)."""
+    if qt.scheme not in KINDS:
+        raise ValueError(f"no Triton kernel for scheme {qt.scheme!r}; kernels exist for {', '.join(KINDS)}")
+    spec, (n, k) = KINDS[qt.scheme], qt.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}] for a {list(qt.shape)} weight, got {list(x.shape)}")
+    x = x.contiguous()
+    w, s = _bytes(qt.data["weight"]), _bytes(qt.data[spec.scale])
+    aux = qt.data[spec.aux] if spec.aux else s
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    bm, bn, bk = block
+    grid = (triton.cdiv(x.shape[0], bm), triton.cdiv(n, bn))
+    _lowbit_matmul[grid](
+        x, w, s, aux, y, x.shape[0], n, k, x.stride(0), w.stride(0), s.stride(0), y.stride(0),
+        KIND=spec.kind, GROUP=spec.group, IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
+    )  # fmt: skip
+    return y
