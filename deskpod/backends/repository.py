@@ -95,7 +95,8 @@ class ModelRepository:
             new = self._load_versions(model, model_dir, config, versions)
             old = model.versions
             model.versions = new
-            model.states = {v: (READY, "") for v in new}
+            model.states = {v: (UNAVAILABLE, "unloaded") for v in old if v not in new}
+            model.states.update({v: (READY, "") for v in new})
             for loaded in old.values():
                 self._close(loaded)
 
@@ -267,6 +268,12 @@ class ModelRepository:
         cfg.validate(config, source)
         if config.backend == "ensemble":
             cfg.validate_ensemble(config, source)
+            for i, step in enumerate(config.ensemble_scheduling.step):
+                if not (self.root / step.model_name).is_dir():
+                    raise CorruptModel(
+                        f"{source}: ensemble_scheduling.step[{i}].model_name: no model {step.model_name!r} "
+                        f"in the repository {self.root}"
+                    )
         return config, versions
 
     def _load_versions(self, model: _Model, model_dir: Path, config: mc.ModelConfig, versions: list[str]) -> dict:
@@ -306,10 +313,16 @@ class ModelRepository:
         return LoadedVersion(config, version, Batcher(config, instances, stats), stats)
 
     def _fail(self, model: _Model, version: str, error: Exception) -> None:
+        """Keep why a load failed: on the versions it was loading, or on the model when its config is bad.
+        A failed reload leaves the serving versions as they are."""
         reason = str(error) if isinstance(error, DeskpodError) else f"{type(error).__name__}: {error}"
-        if model.versions:  # a failed reload leaves the serving versions as they are
+        if not version:
+            if not model.versions:
+                model.states = {"": (UNAVAILABLE, reason)}
             return
-        model.states = {version: (UNAVAILABLE, reason)}
+        for v, (state, _) in list(model.states.items()):
+            if state == LOADING:
+                model.states[v] = (UNAVAILABLE, reason if v == version else f"version {version} failed: {reason}")
 
     @staticmethod
     def _backend(backend: str) -> Any:

@@ -191,3 +191,50 @@ def test_bls_calls_another_model(add_sub_root, repo_factory):
     with pytest.raises(BackendError, match=r"input 'INPUT0' has shape \[2, 3\]"):
         infer(repo, "bls", A=a[:, :3], B=b[:, :3])
     assert repo.statistics("add_sub")[0]["inference_count"] == 2
+
+
+def test_request_fields_and_async_execute(add_sub_root, repo_factory):
+    """request_id(), parameters() (a JSON string), requested_output_names(), BYTES inputs as bytes, and an
+    `async def execute` awaiting a BLS call with async_exec()."""
+    model = """
+    import json
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        async def execute(self, requests):
+            responses = []
+            for request in requests:
+                text = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy()
+                bls = pb_utils.InferenceRequest(
+                    model_name="add_sub", requested_output_names=["OUTPUT1"],
+                    inputs=[pb_utils.Tensor("INPUT0", np.ones((1, 4), np.float32)),
+                            pb_utils.Tensor("INPUT1", np.ones((1, 4), np.float32))],
+                )
+                diff = pb_utils.get_output_tensor_by_name(await bls.async_exec(), "OUTPUT1").as_numpy()
+                info = {
+                    "id": request.request_id(),
+                    "parameters": json.loads(request.parameters()),
+                    "outputs": request.requested_output_names(),
+                    "text": [type(t).__name__ for t in text.flat],
+                    "diff": diff.tolist(),
+                }
+                blob = np.array([json.dumps(info).encode()], dtype=np.object_)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("INFO", blob),
+                                                             pb_utils.Tensor("UNUSED", blob)]))
+            return responses
+    """
+    config = """
+    backend: "python"
+    input [ { name: "TEXT" data_type: TYPE_STRING dims: [ 2 ] } ]
+    output [ { name: "INFO" data_type: TYPE_STRING dims: [ 1 ] }, { name: "UNUSED" data_type: TYPE_STRING dims: [ 1 ] } ]
+    """
+    write_model(add_sub_root, "fields", config, {"1/model.py": model})
+    repo = repo_factory(add_sub_root)
+    request = InferRequest("fields", {"TEXT": np.array(["a", "b"])}, id="req-7", outputs=("INFO",),
+                           parameters={"temperature": 0.5})
+    response = asyncio.run(repo.infer(request))
+    assert list(response.outputs) == ["INFO"] and response.id == "req-7"
+    info = json.loads(response.outputs["INFO"][0])
+    assert info == {"id": "req-7", "parameters": {"temperature": 0.5}, "outputs": ["INFO"],
+                    "text": ["bytes", "bytes"], "diff": [[0.0, 0.0, 0.0, 0.0]]}

@@ -163,3 +163,25 @@ def test_statistics_shape(add_sub_root, repo_factory):
 def test_repository_root_must_exist(tmp_path):
     with pytest.raises(ModelNotFound):
         ModelRepository(tmp_path / "missing")
+
+
+def test_reload_picks_up_a_new_version(add_sub_root, repo_factory):
+    repo = repo_factory(add_sub_root)
+    add_sub_onnx(add_sub_root / "add_sub" / "2" / "model.onnx")
+    repo.load("add_sub")
+    assert repo.index() == [
+        {"name": "add_sub", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},
+        {"name": "add_sub", "version": "2", "state": "READY", "reason": ""},
+    ]
+    assert infer(repo, "add_sub", INPUT0=pair()[0], INPUT1=pair()[1]).version == "2"
+
+
+def test_failed_reload_keeps_serving(add_sub_root, repo_factory):
+    repo = repo_factory(add_sub_root)
+    write_model(add_sub_root, "add_sub", None, {"3/model.onnx": b"garbage"})
+    with pytest.raises(CorruptModel, match="3/model.onnx"):
+        repo.load("add_sub")
+    entries = {e["version"]: e for e in repo.index()}
+    assert entries["1"]["state"] == "READY"
+    assert entries["3"]["state"] == "UNAVAILABLE" and "onnxruntime cannot load it" in entries["3"]["reason"]
+    assert infer(repo, "add_sub", INPUT0=pair()[0], INPUT1=pair()[1]).version == "1"
