@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from deskpod.quant import cpu
+from deskpod.quant import QuantizedTensor, cpu, quantize
 from deskpod.quant.cpu import CPUWeights, cpu_weights
 from deskpod.quant.ggml import MATVEC_MAX_ROWS
 from deskpod.quant.kernels import lowbit_cpu
@@ -40,8 +40,8 @@ def _finite_fp8(shape, e5m2: bool, gen) -> torch.Tensor:
     return torch.where(special, torch.zeros_like(b), b)
 
 
-def random_layout(scheme: str, n: int, k: int, seed: int = 0) -> SimpleNamespace:
-    """A QuantizedTensor-shaped value: random codes and sensible scales in `scheme`'s layout for [n, k]."""
+def random_layout(scheme: str, n: int, k: int, seed: int = 0) -> QuantizedTensor:
+    """Random codes and sensible scales in `scheme`'s layout for [n, k] (checked against the scheme's)."""
     g = torch.Generator().manual_seed(seed)
     nibbles = (n, -(-k // 2))
     if scheme == "nvfp4":  # E4M3 block scales between 2^-4 and 2^2 (bytes 0x18..0x48), a per-tensor scale
@@ -59,7 +59,7 @@ def random_layout(scheme: str, n: int, k: int, seed: int = 0) -> SimpleNamespace
                 "weight_min": (torch.rand(groups, generator=g) - 0.5).half()}
     else:
         data = {"weight": _bytes((n, k), 0, 256, g).view(torch.int8), "weight_scale": (torch.rand((n, -(-k // 32)), generator=g) * 0.1).half()}
-    return SimpleNamespace(scheme=scheme, shape=(n, k), data=data)
+    return QuantizedTensor.from_state_dict(scheme, (n, k), {f"w.{name}": t for name, t in data.items()}, "w")
 
 
 def _per_block(scales: torch.Tensor, block: int, k: int) -> torch.Tensor:
@@ -99,6 +99,13 @@ def assert_matches(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 # --- every scheme, every path ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_hand_reference_is_quantized_tensor_dequantize(scheme):
+    """The formulas above read the layouts as QuantizedTensor.dequantize does (nibble order, scale bytes)."""
+    qt = random_layout(scheme, N, 75, seed=9)
+    torch.testing.assert_close(qt.dequantize(torch.float64), reference_weight(qt), rtol=1e-7, atol=0)
+
+
 @needs_kernels
 def test_kernels_build():
     assert lowbit_cpu() is not None, "the low-bit CPU kernels did not build (the logged warning says why)"
@@ -115,6 +122,17 @@ def test_matches_reference(scheme, m, k, monkeypatch):
     assert isinstance(layer, CPUWeights) and (layer.out_features, layer.in_features) == (N, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     assert_matches(layer(x), x, reference_weight(qt))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 8, 100])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_weights_match_dequantize_and_linear(scheme, m):
+    """What quantize() writes, through the kernels, against the public reference."""
+    qt = quantize(torch.randn(N, 203, generator=torch.Generator().manual_seed(m)), scheme)
+    x = torch.randn(m, 203)
+    assert_matches(cpu_weights(qt)(x), x, qt.dequantize(torch.float64))
+    torch.testing.assert_close(cpu_weights(qt)(x), F.linear(x, qt.dequantize()), rtol=1e-4, atol=1e-4)
 
 
 @needs_kernels
@@ -195,10 +213,8 @@ def test_non_finite_values_propagate_like_the_reference():
 
 
 def test_no_kernel_for_unknown_schemes_or_other_devices():
-    assert cpu_weights(SimpleNamespace(scheme="bf16", shape=(2, 2), data={"weight": torch.zeros(2, 2)})) is None
-    on_meta = random_layout("nvfp4", N, 64)
-    on_meta.data = {name: t.to("meta") for name, t in on_meta.data.items()}
-    assert cpu_weights(on_meta) is None
+    assert cpu_weights(QuantizedTensor("bf16", (2, 2), {"weight": torch.zeros(2, 2)})) is None
+    assert cpu_weights(random_layout("nvfp4", N, 64).to("meta")) is None
 
 
 def test_without_kernels_cpu_weights_is_none():

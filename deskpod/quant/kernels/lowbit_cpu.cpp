@@ -152,44 +152,80 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One row of x against weight row n.
+// The products of one block with one row of x, added into two accumulators (two dependency chains).
+template <class F>
+inline void block_fma(const Matrix& w, int64_t n, int64_t g, const uint8_t* q, const float* x, __m256& a, __m256& b) {
+  __m256 v[F::REGS];
+  F::decode(q, v);
+  if constexpr (F::BLOCK_SCALED) {  // sum the block, then scale it once
+    __m256 d = _mm256_mul_ps(v[0], _mm256_loadu_ps(x));
+    for (int i = 1; i < F::REGS; ++i) d = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + 8 * i), d);
+    a = _mm256_fmadd_ps(_mm256_set1_ps(F::block_scale(w, n, g)), d, a);
+  } else {
+    for (int i = 0; i < F::REGS; i += 2) {
+      a = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + 8 * i), a);
+      b = _mm256_fmadd_ps(v[i + 1], _mm256_loadu_ps(x + 8 * i + 8), b);
+    }
+  }
+}
+
+// One row of x against weight row n. Blocks go in pairs so that consecutive blocks feed different
+// accumulators, all of them named registers (an accumulator array indexed at run time lives in memory).
 template <class F>
 float row_dot(const Matrix& w, int64_t n, const float* x) {
   const uint8_t* q = w.codes + n * w.row_bytes;
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t g = 0; g < w.G; ++g, q += F::BYTES, x += F::BLOCK) {
-    __m256 v[F::REGS];
-    F::decode(q, v);
-    if constexpr (F::BLOCK_SCALED) {  // sum the block, then scale it once
-      __m256 d = _mm256_mul_ps(v[0], _mm256_loadu_ps(x));
-      for (int i = 1; i < F::REGS; ++i) d = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + 8 * i), d);
-      acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(F::block_scale(w, n, g)), d, acc[g & 1]);
-    } else {
-      for (int i = 0; i < F::REGS; ++i) acc[i & 1] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + 8 * i), acc[i & 1]);
-    }
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 1 < w.G; g += 2, q += 2 * F::BYTES, x += 2 * F::BLOCK) {
+    block_fma<F>(w, n, g, q, x, a0, a1);
+    block_fma<F>(w, n, g + 1, q + F::BYTES, x + F::BLOCK, b0, b1);
   }
-  return hsum(_mm256_add_ps(acc[0], acc[1])) * F::row_scale(w, n);
+  if (g < w.G) block_fma<F>(w, n, g, q, x, a0, a1);
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1))) * F::row_scale(w, n);
 }
 
-// Up to ROWS rows of x (stride K) against weight row n: each block is decoded and scaled once for all of them.
-template <class F>
-void rows_dot(const Matrix& w, int64_t n, const float* x, int rows, float* out, int64_t out_stride) {
+// R rows of x (stride K) against weight row n: each block is decoded and scaled once for all of them.
+// R is a compile-time constant so the loops unroll and the R x A accumulators stay in registers; with few
+// rows each gets two accumulators, so that the chain of dependent FMAs does not set the pace.
+template <class F, int R>
+void rows_dot(const Matrix& w, int64_t n, const float* x, float* out, int64_t out_stride) {
+  constexpr int A = R <= 3 ? 2 : 1;
   const uint8_t* q = w.codes + n * w.row_bytes;
-  __m256 acc[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < w.G; ++g, q += F::BYTES) {
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.G; ++g, q += F::BYTES, x += F::BLOCK) {
     __m256 v[F::REGS];
     F::decode(q, v);
     if constexpr (F::BLOCK_SCALED) {
       const __m256 s = _mm256_set1_ps(F::block_scale(w, n, g));
       for (int i = 0; i < F::REGS; ++i) v[i] = _mm256_mul_ps(v[i], s);
     }
-    const float* xg = x + g * F::BLOCK;
-    for (int r = 0; r < rows; ++r, xg += w.K)
-      for (int i = 0; i < F::REGS; ++i) acc[r] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xg + 8 * i), acc[r]);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < F::REGS; ++i)
+        acc[r][i % A] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * w.K + 8 * i), acc[r][i % A]);
   }
   const float rs = F::row_scale(w, n);
-  for (int r = 0; r < rows; ++r) out[r * out_stride] = hsum(acc[r]) * rs;
+  for (int r = 0; r < R; ++r) {
+    __m256 total = acc[r][0];
+    for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[r][a]);
+    out[r * out_stride] = hsum(total) * rs;
+  }
+}
+
+// 1 to ROWS rows of x against weight row n.
+template <class F>
+void rows_dot_any(const Matrix& w, int64_t n, const float* x, int rows, float* out, int64_t out_stride) {
+  switch (rows) {
+    case 1: *out = row_dot<F>(w, n, x); break;
+    case 2: rows_dot<F, 2>(w, n, x, out, out_stride); break;
+    case 3: rows_dot<F, 3>(w, n, x, out, out_stride); break;
+    case 4: rows_dot<F, 4>(w, n, x, out, out_stride); break;
+    case 5: rows_dot<F, 5>(w, n, x, out, out_stride); break;
+    case 6: rows_dot<F, 6>(w, n, x, out, out_stride); break;
+    case 7: rows_dot<F, 7>(w, n, x, out, out_stride); break;
+    default: rows_dot<F, ROWS>(w, n, x, out, out_stride); break;
+  }
 }
 
 template <class F>
@@ -217,12 +253,8 @@ torch::Tensor matmul(const torch::Tensor& x, const Matrix& w, bool portable) {
     for (int64_t n = n0; n < n1; ++n) {
 #if HAVE_SIMD
       if (!portable) {
-        if (M == 1) {
-          op[n] = row_dot<F>(w, n, xp);
-        } else {
-          for (int64_t m = 0; m < M; m += ROWS)
-            rows_dot<F>(w, n, xp + m * K, int(std::min<int64_t>(ROWS, M - m)), op + m * N + n, N);
-        }
+        for (int64_t m = 0; m < M; m += ROWS)
+          rows_dot_any<F>(w, n, xp + m * K, int(std::min<int64_t>(ROWS, M - m)), op + m * N + n, N);
         continue;
       }
 #endif
