@@ -121,3 +121,24 @@ def test_quant_linear_on_cuda(scheme: str) -> None:
         xb = x.bfloat16()
         ref = F.linear(xb.float(), qt.dequantize().cuda())
         assert torch.allclose(layer(xb).float(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_compiles_for_a_hopper_gpu(scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter is more lenient than the compiler: build the real sm_90 kernel (no GPU needed)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real, and leave ~/.triton alone
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import mangle_type
+
+    from deskpod.quant.kernels import triton_lowbit
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    qt = quantize(_weight(64, 128, 0), scheme)
+    x = torch.zeros(16, 128, dtype=torch.bfloat16)
+    args, constants = triton_lowbit.launch_args(x, qt, (16, 64, 64), torch.empty(16, 64, dtype=torch.bfloat16))
+    signature = {k: mangle_type(v) for k, v in args.items()} | dict.fromkeys(constants, "constexpr")
+    source = triton.compiler.ASTSource(triton_lowbit._lowbit_matmul, signature, constexprs=constants)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    assert "mma.sync" in kernel.asm["ptx"]  # bfloat16 tensor-core tiles

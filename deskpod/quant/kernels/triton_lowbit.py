@@ -128,23 +128,32 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
+def launch_args(x: torch.Tensor, qt: QuantizedTensor, block: tuple[int, int, int], y: torch.Tensor):
+    """The kernel's runtime arguments and compile-time constants for y = x @ dequantize(qt)^T."""
+    spec, (n, k) = KINDS[qt.scheme], qt.shape
+    w, s = _bytes(qt.data["weight"]), _bytes(qt.data[spec.scale])
+    aux = qt.data[spec.aux] if spec.aux else s
+    args = dict(
+        x_ptr=x, w_ptr=w, s_ptr=s, a_ptr=aux, y_ptr=y, M=x.shape[0], N=n, K=k,
+        stride_xm=x.stride(0), stride_wn=w.stride(0), stride_sn=s.stride(0), stride_ym=y.stride(0),
+    )  # fmt: skip
+    bm, bn, bk = block
+    constants = dict(KIND=spec.kind, GROUP=spec.group, IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk)
+    return args, constants
+
+
 def matmul(x: torch.Tensor, qt: QuantizedTensor, block: tuple[int, int, int] = (16, 64, 64)) -> torch.Tensor:
     """x [M, in] @ dequantize(qt)^T -> [M, out] in x's dtype, decoding qt inside the kernel.
 
     block = (BM, BN, BK): tile sizes (powers of two, BM/BN/BK >= 16, BK a multiple of the scheme's group)."""
     if qt.scheme not in KINDS:
         raise ValueError(f"no Triton kernel for scheme {qt.scheme!r}; kernels exist for {', '.join(KINDS)}")
-    spec, (n, k) = KINDS[qt.scheme], qt.shape
-    if x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"x must be [M, {k}] for a {list(qt.shape)} weight, got {list(x.shape)}")
+    if x.dim() != 2 or x.shape[1] != qt.shape[1]:
+        raise ValueError(f"x must be [M, {qt.shape[1]}] for a {list(qt.shape)} weight, got {list(x.shape)}")
     x = x.contiguous()
-    w, s = _bytes(qt.data["weight"]), _bytes(qt.data[spec.scale])
-    aux = qt.data[spec.aux] if spec.aux else s
-    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    bm, bn, bk = block
-    grid = (triton.cdiv(x.shape[0], bm), triton.cdiv(n, bn))
-    _lowbit_matmul[grid](
-        x, w, s, aux, y, x.shape[0], n, k, x.stride(0), w.stride(0), s.stride(0), y.stride(0),
-        KIND=spec.kind, GROUP=spec.group, IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
-    )  # fmt: skip
+    y = torch.empty((x.shape[0], qt.shape[0]), dtype=x.dtype, device=x.device)
+    args, constants = launch_args(x, qt, block, y)
+    grid = (triton.cdiv(x.shape[0], block[0]), triton.cdiv(qt.shape[0], block[1]))
+    # no FP fusion: q * scale + min rounds like the reference (and Triton 3.9 warns when it is left unset)
+    _lowbit_matmul[grid](**args, **constants, enable_fp_fusion=False)
     return y
