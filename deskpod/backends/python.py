@@ -29,7 +29,6 @@ from . import python_utils as pb_utils
 from .base import Execution, ModelContext, Pending, Result
 from .config import config_to_dict, config_to_json
 
-sys.modules.setdefault("triton_python_backend_utils", pb_utils)
 _serial = itertools.count()
 
 
@@ -40,6 +39,8 @@ def import_model(path: Path, name: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise CorruptModel(f"{path}: not an importable Python file")
     module = importlib.util.module_from_spec(spec)
+    # model.py does `import triton_python_backend_utils as pb_utils`: it gets ours, whatever else is installed
+    sys.modules["triton_python_backend_utils"] = pb_utils
     sys.modules[module_name] = module
     sys.path.insert(0, str(path.parent))
     try:

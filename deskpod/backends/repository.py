@@ -32,7 +32,7 @@ from .base import ModelContext
 from .batcher import Batcher
 from .stats import ModelStats
 from .types import InferRequest, InferResponse
-from .validate import expected_shape, prepare
+from .validate import Validator, expected_shape
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class LoadedVersion:
     version: str
     runner: Any  # Batcher, or the ensemble's scheduler: `async submit(pending)`, `close()`
     stats: ModelStats
+    validator: Validator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.validator = Validator(self.config)
 
 
 @dataclass
@@ -135,6 +139,16 @@ class ModelRepository:
                 entries.append({"name": name, "version": version, "state": state, "reason": reason})
         return entries
 
+    def __contains__(self, name: str) -> bool:
+        """Whether the repository has a model of this name, loaded or not (cheap: no folder scan)."""
+        if name in self._models:
+            return True
+        try:
+            self._model_dir(name)
+        except ModelNotFound:
+            return False
+        return True
+
     def ready(self, name: str, version: str = "") -> bool:
         try:
             self._loaded(name, version)
@@ -192,7 +206,7 @@ class ModelRepository:
         start = time.perf_counter_ns()
         pending = None
         try:
-            pending = prepare(loaded.config, request)
+            pending = loaded.validator.prepare(request)
             outputs = await loaded.runner.submit(pending)
             missing = [n for n in pending.outputs if n not in outputs]
             if missing:

@@ -238,3 +238,20 @@ def test_request_fields_and_async_execute(add_sub_root, repo_factory):
     info = json.loads(response.outputs["INFO"][0])
     assert info == {"id": "req-7", "parameters": {"temperature": 0.5}, "outputs": ["INFO"],
                     "text": ["bytes", "bytes"], "diff": [[0.0, 0.0, 0.0, 0.0]]}
+
+
+def test_raising_request_leaves_concurrent_ones_alone(root, repo_factory):
+    """Without dynamic batching each request is its own execution: the one that raises fails alone."""
+    write_model(root, "py_add_sub", PY_ADD_SUB_CONFIG.replace("dynamic_batching { }", ""), {"1/model.py": PY_ADD_SUB})
+    repo = repo_factory(root)
+    a, b = pair(1)
+    crash = np.full((1, 4), 5000, np.float32)
+
+    async def run():
+        requests = [InferRequest("py_add_sub", {"INPUT0": x, "INPUT1": b}) for x in (a, crash, a)]
+        return await asyncio.gather(*(repo.infer(r) for r in requests), return_exceptions=True)
+
+    ok1, failed, ok2 = asyncio.run(run())
+    assert isinstance(failed, BackendError) and "INPUT0 above 1000" in str(failed)
+    np.testing.assert_allclose(ok1.outputs["OUTPUT0"], a + b)
+    np.testing.assert_allclose(ok2.outputs["OUTPUT0"], a + b)

@@ -14,6 +14,7 @@ def test_index_metadata_config(add_sub_root, repo_factory):
     repo = repo_factory(add_sub_root)
     assert repo.index() == [{"name": "add_sub", "version": "1", "state": "READY", "reason": ""}]
     assert repo.ready("add_sub") and repo.ready("add_sub", "1") and not repo.ready("add_sub", "2")
+    assert "add_sub" in repo and "nope" not in repo and ".." not in repo
     meta = repo.metadata("add_sub")
     assert meta["name"] == "add_sub" and meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
     assert meta["outputs"][1] == {"name": "OUTPUT1", "datatype": "FP32", "shape": [-1, 4]}
