@@ -1,9 +1,9 @@
 """What every backend implements, and the request as it travels from validation through the batcher.
 
-A backend module exposes `create_instance(config, model_file, context) -> Instance` (and, where the file format
-declares its tensors, `describe(model_file)` for config auto-complete). An Instance executes a list of
-requests on its own worker thread and answers one result per request: outputs, or the exception that failed
-that request alone.
+A backend module exposes `create_instance(config, model_file, context) -> Instance`, and optionally
+`complete_config(config, explicit_fields, model_file)` to fill what config.pbtxt leaves out (Triton's
+auto-complete). An Instance executes a list of requests on its own worker thread and answers one result per
+request: outputs, or the exception that failed that request alone.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Pending:
     batch_key: tuple  # requests are merged only when their keys are equal (same non-batch shapes)
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     queue_ns: int | None = None
-    future: asyncio.Future | None = None
+    future: asyncio.Future = field(init=False, repr=False)  # set when queued by the batcher
 
 
 @dataclass(frozen=True)

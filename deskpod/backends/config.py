@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +48,6 @@ class TensorSpec:
     name: str
     datatype: str  # v2 name
     shape: tuple[int, ...]
-
-
-# backend -> a function that reads a model file's inputs and outputs (only formats that declare them)
-Describe = Callable[[Path], tuple[Sequence[TensorSpec], Sequence[TensorSpec]]]
 
 
 def read_config(model_dir: Path, config_json: str | None = None) -> tuple[mc.ModelConfig, set[str]]:

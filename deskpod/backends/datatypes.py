@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 from tritonclient.grpc import model_config_pb2 as mc
 
 
@@ -21,7 +22,7 @@ class Datatype:
     ort: str  # onnxruntime's type string, e.g. "tensor(float)"
 
 
-def _dt(name: str, enum: int, dtype: object, ort: str) -> Datatype:
+def _dt(name: str, enum: int, dtype: npt.DTypeLike, ort: str) -> Datatype:
     return Datatype(name, enum, np.dtype(dtype), ort)
 
 

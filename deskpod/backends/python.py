@@ -130,7 +130,7 @@ class PythonInstance:
         pb_utils.bls_context.infer, pb_utils.bls_context.loop = self.context.infer, execution.loop
         try:
             responses = self.model.execute(requests)
-            if inspect.isawaitable(responses):  # `async def execute`, as Triton allows
+            if inspect.iscoroutine(responses):  # `async def execute`, as Triton allows
                 responses = asyncio.run(responses)
         finally:
             pb_utils.bls_context.infer = pb_utils.bls_context.loop = None
@@ -151,8 +151,8 @@ class PythonInstance:
                 f"model {self.config.name!r}: execute returned {type(response).__name__} where an "
                 f"InferenceResponse belongs"
             )
-        if response.has_error():
-            error = response.error()
+        error = response.error()
+        if error is not None:
             kind = InvalidRequest if error.code() == pb_utils.TritonError.INVALID_ARG else BackendError
             return kind(f"model {self.config.name!r}: {error.message()}")
         return {t.name(): _canonical(t.as_numpy()) for t in response.output_tensors()}

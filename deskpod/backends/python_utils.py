@@ -81,7 +81,7 @@ class Tensor:
     def as_numpy(self) -> np.ndarray:
         return self._array
 
-    def triton_dtype(self) -> int:
+    def triton_dtype(self) -> int | None:
         return numpy_to_triton_type(self._array.dtype)
 
     def shape(self) -> list[int]:

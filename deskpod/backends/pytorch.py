@@ -24,9 +24,10 @@ _INDEXED = re.compile(r"__(\d+)$")
 
 def positional_order(names: Sequence[str]) -> list[str]:
     """Names in forward()'s argument order: by their __<index> suffix when all have one, else as given."""
-    indices = [_INDEXED.search(n) for n in names]
-    if names and all(indices):
-        return [n for _, n in sorted(zip((int(m.group(1)) for m in indices), names))]
+    matches = [_INDEXED.search(n) for n in names]
+    indices = [int(m.group(1)) for m in matches if m is not None]
+    if names and len(indices) == len(names):
+        return [n for _, n in sorted(zip(indices, names))]
     return list(names)
 
 
