@@ -202,6 +202,8 @@ def _run(instance: Instance, batch: Sequence[Pending], execution: Execution) -> 
         results = instance.execute(batch, execution)
     except Exception as e:  # noqa: BLE001 - the model's own code; reported to the callers, not raised here
         return [e] * len(batch)
+    except SystemExit as e:  # a model calling exit() fails its requests, not the server
+        return [RuntimeError(f"the model's code called exit({e.code})")] * len(batch)
     if len(results) != len(batch):
         error = RuntimeError(f"the backend returned {len(results)} results for {len(batch)} requests")
         return [error] * len(batch)

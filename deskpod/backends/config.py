@@ -138,6 +138,13 @@ def validate(config: mc.ModelConfig, source: str) -> None:
         raise CorruptModel(f"{source}: output: the model declares no outputs; add output [ {{ name, data_type, dims }} ]")
     for kind, tensors in (("input", config.input), ("output", config.output)):
         _validate_tensors(kind, tensors, source)
+    if config.HasField("sequence_batching"):
+        raise UnsupportedModel(f"{source}: sequence_batching: stateful (sequence) models are not supported")
+    if config.model_transaction_policy.decoupled:
+        raise UnsupportedModel(
+            f"{source}: model_transaction_policy.decoupled: models that send several responses per request "
+            f"are not supported"
+        )
     batching = config.dynamic_batching
     for size in batching.preferred_batch_size:
         if size < 1 or size > max(config.max_batch_size, 1):

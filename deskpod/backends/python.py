@@ -45,7 +45,7 @@ def import_model(path: Path, name: str) -> ModuleType:
     sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a model calling exit() must not stop the server
         del sys.modules[module_name]
         raise CorruptModel(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
     finally:
@@ -120,7 +120,7 @@ class PythonInstance:
         if hasattr(self.model, "initialize"):
             try:
                 self.model.initialize(args)
-            except Exception as e:
+            except (Exception, SystemExit) as e:
                 sys.modules.pop(self.module.__name__, None)
                 raise CorruptModel(f"{path}: initialize failed: {type(e).__name__}: {e}") from e
 

@@ -149,6 +149,8 @@ class TritonPythonModel:
                 continue
             if (a > 1000).any():  # a crash inside the model's code
                 raise ValueError("INPUT0 above 1000")
+            if (a == 777).any():  # a model that tries to end the process
+                raise SystemExit(5)
             out0 = pb_utils.Tensor("OUTPUT0", (a + b).astype(self.out0_dtype))
             out1 = pb_utils.Tensor("OUTPUT1", a - b)
             responses.append(pb_utils.InferenceResponse(output_tensors=[out0, out1]))

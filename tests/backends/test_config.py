@@ -70,6 +70,22 @@ def test_validation_names_the_field(text, message):
         validate(config, "models/m/config.pbtxt")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sequence_batching { }", "sequence_batching: stateful"),
+        ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
+    ],
+)
+def test_unsupported_features_are_refused(text, message):
+    config = mc.ModelConfig(name="m", backend="python")
+    text_format.Parse(text, config)
+    config.input.add(name="in", data_type=mc.TYPE_FP32, dims=[1])
+    config.output.add(name="out", data_type=mc.TYPE_FP32, dims=[1])
+    with pytest.raises(UnsupportedModel, match=f"m/config.pbtxt: {message}"):
+        validate(config, "m/config.pbtxt")
+
+
 def test_name_must_match_folder(root, repo_factory):
     write_model(root, "m", 'name: "other"\nbackend: "onnxruntime"')
     add_sub_onnx(root / "m" / "1" / "model.onnx")

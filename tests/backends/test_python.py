@@ -84,6 +84,8 @@ def test_exception_fails_that_execution_only(py_root, repo_factory):
     a, b = pair(1)
     with pytest.raises(BackendError, match="ValueError: INPUT0 above 1000"):
         infer(repo, "py_add_sub", INPUT0=np.full((1, 4), 5000, np.float32), INPUT1=b)
+    with pytest.raises(BackendError, match=r"model 'py_add_sub' failed: RuntimeError: the model's code called exit\(5\)"):
+        infer(repo, "py_add_sub", INPUT0=np.full((1, 4), 777, np.float32), INPUT1=b)
     np.testing.assert_allclose(infer(repo, "py_add_sub", INPUT0=a, INPUT1=b).outputs["OUTPUT1"], a - b)
     assert repo.ready("py_add_sub")
 
@@ -119,6 +121,7 @@ def test_broken_python_models_are_unavailable(root, repo_factory):
              'output [ { name: "Y" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
     write_model(root, "syntax", config, {"1/model.py": "def broken(:\n"})
     write_model(root, "noclass", config, {"1/model.py": "x = 1\n"})
+    write_model(root, "exits", config, {"1/model.py": "import sys\nsys.exit(3)\n"})
     write_model(root, "badinit", config, {"1/model.py": "class TritonPythonModel:\n    def initialize(self, args):\n"
                                                          "        raise RuntimeError('no weights')\n"})
     repo = repo_factory(root)
@@ -126,6 +129,7 @@ def test_broken_python_models_are_unavailable(root, repo_factory):
     assert "importing it failed: SyntaxError" in reasons["syntax"]
     assert "defines no class TritonPythonModel" in reasons["noclass"]
     assert "initialize failed: RuntimeError: no weights" in reasons["badinit"]
+    assert "importing it failed: SystemExit: 3" in reasons["exits"]
     with pytest.raises(CorruptModel, match="no weights"):
         repo.load("badinit")
 
