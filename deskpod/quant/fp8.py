@@ -48,23 +48,26 @@ def encode(x: torch.Tensor, fmt: str = "e4m3fn", saturate: bool = False) -> torc
     f = FORMATS[fmt]
     x = x.to(torch.float32)
     if saturate:
-        x = torch.where(x.isinf(), x.sign() * f.max, x).clamp(-f.max, f.max)
+        x = x.clamp(-f.max, f.max)  # ±inf too; NaN stays NaN
     bits = x.view(torch.int32)
-    sign = ((bits >> 24) & 0x80).to(torch.uint8)
     a = bits & 0x7FFFFFFF
     shift = 23 - f.mbits
     # normal results: rebias the exponent, round the dropped mantissa bits to nearest even
-    rebias = (127 - f.bias) << 23
-    odd = (a >> shift) & 1
-    normal = (a - rebias + ((1 << (shift - 1)) - 1) + odd) >> shift
+    code = a - ((127 - f.bias) << 23)
+    code += (1 << (shift - 1)) - 1
+    code += (a >> shift) & 1
+    code >>= shift
     # subnormal results: let the FPU round by adding a magic number whose ulp is the fp8 subnormal step
     magic_bits = ((127 - f.bias) + shift + 1) << 23
-    magic = torch.tensor(magic_bits, dtype=torch.int32, device=x.device).view(torch.float32)
-    sub = ((a.view(torch.float32) + magic).view(torch.int32) - magic_bits)
-    code = torch.where(a < ((128 - f.bias) << 23), sub, normal)
-    code = torch.where(a >= f.overflow_bits, f.overflow_code, code)
-    code = torch.where(a > F32_INF_BITS, f.nan_code, code)
-    return code.to(torch.uint8) | sign
+    magic = torch.tensor(magic_bits, dtype=torch.int32).view(torch.float32).item()
+    sub = (a.view(torch.float32) + magic).view(torch.int32)
+    sub -= magic_bits
+    code = torch.where(a < ((128 - f.bias) << 23), sub, code)
+    code.masked_fill_(a >= f.overflow_bits, f.overflow_code)
+    code.masked_fill_(a > F32_INF_BITS, f.nan_code)
+    code = code.to(torch.uint8)
+    code |= ((bits >> 24) & 0x80).to(torch.uint8)  # the sign, NaN's included
+    return code
 
 
 def _table(f: FP8Format) -> torch.Tensor:

@@ -8,12 +8,16 @@ The module's buffers are exactly what stays resident, so summing them gives resi
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 
 import torch
 from torch import nn
 
 from deskpod.quant.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
 
 # the reference path expands at most this many weights at once (16 MiB of float32)
 CHUNK_ELEMENTS = 1 << 22
@@ -28,6 +32,17 @@ def _cpu_kernel(qt: QuantizedTensor) -> nn.Module | None:
             raise
         return None
     return cpu.cpu_weights(qt)
+
+
+@functools.cache
+def _triton():
+    """The Triton kernels module, or None where triton is not installed (then CUDA uses the reference path)."""
+    try:
+        from deskpod.quant.kernels import triton_lowbit
+    except ImportError as e:
+        log.warning("deskpod: Triton unavailable (%s): quantized layers on CUDA dequantize row chunks instead", e)
+        return None
+    return triton_lowbit
 
 
 def reference_matmul(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
@@ -59,11 +74,14 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.kernel is not None:
+            if x2.device.type != "cpu":
+                raise ValueError(
+                    "this QuantLinear holds CPU kernel weights; build it from qt.to(device) to run on "
+                    f"{x2.device}, not by moving the module"
+                )
             y = self.kernel(x2.float())
-        elif x2.is_cuda:
-            from deskpod.quant.kernels import triton_lowbit
-
-            y = triton_lowbit.matmul(x2, self.qt)
+        elif x2.is_cuda and _triton() is not None:
+            y = _triton().matmul(x2, self.qt)
         else:
             y = reference_matmul(x2, self.qt)
         return y.to(x.dtype).reshape(*lead, self.out_features)

@@ -71,10 +71,25 @@ def test_uses_the_cpu_kernel_when_there_is_one(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_resident_buffers_are_the_quantized_tensors(scheme: str) -> None:
+@pytest.mark.parametrize("with_kernel", [False, True])
+def test_resident_buffers_are_the_quantized_tensors(scheme: str, with_kernel: bool, monkeypatch) -> None:
+    if not with_kernel:
+        monkeypatch.setattr(linear, "_cpu_kernel", lambda qt: None)
     qt = quantize(_weight((64, 256)), scheme)
     layer = QuantLinear(qt)
+    assert not list(layer.parameters())
+    own = [name for name, _ in layer.named_buffers() if not name.startswith("kernel.")]
     if layer.kernel is None:  # the reference path keeps exactly the quantized tensors
-        resident = sum(b.numel() * b.element_size() for b in layer.buffers())
-        assert resident == qt.nbytes
-        assert not list(layer.parameters())
+        assert sum(b.numel() * b.element_size() for b in layer.buffers()) == qt.nbytes
+        assert set(own) == set(qt.data)
+    else:  # the kernel's (possibly repacked) tensors replace them: never both
+        assert own == []
+
+
+def test_cpu_kernel_layers_refuse_other_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = types.ModuleType("deskpod.quant.cpu")
+    cpu.cpu_weights = _Kernel
+    monkeypatch.setitem(sys.modules, "deskpod.quant.cpu", cpu)
+    layer = QuantLinear(quantize(_weight((6, 32)), "int8"))
+    with pytest.raises(ValueError, match="build it from qt.to"):
+        layer(torch.zeros(2, 32, device="meta"))
