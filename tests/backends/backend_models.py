@@ -156,3 +156,37 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=[out0, out1]))
         return responses
 '''
+
+
+# records when each execution starts and ends; waits (at most 10 s) until `wait_for` executions have started,
+# which only executions running in parallel achieve: overlapping windows prove parallelism, not timing
+WINDOWS_MODEL = """
+import json
+import os
+import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.name = args["model_instance_name"]
+        config = json.loads(args["model_config"])
+        self.log = config["parameters"]["log"]["string_value"]
+        self.wait_for = int(config["parameters"]["wait_for"]["string_value"])
+
+    def _started(self):
+        with open(self.log) as f:
+            return sum(1 for line in f if line.startswith("start"))
+
+    def execute(self, requests):
+        with open(self.log, "a") as f:
+            f.write(f"start {self.name}\\n")
+        # wait (bounded) until `wait_for` executions have started: only instances running in parallel get there
+        deadline = time.monotonic() + 10
+        while self._started() < self.wait_for and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with open(self.log, "a") as f:
+            f.write(f"end {self.name}\\n")
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", r.inputs()[0].as_numpy())]) for r in requests]
+"""

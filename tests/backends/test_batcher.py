@@ -7,7 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from backend_models import ADD_SUB_CONFIG, add_sub_onnx, pair, write_model
+from backend_models import (
+    ADD_SUB_CONFIG,
+    WINDOWS_MODEL,
+    add_sub_onnx,
+    pair,
+    write_model,
+)
 
 from deskpod.backends import InferRequest
 from deskpod.errors import ModelNotReady
@@ -93,38 +99,6 @@ def test_queue_delay_waits_for_later_requests(root, repo_factory):
 
     asyncio.run(run())
     assert _executed(repo.statistics("delayed")[0]) == {2: 1}
-
-
-WINDOWS_MODEL = """
-import json
-import os
-import time
-
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.name = args["model_instance_name"]
-        config = json.loads(args["model_config"])
-        self.log = config["parameters"]["log"]["string_value"]
-        self.wait_for = int(config["parameters"]["wait_for"]["string_value"])
-
-    def _started(self):
-        with open(self.log) as f:
-            return sum(1 for line in f if line.startswith("start"))
-
-    def execute(self, requests):
-        with open(self.log, "a") as f:
-            f.write(f"start {self.name}\\n")
-        # wait (bounded) until `wait_for` executions have started: only instances running in parallel get there
-        deadline = time.monotonic() + 10
-        while self._started() < self.wait_for and time.monotonic() < deadline:
-            time.sleep(0.005)
-        with open(self.log, "a") as f:
-            f.write(f"end {self.name}\\n")
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", r.inputs()[0].as_numpy())]) for r in requests]
-"""
 
 
 def test_instance_group_executes_in_parallel(root, repo_factory):

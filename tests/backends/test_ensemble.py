@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from backend_models import infer, pair, write_model
+from backend_models import WINDOWS_MODEL, infer, pair, write_model
 
 from deskpod.errors import InvalidRequest, ModelNotReady
 
@@ -98,3 +98,34 @@ def test_ensemble_with_a_dangling_tensor_is_unavailable(root, repo_factory):
     (entry,) = repo.index()
     assert entry["state"] == "UNAVAILABLE"
     assert "ensemble_scheduling.step[0].input_map: tensor 'nowhere'" in entry["reason"]
+
+
+def test_independent_steps_run_concurrently(root, repo_factory):
+    """Two steps that need only the ensemble's input each wait until both have started (bounded): they can
+    both finish in order only if the ensemble started them together."""
+    log = root / "windows.log"
+    log.touch()
+    step_config = f"""
+    backend: "python"
+    input [ {{ name: "X" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+    output [ {{ name: "Y" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+    parameters [ {{ key: "log" value: {{ string_value: "{log}" }} }},
+                 {{ key: "wait_for" value: {{ string_value: "2" }} }} ]
+    """
+    for name in ("left", "right"):
+        write_model(root, name, step_config, {"1/model.py": WINDOWS_MODEL})
+    write_model(root, "fork", """
+    platform: "ensemble"
+    input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
+    output [ { name: "L" data_type: TYPE_INT32 dims: [ 1 ] }, { name: "R" data_type: TYPE_INT32 dims: [ 1 ] } ]
+    ensemble_scheduling { step [
+      { model_name: "left" input_map { key: "X" value: "X" } output_map { key: "Y" value: "L" } },
+      { model_name: "right" input_map { key: "X" value: "X" } output_map { key: "Y" value: "R" } }
+    ] }
+    """)
+    repo = repo_factory(root)
+    out = infer(repo, "fork", X=np.array([4], np.int32)).outputs
+    assert out["L"].tolist() == out["R"].tolist() == [4]
+    events = log.read_text().split("\n")[:-1]
+    assert [e.split()[0] for e in events] == ["start", "start", "end", "end"]
+    assert {e.split()[1] for e in events} == {"left_0_0", "right_0_0"}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pathlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -69,6 +70,24 @@ def test_traced_cnn(root, repo_factory):
     logits = infer(repo, "pt_cnn", image=image.numpy()).outputs["logits"]
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(image).numpy(), rtol=1e-5, atol=1e-6)
+
+
+class Scale(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_bfloat16_tensors(root, repo_factory):
+    write_model(root, "bf16", """
+    backend: "pytorch"
+    input [ { name: "x" data_type: TYPE_BF16 dims: [ 3 ] } ]
+    output [ { name: "y" data_type: TYPE_BF16 dims: [ 3 ] } ]
+    """)
+    _save(torch.jit.script(Scale()), root / "bf16" / "1" / "model.pt")
+    repo = repo_factory(root)
+    x = np.array([1.5, -2.0, 3.25], dtype=ml_dtypes.bfloat16)
+    y = infer(repo, "bf16", x=x).outputs["y"]
+    assert y.dtype == ml_dtypes.bfloat16 and y.astype(np.float32).tolist() == [3.0, -4.0, 6.5]
 
 
 def test_wrong_output_count_fails_the_request(root, repo_factory):
