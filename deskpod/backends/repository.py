@@ -74,6 +74,7 @@ class ModelRepository:
             raise ModelNotFound(f"model repository {self.root} is not a folder")
         self._models: dict[str, _Model] = {}
         self._models_lock = threading.Lock()
+        self._scanned: tuple[int, list[str]] | None = None  # (root's mtime, model folder names)
 
     # --- model control (blocking) --------------------------------------------------------------------
 
@@ -224,7 +225,12 @@ class ModelRepository:
     # --- internals ------------------------------------------------------------------------------------
 
     def _scan(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        """The model folders, re-read only when the root folder changed (index() may be on a hot path)."""
+        mtime = self.root.stat().st_mtime_ns
+        if self._scanned is None or self._scanned[0] != mtime:
+            names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            self._scanned = (mtime, names)
+        return self._scanned[1]
 
     def _model_dir(self, name: str) -> Path:
         if not name or "/" in name or "\\" in name or name in (".", ".."):
