@@ -287,14 +287,18 @@ class ModelRepository:
             complete(config, fields, newest)
         cfg.validate(config, source)
         if config.backend == "ensemble":
-            cfg.validate_ensemble(config, source)
-            for i, step in enumerate(config.ensemble_scheduling.step):
-                if not (self.root / step.model_name).is_dir():
-                    raise CorruptModel(
-                        f"{source}: ensemble_scheduling.step[{i}].model_name: no model {step.model_name!r} "
-                        f"in the repository {self.root}"
-                    )
+            self._validate_ensemble(config, source)
         return config, versions
+
+    def _validate_ensemble(self, config: mc.ModelConfig, source: str) -> None:
+        """The tensor wiring, and every step naming a model of this repository (it may load later)."""
+        cfg.validate_ensemble(config, source)
+        for i, step in enumerate(config.ensemble_scheduling.step):
+            if not (self.root / step.model_name).is_dir():
+                raise CorruptModel(
+                    f"{source}: ensemble_scheduling.step[{i}].model_name: no model {step.model_name!r} "
+                    f"in the repository {self.root}"
+                )
 
     def _load_versions(self, model: _Model, model_dir: Path, config: mc.ModelConfig, versions: list[str]) -> dict:
         module = self._backend(config.backend)
