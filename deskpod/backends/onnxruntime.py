@@ -43,7 +43,9 @@ def _spec(arg: ort.NodeArg, path: Path) -> TensorSpec:
 
 def describe(path: Path) -> tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
     """The model's inputs and outputs as its file declares them (for config auto-complete)."""
-    session = _session(path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only read, never run
+    session = _session(path, options)
     return [_spec(a, path) for a in session.get_inputs()], [_spec(a, path) for a in session.get_outputs()]
 
 
