@@ -5,6 +5,7 @@ sys.modules["triton_python_backend_utils"] before importing any model.py.
 
 BLS: `InferenceRequest(model_name=..., requested_output_names=[...], inputs=[...]).exec()` runs another
 model of the same repository from inside `execute`, through the repository's `infer` on the server's loop.
+As in Triton, a model that calls itself needs a free instance to answer, or the call waits forever.
 """
 
 from __future__ import annotations
