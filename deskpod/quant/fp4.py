@@ -4,8 +4,9 @@ A code is 4 bits: sign (bit 3), exponent (bits 2..1, bias 1), mantissa (bit 0); 
 0, 0.5, 1, 1.5, 2, 3, 4, 6. There is no inf or NaN: encoding saturates to ±6.
 
 Packing: element 2j goes in the LOW nibble of byte j, element 2j+1 in the high nibble. This is the
-layout of torch.float4_e2m1fn_x2 (torch.testing._internal.common_quantized.pack_uint4:
-`data[1::2] << 4 | data[::2]`) and of NVIDIA ModelOpt's NVFP4 checkpoints.
+layout of torch.float4_e2m1fn_x2 (its header, c10/util/Float4_e2m1fn_x2.h: "val1 : val0" in bits
+"7654 : 3210"; torch's test helper pack_uint4 does `data[1::2] << 4 | data[::2]`) and of NVIDIA
+ModelOpt's NVFP4 checkpoints.
 """
 
 from __future__ import annotations

@@ -39,39 +39,63 @@ def _signed(mag, c, SIGN: tl.constexpr):
 
 
 @triton.jit
-def _nibble(w_ptr, rn, rk, stride_wn, mask):
-    """The 4-bit code of element k of row n: element 2j is byte j's low nibble, 2j+1 its high nibble."""
-    byte = tl.load(w_ptr + rn[:, None] * stride_wn + (rk // 2)[None, :], mask=mask, other=0).to(tl.int32)
-    return (byte >> ((rk % 2) * 4)[None, :]) & 0xF
+def _nibbles(w_ptr, rn, k0, stride_wn, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    """[BN, BK] 4-bit codes from [BN, BK/2] bytes: element 2j is byte j's low nibble, 2j+1 its high one."""
+    rb = k0 // 2 + tl.arange(0, BK // 2)
+    mask = (rn[:, None] < N) & (rb[None, :] < (K + 1) // 2)
+    b = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=mask, other=0).to(tl.int32)
+    return tl.join(b & 0xF, b >> 4).reshape(BN, BK)
 
 
 @triton.jit
-def _decode_tile(w_ptr, s_ptr, a_ptr, rn, rk, stride_wn, stride_sn, mask, KIND: tl.constexpr, GROUP: tl.constexpr):
-    """[BN, BK] float32 weights for rows rn and columns rk (before any per-row/per-tensor scale)."""
-    scale_ptrs = s_ptr + rn[:, None] * stride_sn + (rk // GROUP)[None, :]
+def _bytes_tile(w_ptr, rn, k0, stride_wn, N, K, BK: tl.constexpr):
+    """[BN, BK] one-byte codes (FP8, int8)."""
+    rk = k0 + tl.arange(0, BK)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    return tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _group_scales(s_ptr, rn, k0, stride_sn, N, K, BK: tl.constexpr, GROUP: tl.constexpr):
+    """[BN, BK/GROUP] scales of the groups this K step covers."""
+    rg = k0 // GROUP + tl.arange(0, BK // GROUP)
+    mask = (rn[:, None] < N) & (rg[None, :] < (K + GROUP - 1) // GROUP)
+    return tl.load(s_ptr + rn[:, None] * stride_sn + rg[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _per_group(w, s, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """w [BN, BK] times s [BN, BK/GROUP], one scale per GROUP consecutive columns."""
+    return (w.reshape(BN, BK // GROUP, GROUP) * s[:, :, None]).reshape(BN, BK)
+
+
+@triton.jit
+def _decode_tile(w_ptr, s_ptr, a_ptr, rn, k0, stride_wn, stride_sn, N, K,
+                 KIND: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """[BN, BK] float32 weights of rows rn, columns k0.. (before any per-row/per-tensor scale)."""
     if KIND == 0:  # NVFP4: E2M1 * E4M3 block scale (weight_scale_2 applied to the accumulator)
-        c = _nibble(w_ptr, rn, rk, stride_wn, mask)
-        s = tl.load(scale_ptrs, mask=mask, other=0).to(tl.int32)
-        w = _signed(_minifloat(c & 7, 1, 1), c, 8) * _minifloat(s & 0x7F, 3, 7)
+        c = _nibbles(w_ptr, rn, k0, stride_wn, N, K, BN, BK)
+        s = _group_scales(s_ptr, rn, k0, stride_sn, N, K, BK, GROUP).to(tl.int32)
+        w = _per_group(_signed(_minifloat(c & 7, 1, 1), c, 8), _minifloat(s & 0x7F, 3, 7), BN, BK, GROUP)
     elif KIND == 1:  # MXFP4: E2M1 * E8M0 (2^(s-127); s = 0 is the subnormal 2^-127)
-        c = _nibble(w_ptr, rn, rk, stride_wn, mask)
-        s = tl.load(scale_ptrs, mask=mask, other=127).to(tl.int32)
+        c = _nibbles(w_ptr, rn, k0, stride_wn, N, K, BN, BK)
+        s = _group_scales(s_ptr, rn, k0, stride_sn, N, K, BK, GROUP).to(tl.int32)
         scale = tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
-        w = _signed(_minifloat(c & 7, 1, 1), c, 8) * scale
-    elif KIND == 2 or KIND == 3:  # FP8 E4M3FN / E5M2 codes (per-row scale applied to the accumulator)
-        c = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.int32)
-        if KIND == 2:
-            w = _signed(_minifloat(c & 0x7F, 3, 7), c, 0x80)
-        else:
-            w = _signed(_minifloat(c & 0x7F, 2, 15), c, 0x80)
+        w = _per_group(_signed(_minifloat(c & 7, 1, 1), c, 8), scale, BN, BK, GROUP)
+    elif KIND == 2:  # FP8 E4M3FN (per-row scale applied to the accumulator)
+        c = _bytes_tile(w_ptr, rn, k0, stride_wn, N, K, BK).to(tl.int32)
+        w = _signed(_minifloat(c & 0x7F, 3, 7), c, 0x80)
+    elif KIND == 3:  # FP8 E5M2
+        c = _bytes_tile(w_ptr, rn, k0, stride_wn, N, K, BK).to(tl.int32)
+        w = _signed(_minifloat(c & 0x7F, 2, 15), c, 0x80)
     elif KIND == 4:  # int4: q * scale + min, float16 scale and min per group
-        q = _nibble(w_ptr, rn, rk, stride_wn, mask).to(tl.float32)
-        s = tl.load(scale_ptrs, mask=mask, other=0).to(tl.float32)
-        mn = tl.load(a_ptr + rn[:, None] * stride_sn + (rk // GROUP)[None, :], mask=mask, other=0).to(tl.float32)
-        w = q * s + mn
+        q = _nibbles(w_ptr, rn, k0, stride_wn, N, K, BN, BK).to(tl.float32)
+        s = _group_scales(s_ptr, rn, k0, stride_sn, N, K, BK, GROUP).to(tl.float32)
+        mn = _group_scales(a_ptr, rn, k0, stride_sn, N, K, BK, GROUP).to(tl.float32)
+        w = (q.reshape(BN, BK // GROUP, GROUP) * s[:, :, None] + mn[:, :, None]).reshape(BN, BK)
     else:  # int8: q * scale
-        q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
-        w = q * tl.load(scale_ptrs, mask=mask, other=0).to(tl.float32)
+        q = _bytes_tile(w_ptr, rn, k0, stride_wn, N, K, BK).to(tl.float32)
+        w = _per_group(q, _group_scales(s_ptr, rn, k0, stride_sn, N, K, BK, GROUP).to(tl.float32), BN, BK, GROUP)
     return w
 
 
@@ -89,8 +113,7 @@ def _lowbit_matmul(
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
-        w_mask = (rn[:, None] < N) & (rk[None, :] < K)
-        w = _decode_tile(w_ptr, s_ptr, a_ptr, rn, rk, stride_wn, stride_sn, w_mask, KIND, GROUP).to(x.dtype)
+        w = _decode_tile(w_ptr, s_ptr, a_ptr, rn, k0, stride_wn, stride_sn, N, K, KIND, GROUP, BN, BK).to(x.dtype)
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
