@@ -82,12 +82,14 @@ class QuantizedTensor:
         return 8 * self.nbytes / (self.shape[0] * self.shape[1])
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
+        """The same weight with every stored tensor on `device`."""
         return QuantizedTensor(self.scheme, self.shape, {k: v.to(device) for k, v in self.data.items()})
 
     def rows(self, start: int, stop: int) -> QuantizedTensor:
-        """Output rows start:stop (views; per-tensor scalars are shared)."""
+        """Output rows start:stop, 0 <= start < stop (views; per-tensor scalars are shared)."""
+        stop = min(stop, self.shape[0])
         data = {k: v[start:stop] if v.dim() else v for k, v in self.data.items()}
-        return QuantizedTensor(self.scheme, (len(range(*slice(start, stop).indices(self.shape[0]))), self.shape[1]), data)
+        return QuantizedTensor(self.scheme, (stop - start, self.shape[1]), data)
 
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         """{f"{prefix}.weight": ..., f"{prefix}.weight_scale": ..., ...}: the safetensors form."""
@@ -120,8 +122,8 @@ def quantize(weight: torch.Tensor, scheme: str) -> QuantizedTensor:
     `in` need not be a multiple of the scheme's block: the last block is padded (codes 0) and
     dequantize() crops. ValueError for an unknown scheme, a non-2-D or non-float weight, or NaN/inf."""
     s = get_scheme(scheme)
-    if weight.dim() != 2:
-        raise ValueError(f"quantize expects a 2-D weight [out, in], got shape {list(weight.shape)}")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"quantize expects a non-empty 2-D weight [out, in], got shape {list(weight.shape)}")
     if not weight.is_floating_point() or weight.element_size() < 2:
         raise ValueError(
             f"quantize expects a float32/bfloat16/float16 weight, got {weight.dtype} "

@@ -36,6 +36,7 @@ def test_non_finite_weights_are_refused(scheme: str, bad: float, word: str) -> N
     ("weight", "match"),
     [
         (torch.zeros(4, 4, 4), "2-D"),
+        (torch.zeros(0, 32), "non-empty"),
         (torch.zeros(4, 32, dtype=torch.int32), "float32/bfloat16/float16"),
         (torch.zeros(4, 32).to(torch.float8_e4m3fn), "already low-precision"),
     ],

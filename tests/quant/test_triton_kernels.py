@@ -39,7 +39,8 @@ out = {}
 for key in sorted({k.split(".")[0] for k in t if k.endswith(".x")}):
     scheme, n, k = key.split("~")[0], int(key.split("~")[2]), int(key.split("~")[3])
     qt = QuantizedTensor.from_state_dict(scheme, (n, k), t, key)
-    out[key] = triton_lowbit.matmul(t[key + ".x"], qt, block=(16, 32, 32))
+    block = None if key.endswith("~default") else (16, 32, 32)
+    out[key] = triton_lowbit.matmul(t[key + ".x"], qt, block=block)
 save_file(out, sys.argv[2])
 """
 
@@ -59,6 +60,8 @@ def _cases() -> dict[str, tuple[torch.Tensor, QuantizedTensor]]:
             qt = quantize(_weight(n, k, i), scheme)
             cases[f"{scheme}~{m}~{n}~{k}"] = (torch.randn(m, k, generator=torch.Generator().manual_seed(9)), qt)
         # x = I: y = W^T exactly, so every decoded weight is checked bit for bit
+        # the default tiles for a prefill-sized M (64 x 64 x 64)
+        cases[f"{scheme}~40~70~130~default"] = (torch.randn(40, 130), quantize(_weight(70, 130, 5), scheme))
         cases[f"{scheme}~45~20~45~eye"] = (torch.eye(45), quantize(_weight(20, 45, 7), scheme))
         # half-precision activations (the interpreter mishandles bfloat16 tl.dot, triton-lang/triton#11584:
         # bfloat16 is checked on CUDA below)
@@ -97,6 +100,25 @@ def test_matches_the_reference_matmul(scheme: str, m: int, n: int, k: int, resul
     ref = x @ qt.dequantize().T
     assert y.shape == (m, n) and y.dtype == torch.float32
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_default_tiles(scheme: str, results) -> None:
+    x, qt, y = results[f"{scheme}~40~70~130~default"]
+    ref = x @ qt.dequantize().T
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_arguments_are_checked_before_launch() -> None:
+    from deskpod.quant.kernels import triton_lowbit
+
+    qt = quantize(_weight(8, 40, 0), "nvfp4")
+    assert triton_lowbit.matmul(torch.zeros(0, 40), qt).shape == (0, 8)  # no rows: nothing to launch
+    with pytest.raises(ValueError, match=r"x must be \[M, 40\]"):
+        triton_lowbit.matmul(torch.zeros(3, 41), qt)
+    with pytest.raises(ValueError, match="no Triton kernel for scheme 'q3'"):
+        triton_lowbit.matmul(torch.zeros(3, 40), QuantizedTensor("q3", (8, 40), {}))
+    assert triton_lowbit.default_block(1) == (16, 64, 64) and triton_lowbit.default_block(500) == (64, 64, 64)
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))

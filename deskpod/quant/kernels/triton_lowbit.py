@@ -1,10 +1,11 @@
 """Triton kernels for GPUs: y = x @ W^T with W decoded tile by tile inside the kernel.
 
 One kernel serves every scheme of deskpod.quant (KIND picks the decoder at compile time): each program
-computes a [BM, BN] tile of y, loading a [BN, BK] tile of codes and their scales per step of K and
-decoding them in registers, so the full dequantized weight never exists in memory. FP4 and FP8 codes are
+computes a [BM, BN] tile of y, loading the codes of a [BN, BK] weight tile (BK/2 bytes a row for 4-bit
+codes) and their group scales per step of K and decoding them in registers, so the full dequantized
+weight never exists in memory. FP4 and FP8 codes are
 decoded by building the float32 bit pattern (exact, no exp2 approximations). For NVFP4, MXFP4 and FP8
-the decoded tile (code * block scale) is exact in bfloat16, and the per-tensor (NVFP4) or per-row (FP8)
+the decoded tile (code * block scale) is exact in bfloat16 (the activations' dtype on GPU), and the per-tensor (NVFP4) or per-row (FP8)
 scale is applied once to the accumulator at the end.
 
 Tested on CPU under TRITON_INTERPRET=1 against QuantizedTensor.dequantize() + matmul.
@@ -147,7 +148,8 @@ KINDS = {
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """float8 tensors are passed as their bytes: the kernel decodes the bits itself."""
+    """Contiguous rows; float8 tensors as their bytes (the kernel decodes the bits itself)."""
+    t = t.contiguous()
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
@@ -155,7 +157,7 @@ def launch_args(x: torch.Tensor, qt: QuantizedTensor, block: tuple[int, int, int
     """The kernel's runtime arguments and compile-time constants for y = x @ dequantize(qt)^T."""
     spec, (n, k) = KINDS[qt.scheme], qt.shape
     w, s = _bytes(qt.data["weight"]), _bytes(qt.data[spec.scale])
-    aux = qt.data[spec.aux] if spec.aux else s
+    aux = _bytes(qt.data[spec.aux]) if spec.aux else s
     args = dict(
         x_ptr=x, w_ptr=w, s_ptr=s, a_ptr=aux, y_ptr=y, M=x.shape[0], N=n, K=k,
         stride_xm=x.stride(0), stride_wn=w.stride(0), stride_sn=s.stride(0), stride_ym=y.stride(0),
@@ -165,16 +167,25 @@ def launch_args(x: torch.Tensor, qt: QuantizedTensor, block: tuple[int, int, int
     return args, constants
 
 
-def matmul(x: torch.Tensor, qt: QuantizedTensor, block: tuple[int, int, int] = (16, 64, 64)) -> torch.Tensor:
+def default_block(m: int) -> tuple[int, int, int]:
+    """Tile sizes (BM, BN, BK) for M rows of activations: BM grows with M from 16 (decode) to 64 (prefill)."""
+    return (min(64, max(16, triton.next_power_of_2(m))), 64, 64)
+
+
+def matmul(x: torch.Tensor, qt: QuantizedTensor, block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [M, in] @ dequantize(qt)^T -> [M, out] in x's dtype, decoding qt inside the kernel.
 
-    block = (BM, BN, BK): tile sizes (powers of two, BM/BN/BK >= 16, BK a multiple of the scheme's group)."""
+    block = (BM, BN, BK): tile sizes (powers of two >= 16, BK a multiple of the scheme's group of 16 or 32);
+    default_block(M) when None."""
     if qt.scheme not in KINDS:
         raise ValueError(f"no Triton kernel for scheme {qt.scheme!r}; kernels exist for {', '.join(KINDS)}")
     if x.dim() != 2 or x.shape[1] != qt.shape[1]:
         raise ValueError(f"x must be [M, {qt.shape[1]}] for a {list(qt.shape)} weight, got {list(x.shape)}")
     x = x.contiguous()
     y = torch.empty((x.shape[0], qt.shape[0]), dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return y
+    block = block or default_block(x.shape[0])
     args, constants = launch_args(x, qt, block, y)
     grid = (triton.cdiv(x.shape[0], block[0]), triton.cdiv(qt.shape[0], block[1]))
     # no FP fusion: q * scale + min rounds like the reference (and Triton 3.9 warns when it is left unset)
