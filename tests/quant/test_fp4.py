@@ -5,6 +5,8 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +50,17 @@ def test_ties_round_to_even_and_neighbours_round_to_nearest(mid: float, code: in
     lo = fp4.encode_e2m1(below)[0].item()
     assert fp4.encode_e2m1(above)[0].item() == lo + 1
     assert SPEC[lo] < mid < SPEC[lo + 1]
+
+
+def test_encode_matches_ml_dtypes_on_every_bf16() -> None:
+    """ml_dtypes (JAX's numpy float types) casts to float4_e2m1fn with round-to-nearest-even and
+    saturation: an independent implementation of the same rules, compared over every non-NaN bf16."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    x = x[~x.isnan()]
+    want = torch.from_numpy(x.numpy().astype(ml_dtypes.float4_e2m1fn).view(np.uint8).copy())
+    assert torch.equal(fp4.encode_e2m1(x), want)
+    codes = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    assert torch.equal(fp4.decode_e2m1(torch.arange(16, dtype=torch.uint8)), torch.from_numpy(codes))
 
 
 def test_saturates_to_six_and_keeps_signed_zero() -> None:

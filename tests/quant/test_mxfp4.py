@@ -4,6 +4,7 @@ gguf package's MXFP4 as an independent reference (its block layout differs, so v
 from __future__ import annotations
 
 import gguf
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -68,6 +69,14 @@ def test_non_finite_element_makes_the_block_nan(bad: float) -> None:
 def test_e8m0_decode() -> None:
     got = mxfp4.decode_scale(torch.tensor([0, 1, 126, 127, 128, 254, 255], dtype=torch.uint8))
     assert got[:6].tolist() == [2.0**-127, 2.0**-126, 0.5, 1.0, 2.0, 2.0**127] and got[6].isnan()
+    # all 256 codes against ml_dtypes' float8_e8m0fnu
+    codes = np.arange(256, dtype=np.uint8)
+    want = torch.from_numpy(codes.view(ml_dtypes.float8_e8m0fnu).astype(np.float32))
+    got = mxfp4.decode_scale(torch.from_numpy(codes))
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
+    if hasattr(torch, "float8_e8m0fnu"):  # and torch's own E8M0 dtype
+        want = torch.from_numpy(codes).view(torch.float8_e8m0fnu).float()
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
 
 
 def test_ragged_width_and_bits_per_weight() -> None:
