@@ -3,9 +3,10 @@
 Shared scale X = 2^(floor(log2(amax(block))) - 2), 2 being E2M1's largest exponent (6 = 1.5 * 2^2);
 elements are divided by X, rounded to nearest even and saturated to ±6 (the spec's conversion, which
 clamps the top of the block since amax / X can reach 7.99). E8M0 stores X's exponent + 127: 0..254 mean
-2^-127..2^127, 255 is NaN. An all-zero block gets the smallest scale (code 0). A block containing NaN or
-inf gets the NaN scale (the spec: a non-finite element makes the whole block NaN); quantize() rejects
-such weights before they get here, encode_blocks() implements it for completeness.
+2^-127..2^127, 255 is NaN (a NaN scale makes the whole block NaN). As in the spec's reference code
+(microsoft/microxcaling, clamp_shared_exp): exponents below -127 are clamped to -127 (an all-zero block
+gets code 0), and a block whose amax is NaN or inf (an overflowing exponent) gets the NaN scale.
+quantize() refuses non-finite weights before they get here; encode_blocks() handles them for completeness.
 """
 
 from __future__ import annotations
