@@ -65,9 +65,12 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, qt.data[name])
 
     @property
-    def qt(self) -> QuantizedTensor:
-        return QuantizedTensor(self.scheme, (self.out_features, self.in_features),
-                               {n: getattr(self, n) for n in self._names})
+    def qt(self) -> QuantizedTensor | None:
+        """The weight as a QuantizedTensor over this module's buffers; None when a CPU kernel holds it."""
+        if self.kernel is not None:
+            return None
+        data = {n: getattr(self, n) for n in self._names}
+        return QuantizedTensor(self.scheme, (self.out_features, self.in_features), data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]

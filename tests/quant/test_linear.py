@@ -65,6 +65,7 @@ def test_uses_the_cpu_kernel_when_there_is_one(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "deskpod.quant.cpu", cpu)
     int4, nv = QuantLinear(quantize(_weight((6, 32)), "int4")), QuantLinear(quantize(_weight((6, 32)), "nvfp4"))
     assert isinstance(int4.kernel, _Kernel) and [n for n, _ in int4.named_buffers()] == ["kernel.w"]
+    assert int4.qt is None and torch.equal(nv.qt.dequantize(), quantize(_weight((6, 32)), "nvfp4").dequantize())
     assert nv.kernel is None and {n for n, _ in nv.named_buffers()} == {"weight", "weight_scale", "weight_scale_2"}
     x = _weight((2, 32), seed=4)
     assert _close(int4(x), x @ int4.kernel.w.T)
