@@ -139,7 +139,7 @@ def _read_safetensors(path: Path) -> ModelMeta:
     return ModelMeta(
         format="safetensors",
         architecture=str(config.get("model_type") or "unknown"),
-        parameters=sum(counts.values()),
+        parameters=int(quant.get("parameters") or sum(counts.values())),  # packed codes hide the true count
         quantization=str(quant_method).upper() if quant_method else _dominant(counts.items()),
         **_with_derived_heads(shape),
     )

@@ -62,8 +62,8 @@ def quantize_command(args: argparse.Namespace) -> int:
     kept = report.params.get(None, 0)
     Console().print(
         f"quantized [bold]{manifest.ref}[/] to {args.scheme} as [bold]{stored.ref}[/]: "
-        f"{report.total_bytes / 1e6:,.1f} MB, {report.bits_per_weight:.2f} bits/weight overall "
-        f"({kept:,} weights kept precise)"
+        f"{report.total_bytes / 1e6:,.1f} MB; {report.scheme_bits(args.scheme):.2f} bits/weight in the quantized "
+        f"layers, {report.bits_per_weight:.2f} overall with the int8 embedding/head ({kept:,} weights kept precise)"
     )
     return 0
 

@@ -231,6 +231,9 @@ class ConvertReport:
         """Over all weights, the precise ones included."""
         return 8 * sum(self.nbytes.values()) / max(1, sum(self.params.values()))
 
+    def scheme_bits(self, scheme: str | None) -> float:
+        return 8 * self.nbytes.get(scheme, 0) / max(1, self.params.get(scheme, 0))
+
     @property
     def total_bytes(self) -> int:
         return sum(self.nbytes.values())
@@ -282,7 +285,8 @@ def convert(source_path: str | Path, dest: str | Path, scheme: str, keep: tuple[
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     config = dict(source.config)
     if any(g.scheme for g in groups):  # everything kept (--keep '*'): a float model, with no quantization_config
-        config["quantization_config"] = _quant_config(groups, scheme, keep, source)
+        # packed codes hide the parameter count from the tensor shapes: record it for `deskpod list`
+        config["quantization_config"] = {**_quant_config(groups, scheme, keep, source), "parameters": sum(report.params.values())}
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     source.write_tokenizer(dest)
     return report

@@ -81,7 +81,7 @@ def test_quantized_model_stays_close_to_the_source(converted, reference, scheme)
     torch.testing.assert_close(got, logits(expanded), rtol=1e-4, atol=1e-4)
 
 
-def test_files_follow_the_contract(converted):
+def test_files_follow_the_contract(tiny, converted):
     folder = converted["nvfp4"]
     config = json.loads((folder / "config.json").read_text())
     quant = config["quantization_config"]
@@ -101,7 +101,9 @@ def test_files_follow_the_contract(converted):
     assert tensors["model.norm.weight"].dtype == torch.float32
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (folder / name).is_file()
-    assert read_meta(folder).quantization == "NVFP4"
+    meta = read_meta(folder)
+    assert meta.quantization == "NVFP4"
+    assert meta.parameters == quant["parameters"] == sum(t.n_elements for t in GGUFFile(tiny).tensors())
 
 
 def test_tokenizer_survives_the_round_trip(tiny, converted):
