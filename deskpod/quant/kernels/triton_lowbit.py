@@ -158,12 +158,12 @@ def launch_args(x: torch.Tensor, qt: QuantizedTensor, block: tuple[int, int, int
     spec, (n, k) = KINDS[qt.scheme], qt.shape
     w, s = _bytes(qt.data["weight"]), _bytes(qt.data[spec.scale])
     aux = _bytes(qt.data[spec.aux]) if spec.aux else s
-    args = dict(
-        x_ptr=x, w_ptr=w, s_ptr=s, a_ptr=aux, y_ptr=y, M=x.shape[0], N=n, K=k,
-        stride_xm=x.stride(0), stride_wn=w.stride(0), stride_sn=s.stride(0), stride_ym=y.stride(0),
-    )  # fmt: skip
+    args = {
+        "x_ptr": x, "w_ptr": w, "s_ptr": s, "a_ptr": aux, "y_ptr": y, "M": x.shape[0], "N": n, "K": k,
+        "stride_xm": x.stride(0), "stride_wn": w.stride(0), "stride_sn": s.stride(0), "stride_ym": y.stride(0),
+    }  # fmt: skip
     bm, bn, bk = block
-    constants = dict(KIND=spec.kind, GROUP=spec.group, IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk)
+    constants = {"KIND": spec.kind, "GROUP": spec.group, "IEEE": x.dtype == torch.float32, "BM": bm, "BN": bn, "BK": bk}
     return args, constants
 
 
