@@ -82,9 +82,15 @@ def read_hf_config(path: Path, name: str | None = None) -> ModelSource:
     return ModelSource(shape, f"config.json {path}", precision=_hf_precision(config))
 
 
+# `deskpod quantize` schemes -> the planner's (int8 per 32 with an fp16 scale is Q8_0's 8.5 bits)
+DESKPOD_SCHEMES = {"fp8": "fp8", "fp8_e5m2": "fp8", "nvfp4": "nvfp4", "mxfp4": "mxfp4", "int4": "int4", "int8": "q8_0"}
+
+
 def _hf_precision(config: dict) -> str | None:
     quant = config.get("quantization_config") or {}
     method = str(quant.get("quant_method", "")).lower()
+    if method == "deskpod":
+        return DESKPOD_SCHEMES.get(str(quant.get("scheme")))
     algo = str(quant.get("quant_algo", "")).lower()
     if method in ("mxfp4", "fp8") or algo in ("nvfp4", "fp8"):
         return algo or method

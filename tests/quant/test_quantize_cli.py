@@ -15,6 +15,7 @@ from tiny_llama import write_tiny_llama
 
 import deskpod.quant.convert as convert_module
 from deskpod.cli import main
+from deskpod.plan.source import resolve
 from deskpod.quant.cli import default_name
 from deskpod.server.registry import _load_llm, loader_for
 from deskpod.store import Store
@@ -44,6 +45,7 @@ def test_quantize_then_run(store, capsys):
     config = json.loads((store.model_dir(manifest) / "config.json").read_text())
     assert config["quantization_config"]["source"] == "tiny:latest"
     assert loader_for(manifest) is _load_llm  # `deskpod serve tiny-nvfp4` runs it with the LLM engine
+    assert resolve("tiny-nvfp4").precision == "nvfp4"  # `deskpod plan` sizes it at its scheme's bits
 
     assert main(["run", "tiny-nvfp4", "the", "--raw", "--temperature", "0", "--max-tokens", "5", "--json"]) == 0
     done = json.loads(capsys.readouterr().out)
