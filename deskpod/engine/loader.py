@@ -125,7 +125,8 @@ class _Weights:
         return DenseLinear(torch.from_numpy(np.concatenate([self.gguf.dequantize(n) for n in names])))
 
 
-def _embedding(table: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def embedding_lookup(table: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids [T] -> rows [T, hidden] of an embedding table held as a linear layer (compact int8 or float)."""
     if isinstance(table, I8Linear):
         return table.rows
     return lambda ids: F.embedding(ids, table.weight)
@@ -142,7 +143,7 @@ def build_llama(gguf: GGUFFile, cfg: LlamaConfig, mode: str) -> Llama:
         blocks.append(Block(RMSNorm(w.vector(p + "attn_norm.weight"), cfg.rms_eps), attn, RMSNorm(w.vector(p + "ffn_norm.weight"), cfg.rms_eps), mlp))
     table = w.linear("token_embd.weight")
     lm_head = w.linear("output.weight") if gguf.has_tensor("output.weight") else table  # tied when absent
-    model = Llama(cfg, _embedding(table), blocks, RMSNorm(w.vector("output_norm.weight"), cfg.rms_eps), lm_head, rotary)
+    model = Llama(cfg, embedding_lookup(table), blocks, RMSNorm(w.vector("output_norm.weight"), cfg.rms_eps), lm_head, rotary)
     model.table = table  # registered so its buffers count as the model's
     return model.eval()
 

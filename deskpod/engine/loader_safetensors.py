@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from deskpod.engine.loader import KV_DTYPE_BYTES, WEIGHT_MODES, DenseLinear, LoadedModel, _embedding, model_shape
+from deskpod.engine.loader import KV_DTYPE_BYTES, WEIGHT_MODES, DenseLinear, LoadedModel, embedding_lookup, model_shape
 from deskpod.engine.models.llama import MLP, Attention, Block, Llama, LlamaConfig, RMSNorm, Rotary
 from deskpod.engine.tokenizer import Tokenizer
 from deskpod.errors import CorruptModel, UnsupportedModel
@@ -174,7 +174,7 @@ def build_llama(folder: SafetensorsFolder, cfg: LlamaConfig, quant: QuantConfig,
     table = w.table("model.embed_tokens")
     tied = folder.config.get("tie_word_embeddings", False) or not folder.has("lm_head.weight")
     lm_head = table if tied else w.linear("lm_head")
-    model = Llama(cfg, _embedding(table), blocks, RMSNorm(w.vector("model.norm.weight"), cfg.rms_eps), lm_head, rotary)
+    model = Llama(cfg, embedding_lookup(table), blocks, RMSNorm(w.vector("model.norm.weight"), cfg.rms_eps), lm_head, rotary)
     model.table = table  # registered so its buffers count as the model's
     return model.eval()
 

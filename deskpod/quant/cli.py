@@ -14,6 +14,7 @@ from typing import Any
 
 # Listed here for --help without importing torch; convert.check_scheme() checks against deskpod.quant.SCHEMES.
 SCHEME_NAMES = "fp8, fp8_e5m2, nvfp4, mxfp4, int4, int8"
+QUANTIZABLE_FORMATS = ("gguf", "safetensors")
 
 
 def register(subparsers: Any) -> None:
@@ -45,6 +46,7 @@ def default_name(source_ref: str, scheme: str) -> str:
 def quantize_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from deskpod.errors import UnsupportedModel
     from deskpod.quant.convert import check_scheme
     from deskpod.store import Store
     from deskpod.store.names import parse_name
@@ -54,6 +56,9 @@ def quantize_command(args: argparse.Namespace) -> int:
     parse_name(new_name)
     store = Store()
     manifest = store.ensure(args.model)
+    if manifest.format not in QUANTIZABLE_FORMATS:
+        raise UnsupportedModel(f"{manifest.ref} is in {manifest.format} format; `deskpod quantize` converts GGUF and "
+                               "safetensors Llama models")
     source = store.model_file(manifest) if manifest.primary is not None else store.model_dir(manifest)
     with tempfile.TemporaryDirectory(prefix="deskpod-quantize-") as tmp:
         folder = Path(tmp) / new_name.replace(":", "-")
@@ -71,18 +76,16 @@ def quantize_command(args: argparse.Namespace) -> int:
 def _convert_with_progress(source: Path, folder: Path, args: argparse.Namespace, ref: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from deskpod.quant.convert import convert, open_source, plan
+    from deskpod.quant.convert import convert
 
-    total = len(plan(open_source(source, ref), args.scheme, tuple(args.keep)))
     columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar:
-        task = bar.add_task(f"quantizing {ref}", total=total)
+        task = bar.add_task(f"quantizing {ref}", total=None)
 
-        def step(group) -> None:
+        def step(group, index: int, total: int) -> None:
             label = group.modules[0] if len(group.modules) == 1 else f"{group.modules[0]} +{len(group.modules) - 1}"
-            bar.update(task, description=f"{label} → {group.scheme or 'kept'}")
-            bar.advance(task)
+            bar.update(task, description=f"{label} → {group.scheme or 'kept'}", completed=index, total=total)
 
         report = convert(source, folder, args.scheme, tuple(args.keep), source_name=ref, on_group=step)
-        bar.update(task, description=f"quantized {ref}")
+        bar.update(task, description=f"quantized {ref}", completed=bar.tasks[0].total)
     return report

@@ -267,18 +267,18 @@ def check_scheme(scheme: str) -> None:
 
 
 def convert(source_path: str | Path, dest: str | Path, scheme: str, keep: tuple[str, ...] = (),
-            source_name: str | None = None, on_group: Callable[[Group], object] | None = None) -> ConvertReport:
-    """Write the quantized model folder `dest` (created; must not exist). on_group(group) is called as
-    each group starts (progress). Raises QuantizeError / CorruptModel naming the tensor at fault."""
+            source_name: str | None = None, on_group: Callable[[Group, int, int], object] | None = None) -> ConvertReport:
+    """Write the quantized model folder `dest` (created; must not exist). on_group(group, index, total) is
+    called as each group starts (progress). Raises QuantizeError / CorruptModel naming the tensor at fault."""
     check_scheme(scheme)
     source = open_source(source_path, source_name)
     dest = Path(dest)
     dest.mkdir(parents=True)
     groups = plan(source, scheme, keep)
     tensors, report = {}, ConvertReport(scheme)
-    for group in groups:
+    for index, group in enumerate(groups):
         if on_group:
-            on_group(group)
+            on_group(group, index, len(groups))
         params, converted = _convert_group(source, group)
         tensors.update(converted)
         report.add(group.scheme, params, sum(t.numel() * t.element_size() for t in converted.values()))

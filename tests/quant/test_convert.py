@@ -88,6 +88,7 @@ def test_files_follow_the_contract(tiny, converted):
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
     assert (config["num_hidden_layers"], config["num_key_value_heads"], config["tie_word_embeddings"]) == (2, 2, False)
     assert quant["quant_method"] == "deskpod" and quant["scheme"] == "nvfp4" and quant["source"] == "tiny:latest"
+    assert quant["source_quantization"] == read_meta(tiny).quantization  # 4-bit GGUF blocks: still converted
     assert quant["overrides"] == {"model.embed_tokens": TABLE_SCHEME, "lm_head": TABLE_SCHEME}
     assert set(quant["ignore"]) == {"model.norm", *(f"model.layers.{i}.{n}" for i in (0, 1)
                                                     for n in ("input_layernorm", "post_attention_layernorm"))}

@@ -66,6 +66,12 @@ def test_unknown_scheme(store, capsys):
     assert refs(store) == {"tiny:latest"}
 
 
+def test_an_onnx_model_is_refused(store, tiny_onnx, capsys):
+    store.pull(str(tiny_onnx), name="vision", progress=False)
+    assert main(["quantize", "vision", "--to", "fp8"]) == 1
+    assert "vision:latest is in onnx format; `deskpod quantize` converts GGUF and safetensors Llama" in capsys.readouterr().err
+
+
 def test_unknown_model(store, capsys):
     assert main(["quantize", "nosuchmodel", "--to", "fp8"]) == 1
     assert "'nosuchmodel:latest' is not in the store" in capsys.readouterr().err
