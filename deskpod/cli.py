@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="generate a reply to one prompt, streamed to the terminal")
-    run.add_argument("model", help="a store model (pulled if it is in the catalog) or a .gguf path")
+    run.add_argument("model", help="a store model (pulled if it is in the catalog), a .gguf file or a model folder")
     run.add_argument("prompt", help="the prompt; - reads it from standard input")
     run.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     run.add_argument("--json", action="store_true", help='print {"prompt_token_ids", "token_ids", "text", "finish_reason"}')

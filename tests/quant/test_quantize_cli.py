@@ -52,6 +52,16 @@ def test_quantize_then_run(store, capsys):
     assert len(done["token_ids"]) + (done["finish_reason"] == "stop") >= 1 and done["finish_reason"] in ("stop", "length")
 
 
+def test_a_safetensors_store_model_is_quantized_too(store, tmp_path):
+    float_folder = tmp_path / "tiny-f32"
+    convert_module.convert(write_tiny_llama(tmp_path / "t.gguf"), float_folder, "int8", keep=("*",))  # a float HF folder
+    store.pull(str(float_folder), name="tiny-hf", progress=False)
+    assert main(["quantize", "tiny-hf", "--to", "mxfp4"]) == 0
+    quant = json.loads((store.model_dir("tiny-hf-mxfp4") / "config.json").read_text())["quantization_config"]
+    assert (quant["scheme"], quant["source"], quant["source_quantization"]) == ("mxfp4", "tiny-hf:latest", "mixed")
+    assert main(["run", "tiny-hf-mxfp4", "the", "--raw", "--temperature", "0", "--max-tokens", "2"]) == 0
+
+
 def test_name_option_and_default_names(store):
     assert main(["quantize", "tiny:latest", "--to", "int8", "--name", "tiny-small:v1"]) == 0
     assert "tiny-small:v1" in refs(store)
