@@ -102,4 +102,5 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
         app.include_router(router, dependencies=[Depends(require_api_key)])
     for router in OPEN_ROUTERS:
         app.include_router(router)
+    app.router.routes[:0] = kserve_http.FAST_ROUTES
     return app

@@ -13,8 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from deskpod.errors import InvalidRequest
+from deskpod.server.auth import require_api_key
 from deskpod.server.kserve import http_codec
 from deskpod.server.kserve.errors import RequestTooLarge, error_response
 from deskpod.server.kserve.serving import KServeServing
@@ -128,18 +130,30 @@ async def model_statistics(model: str, raw: Request, version: str = "") -> dict:
     return {"model_stats": serving(raw).statistics(model, version)}
 
 
-@router.post("/v2/models/{model}/infer")
-@router.post("/v2/models/{model}/versions/{version}/infer")
-async def infer(model: str, raw: Request, version: str = "") -> Response:
-    body = await read_body(raw)
-    request, fmt = http_codec.decode_request(body, raw.headers.get(http_codec.HEADER_LENGTH), model, version)
-    response = await serving(raw).infer(request)
-    content, header_length = http_codec.encode_response(response, fmt)
+async def infer(raw: Request) -> Response:
+    """POST .../infer, the hot path: a plain Starlette endpoint (FastAPI's per-request dependency solving
+    costs more than the rest of the request), so it checks the API key itself."""
+    try:
+        await require_api_key(raw)
+        model, version = raw.path_params["model"], raw.path_params.get("version", "")
+        body = await read_body(raw)
+        request, fmt = http_codec.decode_request(body, raw.headers.get(http_codec.HEADER_LENGTH), model, version)
+        response = await serving(raw).infer(request)
+        content, header_length = http_codec.encode_response(response, fmt)
+    except Exception as e:
+        return error_response(e)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
         content, media_type="application/octet-stream", headers={http_codec.HEADER_LENGTH: str(header_length)}
     )
+
+
+# matched before every other route (app.py puts them first), keyed by `infer` itself
+FAST_ROUTES = [
+    Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+    Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+]
 
 
 # --- repository ----------------------------------------------------------------------------------

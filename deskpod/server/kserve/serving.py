@@ -49,7 +49,7 @@ class KServeServing:
     # --- lookup ---------------------------------------------------------------------------------
 
     def _in_repository(self, name: str) -> bool:
-        return self.repository is not None and any(entry["name"] == name for entry in self.repository.index())
+        return self.repository is not None and name in self.repository
 
     def _llm(self, name: str, version: str = "") -> AsyncLLM | None:
         """The LLM called `name` unless the repository has that name; ModelNotFound if neither does."""
