@@ -158,8 +158,8 @@ def run(args) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | perplexity | resident MB | bits/weight (all) | bits/weight (blocks) | decode tok/s "
-        "| agreement teacher-forced /32 | agreement free-running /32 |",
+        ("| model | perplexity | resident MB | bits/weight (all) | bits/weight (blocks) | decode tok/s "
+         "| agreement teacher-forced /32 | agreement free-running /32 |"),
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -11,7 +11,6 @@ from deskpod.engine.generate import Completion, generate, generate_batch, stream
 from deskpod.engine.loader import LoadedModel, load_model
 from deskpod.engine.sampler import SamplingParams
 from deskpod.errors import UnsupportedModel
-
 
 # Store formats the LLM engine runs -> how to find the model in the store: its file, or its folder.
 ENGINE_FORMATS = {"gguf": "model_file", "safetensors": "model_dir"}

@@ -3,16 +3,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deskpod.engine.models.llama import MLP, Attention, Block, Llama, LlamaConfig, RMSNorm, Rotary
+from deskpod.engine.models.llama import (
+    MLP,
+    Attention,
+    Block,
+    Llama,
+    LlamaConfig,
+    RMSNorm,
+    Rotary,
+)
 from deskpod.engine.tokenizer import Tokenizer
 from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.gguf import GGUFFile
@@ -172,7 +180,8 @@ def load_gguf(path: str | Path, mode: str = "compact", context: int | None = Non
 
 
 def _load_safetensors(path: str | Path, mode: str = "compact", context: int | None = None, name: str | None = None) -> LoadedModel:
-    from deskpod.engine.loader_safetensors import load_safetensors  # builds on the layers above
+    # imported here: loader_safetensors builds on the layers above
+    from deskpod.engine.loader_safetensors import load_safetensors
 
     return load_safetensors(path, mode, context, name)
 

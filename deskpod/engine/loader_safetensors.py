@@ -8,15 +8,31 @@ stored rows, which is exact because `deskpod quantize` quantizes each fused grou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from deskpod.engine.loader import KV_DTYPE_BYTES, WEIGHT_MODES, DenseLinear, LoadedModel, embedding_lookup, model_shape
-from deskpod.engine.models.llama import MLP, Attention, Block, Llama, LlamaConfig, RMSNorm, Rotary
+from deskpod.engine.loader import (
+    KV_DTYPE_BYTES,
+    WEIGHT_MODES,
+    DenseLinear,
+    LoadedModel,
+    embedding_lookup,
+    model_shape,
+)
+from deskpod.engine.models.llama import (
+    MLP,
+    Attention,
+    Block,
+    Llama,
+    LlamaConfig,
+    RMSNorm,
+    Rotary,
+)
 from deskpod.engine.tokenizer import Tokenizer
 from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.safetensors import FLOAT_DTYPES, SafetensorsFolder
@@ -184,8 +200,14 @@ ARCHITECTURES: dict[str, Callable[[SafetensorsFolder, LlamaConfig, QuantConfig, 
 
 
 def planned_weight_bytes(folder: SafetensorsFolder) -> int:
-    """Resident bytes once loaded, from the headers: quantized tensors as stored, float ones as float32."""
-    return sum(e.n_elements * 4 if e.dtype in FLOAT_DTYPES else e.n_bytes for e in folder.entries.values())
+    """Resident bytes once loaded, from the headers: quantized modules' tensors as stored (codes and
+    scales), the weights of float modules as float32 (the CPU engine computes in float32)."""
+
+    def resident(name: str, entry) -> int:
+        quantized = folder.has(name.rsplit(".", 1)[0] + ".weight_scale")
+        return entry.n_bytes if quantized or entry.dtype not in FLOAT_DTYPES else entry.n_elements * 4
+
+    return sum(resident(name, e) for name, e in folder.entries.items())
 
 
 def admit(folder: SafetensorsFolder, cfg: LlamaConfig, context: int, name: str | None) -> MemoryPlan:

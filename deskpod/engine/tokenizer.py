@@ -82,7 +82,7 @@ class Tokenizer:
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile) -> "Tokenizer":
+    def from_gguf(cls, gguf: GGUFFile) -> Tokenizer:
         meta = gguf.metadata
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
@@ -110,7 +110,7 @@ class Tokenizer:
         return cls(hf, special, meta.get("tokenizer.chat_template"), frozenset(eog))
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
         """A Hugging Face folder: tokenizer.json, tokenizer_config.json (chat template, bos/eos, add_bos_token)
         and generation_config.json (eos_token_id, one id or a list: every one ends generation)."""
         folder = Path(folder)
@@ -118,7 +118,7 @@ class Tokenizer:
             raise UnsupportedModel(f"{folder}: no tokenizer.json (deskpod reads fast tokenizers only)")
         try:
             hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception on bad JSON
             raise CorruptModel(f"{folder / 'tokenizer.json'}: cannot be read ({e})") from None
         config, generation = _json_or_empty(folder / "tokenizer_config.json"), _json_or_empty(folder / "generation_config.json")
         bos_text, eos_text = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))

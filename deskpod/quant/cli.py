@@ -74,7 +74,13 @@ def quantize_command(args: argparse.Namespace) -> int:
 
 
 def _convert_with_progress(source: Path, folder: Path, args: argparse.Namespace, ref: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from deskpod.quant.convert import convert
 

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from deskpod.engine.loader import llama_config, model_format
-from deskpod.engine.loader_safetensors import QUANT_METHOD, hf_llama_config
+from deskpod.engine.loader_safetensors import QUANT_METHOD
 from deskpod.engine.models.llama import LlamaConfig
 from deskpod.engine.tokenizer import Tokenizer
 from deskpod.errors import CorruptModel, DeskpodError, UnsupportedModel

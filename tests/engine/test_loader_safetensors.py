@@ -15,7 +15,11 @@ from deskpod.engine.async_engine import AsyncLLM
 from deskpod.engine.generate import generate_batch
 from deskpod.engine.llm import LLM
 from deskpod.engine.loader import LOADERS, load_model, model_format
-from deskpod.engine.loader_safetensors import ConcatLinear, load_safetensors, planned_weight_bytes
+from deskpod.engine.loader_safetensors import (
+    ConcatLinear,
+    load_safetensors,
+    planned_weight_bytes,
+)
 from deskpod.engine.models.llama import KVCache
 from deskpod.engine.sampler import SamplingParams
 from deskpod.errors import CorruptModel, UnsupportedModel
@@ -24,9 +28,10 @@ from deskpod.plan.capacity import DoesNotFit
 from deskpod.quant import QuantLinear
 from deskpod.quant.convert import convert
 
-# the bits each scheme's layers keep resident (the kernels' own forms: int4 and int8 repack their float16
-# scales and mins as float32)
-RESIDENT_BITS = {"fp8": 8.0, "nvfp4": 4.5, "mxfp4": 4.25, "int4": 6.0, "int8": 9.0}
+# the bits per weight of each scheme's layout (deskpod.quant's contract); a CPU kernel may hold float16
+# scales as float32, which costs int4 (scale and min per 32) one more bit
+SCHEME_BITS = {"fp8": 8.0, "nvfp4": 4.5, "mxfp4": 4.25, "int4": 5.0, "int8": 8.5}
+KERNEL_ALLOWANCE = 1.0
 
 
 def logits(lm, ids: list[int]) -> torch.Tensor:
@@ -36,9 +41,9 @@ def logits(lm, ids: list[int]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def quantized(tiny_llama_gguf, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("tiny_quantized")
-    for scheme in RESIDENT_BITS:
+    for scheme in SCHEME_BITS:
         convert(tiny_llama_gguf, out / scheme, scheme)
-    return {scheme: out / scheme for scheme in RESIDENT_BITS}
+    return {scheme: out / scheme for scheme in SCHEME_BITS}
 
 
 def test_load_model_picks_the_loader_by_format(quantized, tiny_llama_gguf):
@@ -49,7 +54,7 @@ def test_load_model_picks_the_loader_by_format(quantized, tiny_llama_gguf):
     assert lm.model.lm_head is lm.model.table  # tied: config.json says so and there is no lm_head.weight
 
 
-@pytest.mark.parametrize("scheme", RESIDENT_BITS)
+@pytest.mark.parametrize("scheme", SCHEME_BITS)
 def test_resident_memory_follows_the_scheme(quantized, scheme):
     lm = load_model(quantized[scheme])
     layers = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
@@ -57,7 +62,7 @@ def test_resident_memory_follows_the_scheme(quantized, scheme):
     weights = sum(m.in_features * m.out_features for m in layers)
     resident = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
     # plus, at most, one float32 per-row or per-tensor scale on these 64-wide rows
-    assert RESIDENT_BITS[scheme] <= 8 * resident / weights <= RESIDENT_BITS[scheme] + 32 / 64
+    assert SCHEME_BITS[scheme] <= 8 * resident / weights <= SCHEME_BITS[scheme] + KERNEL_ALLOWANCE + 32 / 64
     # admission control plans from the headers what the loaded model holds (less the RoPE table)
     rotations = lm.model.rotary.rotations
     held = lm.weight_bytes() - rotations.numel() * rotations.element_size()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from pathlib import Path
 
 import pytest
 from tiny_llama import write_tiny_llama
