@@ -46,16 +46,17 @@ def default_name(source_ref: str, scheme: str) -> str:
 def quantize_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from deskpod.errors import UnsupportedModel
+    from deskpod.errors import InvalidModelName, UnsupportedModel
     from deskpod.quant.convert import check_scheme
     from deskpod.store import Store
     from deskpod.store.names import parse_name
 
     check_scheme(args.scheme)  # before pulling or reading anything
     new_name = args.name or default_name(args.model, args.scheme)
-    parse_name(new_name)
     store = Store()
     manifest = store.ensure(args.model)
+    if parse_name(new_name) == (manifest.name, manifest.tag):
+        raise InvalidModelName(f"--name {new_name} would replace the model being quantized: choose another name")
     if manifest.format not in QUANTIZABLE_FORMATS:
         raise UnsupportedModel(f"{manifest.ref} is in {manifest.format} format; `deskpod quantize` converts GGUF and "
                                "safetensors Llama models")

@@ -64,6 +64,8 @@ def test_a_safetensors_store_model_is_quantized_too(store, tmp_path):
 def test_name_option_and_default_names(store):
     assert main(["quantize", "tiny:latest", "--to", "int8", "--name", "tiny-small:v1"]) == 0
     assert "tiny-small:v1" in refs(store)
+    assert main(["quantize", "tiny", "--to", "int8", "--name", "tiny:latest"]) == 1  # would replace its own source
+    assert store.get("tiny").format == "gguf"
     assert default_name("smollm2", "nvfp4") == "smollm2-nvfp4"
     assert default_name("smollm2:v2", "fp8") == "smollm2-v2-fp8"
 
