@@ -157,7 +157,8 @@ def test_repository_index_marks_the_broken_model_with_its_reason(client) -> None
 
 def test_broken_model_is_503_while_the_others_serve(client, http) -> None:
     assert not client.is_model_ready("broken")
-    assert http.get("/v2/models/broken/ready").status_code == 503
+    r = http.get("/v2/models/broken/ready")
+    assert r.status_code == 503 and "UNAVAILABLE" in r.json()["error"] and "model.onnx" in r.json()["error"]
     x = np.ones((1,), np.float32)
     e = refused(lambda: client.infer("broken", inputs(("X",), (x,))))
     assert e.status() == "503" and "model.onnx" in e.message()

@@ -113,8 +113,9 @@ async def model_metadata(model: str, raw: Request, version: str = "") -> dict:
 @router.get("/v2/models/{model}/ready")
 @router.get("/v2/models/{model}/versions/{version}/ready")
 async def model_ready(model: str, raw: Request, version: str = "") -> Response:
-    if not serving(raw).model_ready(model, version):
-        return JSONResponse({"error": f"model `{model}` is not ready: GET /v2/repository/index says why"}, 503)
+    kserve = serving(raw)
+    if not kserve.model_ready(model, version):
+        return JSONResponse({"error": kserve.why_not_ready(model, version)}, 503)
     return empty()
 
 

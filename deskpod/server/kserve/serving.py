@@ -73,6 +73,15 @@ class KServeServing:
             return True
         return self._repo().ready(name, version)
 
+    def why_not_ready(self, name: str, version: str = "") -> str:
+        """A sentence for a model that is not ready, with the repository's reason when it has one."""
+        reasons = [
+            f"{e['state'] or 'not loaded'}{': ' + e['reason'] if e['reason'] else ''}"
+            for e in self.index()
+            if e["name"] == name and (not version or e["version"] in ("", version))
+        ]
+        return f"model `{name}` is not ready" + (f" ({'; '.join(reasons)})" if reasons else "")
+
     def model_metadata(self, name: str, version: str = "") -> dict:
         if self._llm(name, version) is not None:
             return self.llms.metadata(name)
