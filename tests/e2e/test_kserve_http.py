@@ -4,6 +4,7 @@ send; models built by the tests (ONNX, TorchScript, Python, an ensemble, a broke
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import httpx
@@ -76,6 +77,21 @@ def test_onnx_model_binary_and_json(client, binary: bool) -> None:
     np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
     np.testing.assert_allclose(result.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
     assert result.get_response()["id"] == "q1"
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_request(client, algorithm: str) -> None:
+    a, b = pair(2)
+    result = client.infer(
+        "add_sub", inputs(("INPUT0", "INPUT1"), (a, b)), request_compression_algorithm=algorithm
+    )
+    np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+
+
+def test_compressed_body_that_inflates_past_the_limit_is_413(http) -> None:
+    bomb = gzip.compress(b"{" + b" " * (MAX_REQUEST_MB * 2**20 + 10) + b"}")
+    r = http.post("/v2/models/add_sub/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413 and len(bomb) < 2**20
 
 
 def test_one_requested_output_only(client) -> None:

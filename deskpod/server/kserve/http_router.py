@@ -7,6 +7,7 @@ reading, for bodies that do not declare it. Every failure is Triton's {"error": 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -56,7 +57,28 @@ async def read_body(raw: Request) -> bytes:
         if size > limit:
             raise RequestTooLarge(_too_large(size, limit))
         chunks.append(chunk)
-    return b"".join(chunks)
+    return decompress(b"".join(chunks), raw.headers.get("content-encoding"), limit)
+
+
+# Content-Encoding -> zlib's wbits for it (tritonclient's request_compression_algorithm)
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent before compression, held to the same size limit once inflated."""
+    if encoding is None or encoding.strip().lower() in ("", "identity"):
+        return body
+    wbits = ENCODINGS.get(encoding.strip().lower())
+    if wbits is None:
+        raise InvalidRequest(f"Content-Encoding {encoding!r} is not supported: send gzip, deflate or none")
+    inflate = zlib.decompressobj(wbits)
+    try:
+        data = inflate.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise InvalidRequest(f"the body is not valid {encoding} data: {e}") from None
+    if len(data) > limit:
+        raise RequestTooLarge(_too_large(len(data), limit))
+    return data
 
 
 def _too_large(size: int, limit: int) -> str:
