@@ -152,35 +152,30 @@ def test_keeps_leading_dimensions(scheme):
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_portable_kernels_match_reference(scheme, m):
-    """The scalar fallback (what a machine without AVX2 runs) computes the same product."""
+    """The scalar fallback (what a machine without AVX2 runs) computes the same product and weight."""
     qt = random_layout(scheme, N, 96, seed=3)
-    layer, kernels = cpu_weights(qt), lowbit_cpu()
+    layer = cpu_weights(qt)
     x = torch.randn(m, 96)
-    if scheme in ("nvfp4", "mxfp4"):
-        y = kernels.fp4_matmul(x, layer.codes, layer.scales, *layer._args(), portable=True)
-        w = kernels.fp4_dequantize(layer.codes, layer.scales, *layer._args(), portable=True)
-    else:
-        y = kernels.fp8_matmul(x, layer.codes, layer.row_scales, layer.e5m2, portable=True)
-        w = kernels.fp8_dequantize(layer.codes, layer.row_scales, layer.e5m2, portable=True)
-    assert_matches(y, x, reference_weight(qt))
-    torch.testing.assert_close(w.double(), reference_weight(qt), rtol=1e-6, atol=0)
+    assert_matches(layer._matmul(x, portable=True), x, reference_weight(qt))
+    torch.testing.assert_close(layer._expand(0, N, portable=True).double(), reference_weight(qt), rtol=1e-6, atol=0)
 
 
 # --- resident memory ------------------------------------------------------------------------------------
 
-# bits per weight the kernels keep resident for a [576, 1536] matrix (SmolLM2's MLP): the stored layout for
-# the float formats; int4/int8 widen their float16 scales (and mins) to the float32 the ggml kernels read.
-RESIDENT_BITS = {"nvfp4": 4.5, "mxfp4": 4.25, "fp8": 8 + 32 / 1536, "fp8_e5m2": 8 + 32 / 1536, "int4": 6.0, "int8": 9.0}
+# bits per weight the kernels keep resident for a [576, 1536] matrix (SmolLM2's MLP): the stored layout
+RESIDENT_BITS = {"nvfp4": 4.5, "mxfp4": 4.25, "fp8": 8 + 32 / 1536, "fp8_e5m2": 8 + 32 / 1536, "int4": 5.0, "int8": 8.5}
 
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_resident_memory_is_the_compact_form(scheme):
-    layer = cpu_weights(random_layout(scheme, 576, 1536))
+    qt = random_layout(scheme, 576, 1536)
+    layer = cpu_weights(qt)
     bits = 8 * sum(b.numel() * b.element_size() for b in layer.buffers()) / (576 * 1536)
     assert bits == pytest.approx(RESIDENT_BITS[scheme])
+    assert bits == pytest.approx(qt.bits_per_weight, rel=1e-4)  # NVFP4's per-tensor scale is kept as a float
     assert not list(layer.parameters())
 
 

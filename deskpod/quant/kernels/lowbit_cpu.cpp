@@ -1,12 +1,14 @@
-// Matrix kernels over weights kept in the low-precision float formats of deskpod.quant, for CPU inference.
+// Matrix kernels over weights kept in deskpod.quant's stored layouts, for CPU inference.
 //
-// The weights stay exactly as stored (see docs in deskpod/quant/cpu.py for the layouts):
+// The weights stay exactly as stored (deskpod/quant/cpu.py pads rows to whole blocks, nothing else):
 //   fp4 (NVFP4, MXFP4): two E2M1 codes per byte, element 2j in the low nibble, and one scale byte per block
 //       of 16 (NVFP4: E4M3) or 32 (MXFP4: E8M0). The scale byte becomes a float through a 256-entry table
 //       the caller passes (the format's own decoding, times the per-tensor scale).
 //   fp8 (E4M3FN, E5M2): one code per byte and one float32 scale per output row.
-// Decoding a weight costs a few vector instructions per 8-16 weights, done in registers right before the
-// multiply: memory traffic stays at the stored bits per weight, which is what bounds decoding speed.
+//   int4: two codes q in 0..15 per byte (same nibble order), w = q * scale + min, float16 scale and min per 32.
+//   int8: int8 codes, w = q * scale, float16 scale per 32.
+// Decoding costs a few vector instructions per 8-16 weights, done in registers right before the multiply:
+// memory traffic stays at the stored bits per weight, which is what bounds decoding speed.
 //
 // Every kernel has an AVX2/F16C/FMA version and a portable scalar one; `portable=true` selects the latter
 // (always compiled, so the tests run it on any machine).
@@ -14,7 +16,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define HAVE_SIMD 1
@@ -43,65 +45,102 @@ float minifloat(uint8_t b, int ebits, int mbits, int bias, bool ieee_specials) {
   return sign * (e ? std::ldexp(1.f + frac, e - bias) : std::ldexp(frac, 1 - bias));
 }
 
-// One call's view of a weight matrix [N, K] (K a whole number of blocks).
+// float16 -> float32 for n values (scales and mins are stored as float16).
+void halves_to_floats(const uint16_t* h, float* out, int64_t n, bool simd) {
+  int64_t i = 0;
+#if HAVE_SIMD
+  if (simd)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < n; ++i) out[i] = float(c10::Half(h[i], c10::Half::from_bits()));
+}
+
+// One call's view of a weight matrix [N, K], K a whole number of units of 32 elements (4 vectors of 8).
 struct Matrix {
   const uint8_t* codes;
   int64_t row_bytes;
-  const uint8_t* scales;  // fp4: [N, K / BLOCK] scale bytes
-  const float* table;     // fp4: scale byte -> float, times the tensor scale and the format's UNIT
-  const float* row_scale; // fp8: [N]
-  int64_t N, K, G;        // G: blocks per row
+  int64_t N, K, G;             // G: scale blocks per row
+  const uint8_t* scale_bytes;  // fp4: [N, G]
+  const float* table;          // fp4: scale byte -> float, times the tensor scale and UNIT
+  const float* row_scale;      // fp8: [N]
+  const uint16_t* scales;      // int4, int8: [N, G] float16
+  const uint16_t* mins;        // int4: [N, G] float16
 };
 
-// ---- formats: how one block decodes --------------------------------------------------------------------
-// raw(row, k): element k of a row before scaling; w = raw * UNIT * scale. decode(q, w): the BLOCK raw values
-// of the block at q as BLOCK/8 vectors.
+// One weight row as the kernels read it: its codes, and its block scales (and mins) as float32, converted
+// once per row into a per-thread buffer so that the inner loops only broadcast them.
+struct Row {
+  const uint8_t* q;
+  const float* scale;  // [G], block-scaled formats
+  const float* min;    // [G], formats with a min
+  float row_scale;
+  int64_t G, K;
+};
+
+// ---- formats: how one unit of 32 weights decodes ------------------------------------------------------
+// Every format is read in units of 32 elements. 4-bit codes are kept in the order of ggml's blocks (cpu.py
+// reorders them once at load): byte j of a unit holds element j in its low nibble and element j + 16 in its
+// high one, so that splitting the nibbles yields elements in order with no interleaving shuffle.
+// SCALES: scale blocks per unit (2: NVFP4's blocks of 16; 1: blocks of 32; 0: one scale per row).
+// raw(q, k): element k of a row before scaling, w = raw * scale[k / BLOCK] * row_scale (+ min[k / BLOCK]).
+// decode(q, v): the unit at q as 4 vectors of 8 raw values, elements 0-7, 8-15, 16-23, 24-31.
+// params(w, n0, rows, scale, min, simd): the block scales (and mins) of rows n0.. as float32.
+
+inline int nibble(const uint8_t* q, int64_t k) {  // element k of a row of 4-bit codes in unit order
+  const int64_t j = k % 32;
+  return (q[(k / 32) * 16 + j % 16] >> (j < 16 ? 0 : 4)) & 15;
+}
+
+#if HAVE_SIMD
+// 16 code bytes -> their low nibbles (elements 0..15) and high nibbles (16..31), each as 16 bytes
+inline void split_nibbles(const uint8_t* q, __m128i& lo, __m128i& hi) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), low = _mm_set1_epi8(0x0F);
+  lo = _mm_and_si128(packed, low);
+  hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+}
+inline __m256 i8_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }  // low 8 bytes
+inline __m256 u8_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+#endif
 
 template <int B>
 struct FP4 {
-  static constexpr int BLOCK = B, BYTES = B / 2, REGS = B / 8;
-  static constexpr bool BLOCK_SCALED = true;
-  static constexpr float UNIT = 0.5f;
-  static float raw(const uint8_t* row, int64_t k) { return E2M1_X2[(row[k / 2] >> (4 * (k & 1))) & 15]; }
-  static float block_scale(const Matrix& w, int64_t n, int64_t g) { return w.table[w.scales[n * w.G + g]]; }
+  static constexpr int BLOCK = B, BYTES = 16, SCALES = 32 / B;
+  static constexpr bool HAS_MIN = false;
+  static constexpr float UNIT = 0.5f;  // raw values are doubled
+  static float raw(const uint8_t* q, int64_t k) { return E2M1_X2[nibble(q, k)]; }
   static float row_scale(const Matrix&, int64_t) { return 1.f; }
-#if HAVE_SIMD
-  // 16 codes in element order -> 16 int8 values -> two vectors of 8 floats
-  static inline void widen(__m128i codes, __m256* w) {
-    const __m128i v = _mm_shuffle_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(E2M1_X2)), codes);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+  static void params(const Matrix& w, int64_t n0, int64_t rows, float* scale, float*, bool) {
+    const uint8_t* bytes = w.scale_bytes + n0 * w.G;
+    for (int64_t i = 0; i < rows * w.G; ++i) scale[i] = w.table[bytes[i]];
   }
-  static inline void decode(const uint8_t* q, __m256* w) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    if constexpr (B == 16) {
-      const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
-      const __m128i lo = _mm_and_si128(packed, low), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-      widen(_mm_unpacklo_epi8(lo, hi), w);  // low nibble = even element, high = odd: interleave
-    } else {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-      const __m128i lo = _mm_and_si128(packed, low), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-      widen(_mm_unpacklo_epi8(lo, hi), w);
-      widen(_mm_unpackhi_epi8(lo, hi), w + 2);
-    }
+#if HAVE_SIMD
+  static inline void decode(const uint8_t* q, __m256* v) {
+    const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(E2M1_X2));
+    __m128i lo, hi;
+    split_nibbles(q, lo, hi);
+    lo = _mm_shuffle_epi8(table, lo);  // codes -> doubled values, int8
+    hi = _mm_shuffle_epi8(table, hi);
+    v[0] = i8_to_ps(lo), v[1] = i8_to_ps(_mm_srli_si128(lo, 8));
+    v[2] = i8_to_ps(hi), v[3] = i8_to_ps(_mm_srli_si128(hi, 8));
   }
 #endif
 };
 
-// FP8 blocks are only the unit of work (32 codes = 4 vectors); the scale is per row.
+// FP8: one byte per weight in element order, one scale per row.
 template <bool E5M2>
 struct FP8 {
-  static constexpr int BLOCK = 32, BYTES = 32, REGS = 4;
-  static constexpr bool BLOCK_SCALED = false;
+  static constexpr int BLOCK = 32, BYTES = 32, SCALES = 0;
+  static constexpr bool HAS_MIN = false;
   // In registers a code becomes an fp16 and then a float (F16C). E5M2 is exactly the top byte of an fp16.
   // E4M3 with its exponent and mantissa moved one bit right is an fp16 of the same bits with bias 15 instead
   // of 7, i.e. the value / 2^8, subnormals included: UNIT puts the 2^8 back.
   static constexpr float UNIT = E5M2 ? 1.f : 256.f;
-  static float raw(const uint8_t* row, int64_t k) {
-    return E5M2 ? minifloat(row[k], 5, 2, 15, true) : minifloat(row[k], 4, 3, 7, false) / 256.f;
+  static float raw(const uint8_t* q, int64_t k) {
+    return E5M2 ? minifloat(q[k], 5, 2, 15, true) : minifloat(q[k], 4, 3, 7, false) / UNIT;
   }
-  static float block_scale(const Matrix&, int64_t, int64_t) { return 1.f; }
   static float row_scale(const Matrix& w, int64_t n) { return w.row_scale[n] * UNIT; }
+  static void params(const Matrix&, int64_t, int64_t, float*, float*, bool) {}
 #if HAVE_SIMD
   static inline __m128i to_half(__m128i bytes8) {  // 8 codes in the low half -> 8 fp16
     const __m128i h = _mm_unpacklo_epi8(_mm_setzero_si128(), bytes8);  // code << 8
@@ -109,37 +148,104 @@ struct FP8 {
     // S EEEE MMM 00000000 -> S 0 EEEE MMM 0000000: arithmetic shift copies S into bit 14, then clear it
     return _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(int16_t(0xBFFF)));
   }
-  static inline void decode(const uint8_t* q, __m256* w) {
+  static inline void decode(const uint8_t* q, __m256* v) {
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
-    w[0] = _mm256_cvtph_ps(to_half(a));
-    w[1] = _mm256_cvtph_ps(to_half(_mm_srli_si128(a, 8)));
-    w[2] = _mm256_cvtph_ps(to_half(b));
-    w[3] = _mm256_cvtph_ps(to_half(_mm_srli_si128(b, 8)));
+    v[0] = _mm256_cvtph_ps(to_half(a));
+    v[1] = _mm256_cvtph_ps(to_half(_mm_srli_si128(a, 8)));
+    v[2] = _mm256_cvtph_ps(to_half(b));
+    v[3] = _mm256_cvtph_ps(to_half(_mm_srli_si128(b, 8)));
   }
 #endif
 };
 
+// int4 (asymmetric, 4-bit codes in unit order) and int8 (symmetric), float16 scale (and min) per 32.
+template <bool FOUR_BIT>
+struct Int {
+  static constexpr int BLOCK = 32, BYTES = FOUR_BIT ? 16 : 32, SCALES = 1;
+  static constexpr bool HAS_MIN = FOUR_BIT;
+  static constexpr float UNIT = 1.f;
+  static float raw(const uint8_t* q, int64_t k) { return FOUR_BIT ? float(nibble(q, k)) : float(int8_t(q[k])); }
+  static float row_scale(const Matrix&, int64_t) { return 1.f; }
+  static void params(const Matrix& w, int64_t n0, int64_t rows, float* scale, float* min, bool simd) {
+    halves_to_floats(w.scales + n0 * w.G, scale, rows * w.G, simd);
+    if constexpr (FOUR_BIT) halves_to_floats(w.mins + n0 * w.G, min, rows * w.G, simd);
+  }
+#if HAVE_SIMD
+  static inline void decode(const uint8_t* q, __m256* v) {
+    if constexpr (FOUR_BIT) {
+      __m128i lo, hi;
+      split_nibbles(q, lo, hi);
+      v[0] = u8_to_ps(lo), v[1] = u8_to_ps(_mm_srli_si128(lo, 8));
+      v[2] = u8_to_ps(hi), v[3] = u8_to_ps(_mm_srli_si128(hi, 8));
+    } else {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
+      v[0] = i8_to_ps(a), v[1] = i8_to_ps(_mm_srli_si128(a, 8));
+      v[2] = i8_to_ps(b), v[3] = i8_to_ps(_mm_srli_si128(b, 8));
+    }
+  }
+#endif
+};
+
+// A thread's run of weight rows n0..n1, PARAM_ROWS at a time: their scales (and mins) are converted to float32
+// together (they are contiguous), then each row is handed to the kernels.
+constexpr int64_t PARAM_ROWS = 64;
+
+template <class F, class Body>
+void for_rows(const Matrix& w, int64_t n0, int64_t n1, bool simd, Body body) {
+  std::vector<float> buf(2 * PARAM_ROWS * w.G);
+  float *scale = buf.data(), *min = buf.data() + PARAM_ROWS * w.G;
+  for (int64_t c0 = n0; c0 < n1; c0 += PARAM_ROWS) {
+    const int64_t c1 = std::min(n1, c0 + PARAM_ROWS);
+    F::params(w, c0, c1 - c0, scale, min, simd);
+    for (int64_t n = c0; n < c1; ++n) {
+      const int64_t i = (n - c0) * w.G;
+      body(n, Row{w.codes + n * w.row_bytes, scale + i, min + i, F::row_scale(w, n), w.G, w.K});
+    }
+  }
+}
+
+// Per block of each row of x, the sum of its elements: with them a block's min costs one multiply per block,
+// sum(w * x) = scale * sum(q * x) + min * sum(x). x: [M, K] -> [M, G]; empty for formats without a min.
+template <class F>
+std::vector<float> block_sums(const float* x, int64_t M, int64_t K) {
+  if constexpr (!F::HAS_MIN) return {};
+  std::vector<float> sums(M * (K / F::BLOCK), 0.f);
+  for (size_t i = 0; i < sums.size(); ++i)
+    for (int j = 0; j < F::BLOCK; ++j) sums[i] += x[i * F::BLOCK + j];
+  return sums;
+}
+
+// The mins' share of one output, sum over blocks of min * sum(x), xsum: this row of x's block sums.
+template <class F>
+inline float min_term(const Row& row, const float* xsum) {
+  float total = 0.f;
+  if constexpr (F::HAS_MIN)
+    for (int64_t g = 0; g < row.G; ++g) total += row.min[g] * xsum[g];
+  return total;
+}
+
 // ---- portable kernels ------------------------------------------------------------------------------------
 
 template <class F>
-float row_dot_portable(const Matrix& w, int64_t n, const float* x) {
-  const uint8_t* q = w.codes + n * w.row_bytes;
+float row_dot_portable(const Row& row, const float* x) {
   float total = 0.f;
-  for (int64_t g = 0; g < w.G; ++g) {
-    float block = 0.f;
-    for (int64_t k = g * F::BLOCK; k < (g + 1) * F::BLOCK; ++k) block += F::raw(q, k) * x[k];
-    total += block * F::block_scale(w, n, g);
+  for (int64_t g = 0; g < row.G; ++g) {
+    float dot = 0.f, sum = 0.f;
+    for (int64_t k = g * F::BLOCK; k < (g + 1) * F::BLOCK; ++k) dot += F::raw(row.q, k) * x[k], sum += x[k];
+    if constexpr (F::SCALES > 0) dot *= row.scale[g];
+    if constexpr (F::HAS_MIN) dot += sum * row.min[g];
+    total += dot;
   }
-  return total * F::row_scale(w, n);
+  return total * row.row_scale;
 }
 
 template <class F>
-void dequantize_row_portable(const Matrix& w, int64_t n, float* out) {
-  const uint8_t* q = w.codes + n * w.row_bytes;
-  for (int64_t g = 0; g < w.G; ++g) {
-    const float s = F::block_scale(w, n, g) * F::row_scale(w, n);
-    for (int64_t k = g * F::BLOCK; k < (g + 1) * F::BLOCK; ++k) out[k] = F::raw(q, k) * s;
+void dequantize_row_portable(const Row& row, float* out) {
+  for (int64_t g = 0; g < row.G; ++g) {
+    const float s = (F::SCALES > 0 ? row.scale[g] : 1.f) * row.row_scale, m = F::HAS_MIN ? row.min[g] : 0.f;
+    for (int64_t k = g * F::BLOCK; k < (g + 1) * F::BLOCK; ++k) out[k] = F::raw(row.q, k) * s + m;
   }
 }
 
@@ -152,91 +258,109 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The products of one block with one row of x, added into two accumulators (two dependency chains).
+// Unit u times one row of x (at x), added into the accumulators: scaled formats sum each block's raw values
+// times x and scale the sum once; fp8 (scaled per row) multiplies straight into both accumulators.
 template <class F>
-inline void block_fma(const Matrix& w, int64_t n, int64_t g, const uint8_t* q, const float* x, __m256& a, __m256& b) {
-  __m256 v[F::REGS];
-  F::decode(q, v);
-  if constexpr (F::BLOCK_SCALED) {  // sum the block, then scale it once
-    __m256 d = _mm256_mul_ps(v[0], _mm256_loadu_ps(x));
-    for (int i = 1; i < F::REGS; ++i) d = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + 8 * i), d);
-    a = _mm256_fmadd_ps(_mm256_set1_ps(F::block_scale(w, n, g)), d, a);
+inline void unit_fma(const Row& row, int64_t u, const float* x, __m256& a, __m256& b) {
+  __m256 v[4];
+  F::decode(row.q + u * F::BYTES, v);
+  __m256 p[4];
+  for (int i = 0; i < 4; ++i) p[i] = _mm256_loadu_ps(x + 8 * i);
+  if constexpr (F::SCALES == 0) {
+    a = _mm256_fmadd_ps(v[2], p[2], _mm256_fmadd_ps(v[0], p[0], a));
+    b = _mm256_fmadd_ps(v[3], p[3], _mm256_fmadd_ps(v[1], p[1], b));
+  } else if constexpr (F::SCALES == 1) {
+    const __m256 d = _mm256_add_ps(_mm256_fmadd_ps(v[1], p[1], _mm256_mul_ps(v[0], p[0])),
+                                   _mm256_fmadd_ps(v[3], p[3], _mm256_mul_ps(v[2], p[2])));
+    a = _mm256_fmadd_ps(_mm256_set1_ps(row.scale[u]), d, a);
   } else {
-    for (int i = 0; i < F::REGS; i += 2) {
-      a = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + 8 * i), a);
-      b = _mm256_fmadd_ps(v[i + 1], _mm256_loadu_ps(x + 8 * i + 8), b);
-    }
+    const __m256 d0 = _mm256_fmadd_ps(v[1], p[1], _mm256_mul_ps(v[0], p[0]));
+    const __m256 d1 = _mm256_fmadd_ps(v[3], p[3], _mm256_mul_ps(v[2], p[2]));
+    a = _mm256_fmadd_ps(_mm256_set1_ps(row.scale[2 * u]), d0, a);
+    b = _mm256_fmadd_ps(_mm256_set1_ps(row.scale[2 * u + 1]), d1, b);
   }
 }
 
-// One row of x against weight row n. Blocks go in pairs so that consecutive blocks feed different
+// One row of x against a weight row. Units go in pairs so that consecutive units feed different
 // accumulators, all of them named registers (an accumulator array indexed at run time lives in memory).
 template <class F>
-float row_dot(const Matrix& w, int64_t n, const float* x) {
-  const uint8_t* q = w.codes + n * w.row_bytes;
+float row_dot(const Row& row, const float* x, const float* xsum) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 1 < w.G; g += 2, q += 2 * F::BYTES, x += 2 * F::BLOCK) {
-    block_fma<F>(w, n, g, q, x, a0, a1);
-    block_fma<F>(w, n, g + 1, q + F::BYTES, x + F::BLOCK, b0, b1);
+  const int64_t U = row.K / 32;
+  int64_t u = 0;
+  for (; u + 1 < U; u += 2, x += 64) {
+    unit_fma<F>(row, u, x, a0, a1);
+    unit_fma<F>(row, u + 1, x + 32, b0, b1);
   }
-  if (g < w.G) block_fma<F>(w, n, g, q, x, a0, a1);
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1))) * F::row_scale(w, n);
+  if (u < U) unit_fma<F>(row, u, x, a0, a1);
+  const float dot = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)));
+  return dot * row.row_scale + min_term<F>(row, xsum);
 }
 
-// R rows of x (stride K) against weight row n: each block is decoded and scaled once for all of them.
+// Unit u's weights as floats, scaled (and shifted by the min): what the multi-row kernels reuse.
+template <class F>
+inline void unit_weights(const Row& row, int64_t u, __m256* v) {
+  F::decode(row.q + u * F::BYTES, v);
+  if constexpr (F::SCALES == 1) {
+    const __m256 s = _mm256_set1_ps(row.scale[u]);
+    if constexpr (F::HAS_MIN) {
+      const __m256 m = _mm256_set1_ps(row.min[u]);
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_fmadd_ps(v[i], s, m);
+    } else {
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(v[i], s);
+    }
+  } else if constexpr (F::SCALES == 2) {
+    const __m256 s0 = _mm256_set1_ps(row.scale[2 * u]), s1 = _mm256_set1_ps(row.scale[2 * u + 1]);
+    v[0] = _mm256_mul_ps(v[0], s0), v[1] = _mm256_mul_ps(v[1], s0);
+    v[2] = _mm256_mul_ps(v[2], s1), v[3] = _mm256_mul_ps(v[3], s1);
+  }
+}
+
+// R rows of x (stride K) against a weight row: each block is decoded and scaled once for all of them.
 // R is a compile-time constant so the loops unroll and the R x A accumulators stay in registers; with few
 // rows each gets two accumulators, so that the chain of dependent FMAs does not set the pace.
 template <class F, int R>
-void rows_dot(const Matrix& w, int64_t n, const float* x, float* out, int64_t out_stride) {
+void rows_dot(const Row& row, const float* x, float* out, int64_t out_stride) {
   constexpr int A = R <= 3 ? 2 : 1;
-  const uint8_t* q = w.codes + n * w.row_bytes;
   __m256 acc[R][A];
   for (int r = 0; r < R; ++r)
     for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < w.G; ++g, q += F::BYTES, x += F::BLOCK) {
-    __m256 v[F::REGS];
-    F::decode(q, v);
-    if constexpr (F::BLOCK_SCALED) {
-      const __m256 s = _mm256_set1_ps(F::block_scale(w, n, g));
-      for (int i = 0; i < F::REGS; ++i) v[i] = _mm256_mul_ps(v[i], s);
-    }
+  for (int64_t u = 0; u < row.K / 32; ++u, x += 32) {
+    __m256 v[4];
+    unit_weights<F>(row, u, v);
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < F::REGS; ++i)
-        acc[r][i % A] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * w.K + 8 * i), acc[r][i % A]);
+      for (int i = 0; i < 4; ++i)
+        acc[r][i % A] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * row.K + 8 * i), acc[r][i % A]);
   }
-  const float rs = F::row_scale(w, n);
   for (int r = 0; r < R; ++r) {
     __m256 total = acc[r][0];
     for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[r][a]);
-    out[r * out_stride] = hsum(total) * rs;
+    out[r * out_stride] = hsum(total) * row.row_scale;
   }
 }
 
-// 1 to ROWS rows of x against weight row n.
+// 1 to ROWS rows of x against a weight row (one row: the dot product kernel, which needs x's block sums).
 template <class F>
-void rows_dot_any(const Matrix& w, int64_t n, const float* x, int rows, float* out, int64_t out_stride) {
+void rows_dot_any(const Row& row, const float* x, const float* xsum, int rows, float* out, int64_t out_stride) {
   switch (rows) {
-    case 1: *out = row_dot<F>(w, n, x); break;
-    case 2: rows_dot<F, 2>(w, n, x, out, out_stride); break;
-    case 3: rows_dot<F, 3>(w, n, x, out, out_stride); break;
-    case 4: rows_dot<F, 4>(w, n, x, out, out_stride); break;
-    case 5: rows_dot<F, 5>(w, n, x, out, out_stride); break;
-    case 6: rows_dot<F, 6>(w, n, x, out, out_stride); break;
-    case 7: rows_dot<F, 7>(w, n, x, out, out_stride); break;
-    default: rows_dot<F, ROWS>(w, n, x, out, out_stride); break;
+    case 1: *out = row_dot<F>(row, x, xsum); break;
+    case 2: rows_dot<F, 2>(row, x, out, out_stride); break;
+    case 3: rows_dot<F, 3>(row, x, out, out_stride); break;
+    case 4: rows_dot<F, 4>(row, x, out, out_stride); break;
+    case 5: rows_dot<F, 5>(row, x, out, out_stride); break;
+    case 6: rows_dot<F, 6>(row, x, out, out_stride); break;
+    case 7: rows_dot<F, 7>(row, x, out, out_stride); break;
+    default: rows_dot<F, ROWS>(row, x, out, out_stride); break;
   }
 }
 
 template <class F>
-void dequantize_row(const Matrix& w, int64_t n, float* out) {
-  const uint8_t* q = w.codes + n * w.row_bytes;
-  const __m256 rs = _mm256_set1_ps(F::row_scale(w, n));
-  for (int64_t g = 0; g < w.G; ++g, q += F::BYTES, out += F::BLOCK) {
-    __m256 v[F::REGS];
-    F::decode(q, v);
-    const __m256 s = _mm256_mul_ps(rs, _mm256_set1_ps(F::block_scale(w, n, g)));
-    for (int i = 0; i < F::REGS; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(v[i], s));
+void dequantize_row(const Row& row, float* out) {
+  const __m256 rs = _mm256_set1_ps(row.row_scale);
+  for (int64_t u = 0; u < row.K / 32; ++u, out += 32) {
+    __m256 v[4];
+    unit_weights<F>(row, u, v);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(v[i], rs));
   }
 }
 #endif
@@ -248,18 +372,20 @@ torch::Tensor matmul(const torch::Tensor& x, const Matrix& w, bool portable) {
   const int64_t M = x.size(0), N = w.N, K = w.K;
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
+  const std::vector<float> xsum = block_sums<F>(xp, M, K);
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+    for_rows<F>(w, n0, n1, !portable, [&](int64_t n, const Row& row) {
 #if HAVE_SIMD
       if (!portable) {
         for (int64_t m = 0; m < M; m += ROWS)
-          rows_dot_any<F>(w, n, xp + m * K, int(std::min<int64_t>(ROWS, M - m)), op + m * N + n, N);
-        continue;
+          rows_dot_any<F>(row, xp + m * K, xsum.data() + (F::HAS_MIN ? m * w.G : 0),
+                          int(std::min<int64_t>(ROWS, M - m)), op + m * N + n, N);
+        return;
       }
 #endif
-      for (int64_t m = 0; m < M; ++m) op[m * N + n] = row_dot_portable<F>(w, n, xp + m * K);
-    }
+      for (int64_t m = 0; m < M; ++m) op[m * N + n] = row_dot_portable<F>(row, xp + m * K);
+    });
   });
   return out;
 }
@@ -269,15 +395,12 @@ torch::Tensor dequantize(const Matrix& w, bool portable) {
   auto out = torch::empty({w.N, w.K}, torch::kFloat32);
   float* op = out.data_ptr<float>();
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+    for_rows<F>(w, n0, n1, !portable, [&](int64_t n, const Row& row) {
 #if HAVE_SIMD
-      if (!portable) {
-        dequantize_row<F>(w, n, op + n * w.K);
-        continue;
-      }
+      if (!portable) return dequantize_row<F>(row, op + n * w.K);
 #endif
-      dequantize_row_portable<F>(w, n, op + n * w.K);
-    }
+      dequantize_row_portable<F>(row, op + n * w.K);
+    });
   });
   return out;
 }
@@ -289,65 +412,70 @@ void check_x(const torch::Tensor& x, int64_t K) {
               "x must be contiguous float32 [M, ", K, "]");
 }
 
-void check_u8(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dtype() == torch::kUInt8 && t.is_contiguous() && t.dim() == 2, name, " must be contiguous uint8 [N, *]");
+// A contiguous [rows, cols] tensor of `dtype`.
+void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols,
+              name, " must be contiguous ", dtype, " [", rows, ", ", cols, "], got ", t.scalar_type(), " ", t.sizes());
 }
 
-// codes [N, K/2] uint8, scales [N, K/block] uint8, scale_values [256] float32 (scale byte -> float).
+// codes: [N, K/2] 4-bit codes in unit order, or [N, K] bytes; K a multiple of 32.
+template <class F>
+Matrix matrix(const torch::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.element_size() == 1, "codes must be contiguous bytes [N, *]");
+  TORCH_CHECK(codes.size(1) % F::BYTES == 0, "codes must hold whole units of 32 elements per row");
+  const int64_t N = codes.size(0), K = codes.size(1) / F::BYTES * 32;
+  Matrix w{};
+  w.codes = static_cast<const uint8_t*>(codes.data_ptr());
+  w.row_bytes = codes.size(1);
+  w.N = N, w.K = K, w.G = K / F::BLOCK;
+  return w;
+}
+
+// scales [N, K/block] uint8, scale_values [256] float32 (scale byte -> float).
 template <int B>
 Matrix fp4_matrix(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& scale_values,
                   double tensor_scale, std::vector<float>& table) {
-  check_u8(codes, "codes");
-  check_u8(scales, "scales");
-  const int64_t N = codes.size(0), K = codes.size(1) * 2, G = K / B;
-  TORCH_CHECK(K % B == 0 && scales.size(0) == N && scales.size(1) == G, "codes [N, K/2] and scales [N, K/", B,
-              "] must agree, with K a multiple of ", B);
+  Matrix w = matrix<FP4<B>>(codes);
+  check(scales, "scales", torch::kUInt8, w.N, w.G);
   TORCH_CHECK(scale_values.dtype() == torch::kFloat32 && scale_values.numel() == 256 && scale_values.is_contiguous(),
               "scale_values must be 256 contiguous float32");
   table.resize(256);
   const float* sv = scale_values.data_ptr<float>();
   for (int i = 0; i < 256; ++i) table[i] = sv[i] * float(tensor_scale) * FP4<B>::UNIT;
-  return {codes.data_ptr<uint8_t>(), K / 2, scales.data_ptr<uint8_t>(), table.data(), nullptr, N, K, G};
-}
-
-template <int B>
-torch::Tensor fp4_matmul_b(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scale_values,
-                           double tensor_scale, bool portable) {
-  std::vector<float> table;
-  const Matrix w = fp4_matrix<B>(codes, scales, scale_values, tensor_scale, table);
-  check_x(x, w.K);
-  return matmul<FP4<B>>(x, w, portable);
-}
-
-template <int B>
-torch::Tensor fp4_dequantize_b(torch::Tensor codes, torch::Tensor scales, torch::Tensor scale_values,
-                               double tensor_scale, bool portable) {
-  std::vector<float> table;
-  return dequantize<FP4<B>>(fp4_matrix<B>(codes, scales, scale_values, tensor_scale, table), portable);
+  w.scale_bytes = scales.data_ptr<uint8_t>();
+  w.table = table.data();
+  return w;
 }
 
 torch::Tensor fp4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scale_values,
                          double tensor_scale, int64_t block, bool portable) {
   TORCH_CHECK(block == 16 || block == 32, "fp4 block must be 16 or 32");
-  return block == 16 ? fp4_matmul_b<16>(x, codes, scales, scale_values, tensor_scale, portable)
-                     : fp4_matmul_b<32>(x, codes, scales, scale_values, tensor_scale, portable);
+  std::vector<float> table;
+  if (block == 16) {
+    const Matrix w = fp4_matrix<16>(codes, scales, scale_values, tensor_scale, table);
+    check_x(x, w.K);
+    return matmul<FP4<16>>(x, w, portable);
+  }
+  const Matrix w = fp4_matrix<32>(codes, scales, scale_values, tensor_scale, table);
+  check_x(x, w.K);
+  return matmul<FP4<32>>(x, w, portable);
 }
 
 torch::Tensor fp4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scale_values,
                              double tensor_scale, int64_t block, bool portable) {
   TORCH_CHECK(block == 16 || block == 32, "fp4 block must be 16 or 32");
-  return block == 16 ? fp4_dequantize_b<16>(codes, scales, scale_values, tensor_scale, portable)
-                     : fp4_dequantize_b<32>(codes, scales, scale_values, tensor_scale, portable);
+  std::vector<float> table;
+  return block == 16 ? dequantize<FP4<16>>(fp4_matrix<16>(codes, scales, scale_values, tensor_scale, table), portable)
+                     : dequantize<FP4<32>>(fp4_matrix<32>(codes, scales, scale_values, tensor_scale, table), portable);
 }
 
-// codes [N, K] uint8 (the fp8 bytes), row_scales [N] float32.
+// codes [N, K] (the fp8 bytes), row_scales [N] float32.
 Matrix fp8_matrix(const torch::Tensor& codes, const torch::Tensor& row_scales) {
-  check_u8(codes, "codes");
-  const int64_t N = codes.size(0), K = codes.size(1);
-  TORCH_CHECK(K % 32 == 0, "fp8 codes must be [N, K] with K a multiple of 32");
-  TORCH_CHECK(row_scales.dtype() == torch::kFloat32 && row_scales.is_contiguous() && row_scales.numel() == N,
+  Matrix w = matrix<FP8<false>>(codes);
+  TORCH_CHECK(row_scales.dtype() == torch::kFloat32 && row_scales.is_contiguous() && row_scales.numel() == w.N,
               "row_scales must be contiguous float32 [N]");
-  return {codes.data_ptr<uint8_t>(), K, nullptr, nullptr, row_scales.data_ptr<float>(), N, K, K / 32};
+  w.row_scale = row_scales.data_ptr<float>();
+  return w;
 }
 
 torch::Tensor fp8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, bool e5m2, bool portable) {
@@ -361,6 +489,39 @@ torch::Tensor fp8_dequantize(torch::Tensor codes, torch::Tensor row_scales, bool
   return e5m2 ? dequantize<FP8<true>>(w, portable) : dequantize<FP8<false>>(w, portable);
 }
 
+// codes [N, K/2] uint8 (int4) or [N, K] int8; scales (and mins, int4) [N, K/32] float16.
+template <bool FOUR_BIT>
+Matrix int_matrix(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor* mins) {
+  Matrix w = matrix<Int<FOUR_BIT>>(codes);
+  check(scales, "scales", torch::kHalf, w.N, w.G);
+  w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  if (mins) {
+    check(*mins, "mins", torch::kHalf, w.N, w.G);
+    w.mins = reinterpret_cast<const uint16_t*>(mins->data_ptr());
+  }
+  return w;
+}
+
+torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, bool portable) {
+  const Matrix w = int_matrix<true>(codes, scales, &mins);
+  check_x(x, w.K);
+  return matmul<Int<true>>(x, w, portable);
+}
+
+torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, bool portable) {
+  return dequantize<Int<true>>(int_matrix<true>(codes, scales, &mins), portable);
+}
+
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, bool portable) {
+  const Matrix w = int_matrix<false>(codes, scales, nullptr);
+  check_x(x, w.K);
+  return matmul<Int<false>>(x, w, portable);
+}
+
+torch::Tensor int8_dequantize(torch::Tensor codes, torch::Tensor scales, bool portable) {
+  return dequantize<Int<false>>(int_matrix<false>(codes, scales, nullptr), portable);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -371,5 +532,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "portable"_a = false);
   m.def("fp8_matmul", &fp8_matmul, "x"_a, "codes"_a, "row_scales"_a, "e5m2"_a, "portable"_a = false);
   m.def("fp8_dequantize", &fp8_dequantize, "codes"_a, "row_scales"_a, "e5m2"_a, "portable"_a = false);
+  m.def("int4_matmul", &int4_matmul, "x"_a, "codes"_a, "scales"_a, "mins"_a, "portable"_a = false);
+  m.def("int4_dequantize", &int4_dequantize, "codes"_a, "scales"_a, "mins"_a, "portable"_a = false);
+  m.def("int8_matmul", &int8_matmul, "x"_a, "codes"_a, "scales"_a, "portable"_a = false);
+  m.def("int8_dequantize", &int8_dequantize, "codes"_a, "scales"_a, "portable"_a = false);
   m.def("simd", [] { return bool(HAVE_SIMD); });
 }

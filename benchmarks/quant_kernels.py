@@ -1,0 +1,101 @@
+"""CPU matmul speed of the quantized-weight kernels (deskpod.quant.cpu) against their alternatives, in one run.
+
+    python benchmarks/quant_kernels.py                # SmolLM2's matrix shapes, M = 1, 8, 128, 2 threads
+    python benchmarks/quant_kernels.py --crossover    # also: matvec kernels vs tiled GEMM for M = 8..128
+
+For each weight shape [out, in] and number of activation rows M, every scheme's CPUWeights forward is timed
+against F.linear on the same weight expanded to float32 (what running without the kernels would keep
+resident, at 32 bits per weight) and against the ggml kernels already in the engine (U4Linear for the 4-bit
+schemes, I8Linear for the 8-bit ones, on a weight of the same shape). Times are medians of
+torch.utils.benchmark's blocked runs; the ratios are the result, the absolute figures are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from deskpod.quant import quantize
+from deskpod.quant.cpu import CPUWeights, cpu_weights
+from deskpod.quant.ggml import MATVEC_MAX_ROWS, I8Linear, U4Linear
+
+# SmolLM2-135M: MLP down [576, 1536], MLP up/gate [1536, 576], output head [49152, 576]
+SHAPES = [(576, 1536), (1536, 576), (49152, 576)]
+SCHEMES = ["nvfp4", "mxfp4", "int4", "fp8", "fp8_e5m2", "int8"]
+BASELINE = {"nvfp4": "u4", "mxfp4": "u4", "int4": "u4", "fp8": "i8", "fp8_e5m2": "i8", "int8": "i8"}
+
+
+def ms(fn, x: torch.Tensor, min_time: float) -> float:
+    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_time).median * 1e3
+
+
+def baselines(shape: tuple[int, int]) -> dict[str, torch.nn.Module]:
+    """The engine's ggml u4 / i8 layers on random codes of this shape."""
+    out, inp = shape
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (out, inp // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales, mins = torch.rand(out, inp // 32, generator=g) * 0.01, torch.rand(out, inp // 32, generator=g) - 0.5
+    i8 = torch.randint(-128, 128, (out, inp), generator=g, dtype=torch.int32).to(torch.int8)
+    return {"u4": U4Linear(codes, scales, mins), "i8": I8Linear(i8, scales)}
+
+
+def resident_bits(layer: CPUWeights) -> float:
+    return 8 * sum(b.numel() * b.element_size() for b in layer.buffers()) / (layer.out_features * layer.in_features)
+
+
+def main_table(args) -> None:
+    print(f"{'shape':>12} {'M':>4} {'scheme':>9} {'bits':>5} {'kernel ms':>10} {'f32 ms':>8} {'ggml ms':>8}"
+          f" {'f32/kernel':>10} {'ggml/kernel':>11}")
+    for shape in SHAPES:
+        weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.02
+        ggml = baselines(shape)
+        layers = {s: cpu_weights(quantize(weight, s)) for s in args.schemes}
+        dense = {s: layer.dequantize() for s, layer in layers.items()}
+        for m in args.rows:
+            x = torch.randn(m, shape[1])
+            base = {name: ms(layer, x, args.min_time) for name, layer in ggml.items()}
+            for s, layer in layers.items():
+                k = ms(layer, x, args.min_time)
+                f32 = ms(lambda x, w=dense[s]: F.linear(x, w), x, args.min_time)
+                b = base[BASELINE[s]]
+                print(f"{shape[0]:>5}x{shape[1]:<6} {m:>4} {s:>9} {resident_bits(layer):>5.2f} {k:>10.3f} {f32:>8.3f}"
+                      f" {b:>8.3f} {f32 / k:>10.2f} {b / k:>11.2f}", flush=True)
+
+
+def crossover_table(args) -> None:
+    """Where decoding a block once per 8 rows (the matvec kernels) stops beating expand-to-float + GEMM."""
+    shape = (1536, 576)
+    weight = torch.randn(shape) * 0.02
+    print(f"\nmatvec kernel vs tiled GEMM, weight {shape[0]}x{shape[1]} (MATVEC_MAX_ROWS = {MATVEC_MAX_ROWS})")
+    print(f"{'scheme':>9} " + " ".join(f"{'M=' + str(m):>16}" for m in args.crossover_rows) + "   (matvec/gemm ms)")
+    for s in args.schemes:
+        layer = cpu_weights(quantize(weight, s))
+        cells = []
+        for m in args.crossover_rows:
+            x = torch.randn(m, shape[1])
+            cells.append(f"{ms(layer._matmul, x, args.min_time):.2f}/{ms(layer._tiled_gemm, x, args.min_time):.2f}")
+        print(f"{s:>9} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 128])
+    parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per cell")
+    parser.add_argument("--crossover", action="store_true")
+    parser.add_argument("--crossover-rows", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    main_table(args)
+    if args.crossover:
+        crossover_table(args)
+
+
+if __name__ == "__main__":
+    main()
