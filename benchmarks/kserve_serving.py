@@ -40,7 +40,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +262,7 @@ def measure_in_process(model: Path, image: np.ndarray, levels: list[int], args) 
         stop = start + args.seconds
         latencies: list[list[float]] = [[] for _ in range(concurrency)]
 
-        def worker(mine: list[float]) -> None:
+        def worker(mine: list[float], start: float = start, stop: float = stop) -> None:
             while (now := time.perf_counter()) < stop:
                 session.run(["logits"], {"image": image})
                 end = time.perf_counter()

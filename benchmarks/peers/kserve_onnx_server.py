@@ -25,10 +25,10 @@ class LoopbackConfig(_Config):
 
 uvicorn.Config = LoopbackConfig  # before kserve builds its REST server
 
-import kserve  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from kserve import InferOutput, InferRequest, InferResponse  # noqa: E402
-from kserve.utils.utils import generate_uuid  # noqa: E402
+import kserve
+import onnxruntime as ort
+from kserve import InferOutput, InferRequest, InferResponse
+from kserve.utils.utils import generate_uuid
 
 
 class OnnxModel(kserve.Model):

@@ -51,8 +51,9 @@ OPEN_ROUTERS = (health_router, kserve_http.health_router)  # probes: no API key
 GRPC_GRACE_S = 5
 
 
-def install(app: FastAPI, registry: ModelRegistry, repository: ModelRepository | None = None,
-            limits: Limits = Limits()) -> None:
+def install(
+    app: FastAPI, registry: ModelRegistry, repository: ModelRepository | None = None, limits: Limits | None = None
+) -> None:
     """Hang the registry, the repository, the metrics and one serving object per endpoint family on app.state."""
     metrics = ServerMetrics(registry.llms)
     if repository is not None:
@@ -64,7 +65,7 @@ def install(app: FastAPI, registry: ModelRegistry, repository: ModelRepository |
     app.state.serving_chat = OpenAIServingChat(registry, metrics)
     app.state.serving_completion = OpenAIServingCompletion(registry, metrics)
     app.state.serving_embedding = OpenAIServingEmbedding(registry, metrics)
-    app.state.kserve = KServeServing(repository, LLMModels(registry, metrics), limits)
+    app.state.kserve = KServeServing(repository, LLMModels(registry, metrics), limits or Limits())
 
 
 def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelRepository | None = None) -> FastAPI:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
-from backend_models import PY_ADD_SUB, PY_ADD_SUB_CONFIG, add_sub_onnx, write_model  # noqa: E402
+from backend_models import PY_ADD_SUB, PY_ADD_SUB_CONFIG, add_sub_onnx, write_model
 
 WIDTH = 4
 API_KEY = "kserve-secret"

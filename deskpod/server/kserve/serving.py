@@ -36,10 +36,10 @@ class Limits:
 
 
 class KServeServing:
-    def __init__(self, repository: ModelRepository | None, llms: LLMModels, limits: Limits = Limits()):
+    def __init__(self, repository: ModelRepository | None, llms: LLMModels, limits: Limits | None = None):
         self.repository = repository
         self.llms = llms
-        self.limits = limits
+        self.limits = limits or Limits()
 
     # --- server ---------------------------------------------------------------------------------
 

@@ -13,7 +13,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from deskpod.engine.sampler import InvalidSamplingParams
 from deskpod.engine.scheduler import QueueFull
-from deskpod.errors import BackendError, CorruptModel, DeskpodError, InvalidRequest, ModelNotFound, ModelNotReady
+from deskpod.errors import (
+    BackendError,
+    CorruptModel,
+    DeskpodError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotReady,
+)
 from deskpod.server import cli
 from deskpod.server.errors import APIError
 from deskpod.server.kserve.errors import RequestTooLarge, classify
