@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 from deskpod.quant import quantize
-from deskpod.quant.cpu import CPUWeights, cpu_weights
-from deskpod.quant.ggml import MATVEC_MAX_ROWS, I8Linear, U4Linear
+from deskpod.quant.cpu import MATVEC_MAX_ROWS, CPUWeights, cpu_weights
+from deskpod.quant.ggml import I8Linear, U4Linear
 
 # SmolLM2-135M: MLP down [576, 1536], MLP up/gate [1536, 576], output head [49152, 576]
 SHAPES = [(576, 1536), (1536, 576), (49152, 576)]
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per cell")
     parser.add_argument("--crossover", action="store_true")
-    parser.add_argument("--crossover-rows", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--crossover-rows", type=int, nargs="+", default=[8, 16, 20, 24, 32, 64])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

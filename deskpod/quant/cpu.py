@@ -8,8 +8,8 @@ computes x @ W.T with the weight kept as stored, so resident memory is the schem
     int8           int8 codes + a float16 scale per 32                            8.5 bits
 
 Up to MATVEC_MAX_ROWS rows of x (decoding) the kernels decode each block of weights in registers and
-apply it to every row; beyond that (prefill) the weight is expanded to float32 a tile of rows at a time
-and multiplied with PyTorch's GEMM, whose cost then dominates. benchmarks/quant_kernels.py measures both
+apply it to up to 8 rows at once; beyond that (prefill, large batches) the weight is expanded to float32 a
+tile of rows at a time and multiplied with PyTorch's GEMM, whose cost then dominates. benchmarks/quant_kernels.py measures both
 against F.linear on the expanded weight and against the ggml u4/i8 kernels (which int4/int8 could also
 use after a repack, at 6 / 9 bits: float32 scales).
 """
@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deskpod.quant.ggml import MATVEC_MAX_ROWS
 from deskpod.quant.kernels import lowbit_cpu
 
+# Up to this many rows of x the matvec kernels (each block decoded once per 8 rows, AVX2 FMAs) beat expanding
+# the weight to float32 for PyTorch's GEMM; from about 24 rows on the GEMM wins (benchmarks/quant_kernels.py
+# --crossover: with 1 and 2 threads, for SmolLM2's 576x1536 and 1536x576 matrices, the crossover is 20-28 rows).
+MATVEC_MAX_ROWS = 20
 # Floats expanded per tile in the prefill path: enough rows for an efficient GEMM, small enough to stay in
 # cache and never to hold a large matrix (a 49152 x 576 output head) as float32 at once.
 GEMM_TILE = 1 << 20

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from deskpod.quant import QuantizedTensor, cpu, quantize
-from deskpod.quant.cpu import CPUWeights, cpu_weights
-from deskpod.quant.ggml import MATVEC_MAX_ROWS
+from deskpod.quant.cpu import MATVEC_MAX_ROWS, CPUWeights, cpu_weights
 from deskpod.quant.kernels import lowbit_cpu
 
 NO_KERNELS = bool(os.environ.get("DESKPOD_NO_KERNELS"))
@@ -113,7 +112,7 @@ def test_kernels_build():
 
 @needs_kernels
 @pytest.mark.parametrize("k", [192, 75])  # whole blocks; ragged (odd, and not a multiple of 16 or 32)
-@pytest.mark.parametrize("m", [1, 3, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, 200])
+@pytest.mark.parametrize("m", [1, 3, 64, 65, 200, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_matches_reference(scheme, m, k, monkeypatch):
     monkeypatch.setattr(cpu, "GEMM_TILE", 4 * 192)  # several tiles, the last one short, in the GEMM path
@@ -133,6 +132,17 @@ def test_quantized_weights_match_dequantize_and_linear(scheme, m):
     x = torch.randn(m, 203)
     assert_matches(cpu_weights(qt)(x), x, qt.dequantize(torch.float64))
     torch.testing.assert_close(cpu_weights(qt)(x), F.linear(x, qt.dequantize()), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_matvec_kernel_every_row_count(scheme):
+    """The matvec kernel's row counts 1..8 are separate compiled kernels, and rows come 8 at a time."""
+    qt = random_layout(scheme, N, 96, seed=4)
+    layer, w = cpu_weights(qt), reference_weight(qt)
+    for m in range(1, 18):
+        x = torch.randn(m, 96)
+        assert_matches(layer._matmul(x), x, w)
 
 
 @needs_kernels
