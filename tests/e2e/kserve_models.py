@@ -24,6 +24,8 @@ WIDTH = 4
 API_KEY = "kserve-secret"
 MAX_REQUEST_MB = 1
 
+# tests/backends' add_sub with a longer queue delay: 16 requests from one client arrive over a few ms,
+# and the batching test needs them to meet in the queue
 ADD_SUB_CONFIG = """
 name: "add_sub"
 backend: "onnxruntime"
