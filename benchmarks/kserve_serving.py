@@ -10,10 +10,10 @@ convolutions with ReLU (64, 128, 256 channels; strides 1, 2, 2; 0.3 GFLOP per im
 pool -> a 10-way linear layer. Each request carries one image.
 
 - deskpod: `deskpod serve --model-repository` on a repository holding that model, gRPC off, configured
-  as a Triton user would for a 2-core CPU: dynamic batching (max_batch_size 8: this model runs fastest
+  as a Triton user would for a 2-core CPU: dynamic batching (max_batch_size 4: this model runs fastest
   per image in small batches, its activations stay in cache; max_queue_delay 500 us) over two instances
   of one onnxruntime thread each (instance_group count 2, intra_op_thread_count 1), so two batches run
-  at once while the event loop handles HTTP.
+  at once while the event loop handles HTTP; no access log.
 - kserve: KServe's ModelServer with a kserve.Model whose predict() runs an onnxruntime session with its
   default threads (see benchmarks/peers/kserve_onnx_server.py; --kserve-threads 1 gives it one thread
   instead), bound to 127.0.0.1.
@@ -69,7 +69,7 @@ STARTUP_TIMEOUT_S = 120
 REPOSITORY_CONFIG = """
 name: "cnn"
 backend: "onnxruntime"
-max_batch_size: 8
+max_batch_size: 4
 input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]
 output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 500 }
@@ -190,7 +190,10 @@ def server(cmd: list[str], port: int, log: Path) -> Iterator[str]:
 
 
 def deskpod_cmd(root: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "deskpod.server.cli", "--model-repository", str(root), "--port", str(port), "--no-grpc"]
+    return [
+        *(sys.executable, "-m", "deskpod.server.cli", "--model-repository", str(root)),
+        *("--port", str(port), "--no-grpc", "--no-access-log"),
+    ]
 
 
 def kserve_cmd(model: Path, port: int, threads: int) -> list[str]:

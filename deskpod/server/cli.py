@@ -57,6 +57,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--memory-fraction", type=float, default=None, help="share of free memory for each LLM's KV cache"
@@ -107,6 +108,7 @@ def serve(args: argparse.Namespace) -> int:
         host=config.host,
         port=config.port,
         log_level="info",
+        access_log=not args.no_access_log,
         timeout_graceful_shutdown=5,
     )
     return 0
