@@ -1,22 +1,29 @@
 """CPU matmul speed of the quantized-weight kernels (deskpod.quant.cpu) against their alternatives, in one run.
 
-    python benchmarks/quant_kernels.py                # SmolLM2's matrix shapes, M = 1, 8, 128, 2 threads
-    python benchmarks/quant_kernels.py --crossover    # also: matvec kernels vs tiled GEMM for M = 8..128
+    python benchmarks/quant_kernels.py                 # SmolLM2's matrix shapes, M = 1, 8, 128, 2 threads
+    python benchmarks/quant_kernels.py --threads 1     # steadier on a shared machine
+    python benchmarks/quant_kernels.py --hot           # weights left in cache between calls
+    python benchmarks/quant_kernels.py --crossover     # also: matvec kernels vs tiled GEMM for M = 8..64
 
 For each weight shape [out, in] and number of activation rows M, every scheme's CPUWeights forward is timed
 against F.linear on the same weight expanded to float32 (what running without the kernels would keep
 resident, at 32 bits per weight) and against the ggml kernels already in the engine (U4Linear for the 4-bit
-schemes, I8Linear for the 8-bit ones, on a weight of the same shape). Times are medians of
-torch.utils.benchmark's blocked runs; the ratios are the result, the absolute figures are this machine's.
+schemes, I8Linear for the 8-bit ones, on a weight of the same shape).
+
+By default each call starts with cold caches (a buffer larger than the last-level cache is touched first), as
+in decoding a model larger than the cache, where every weight comes from memory once per token; --hot keeps
+the weight cached, as for a matrix used over and over. All candidates of a cell are timed in interleaved
+rounds and each keeps its fastest call: on a shared machine other work only ever adds time. The ratios are
+the result, the absolute figures are this machine's.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 from deskpod.quant import quantize
 from deskpod.quant.cpu import MATVEC_MAX_ROWS, CPUWeights, cpu_weights
@@ -28,9 +35,22 @@ SCHEMES = ["nvfp4", "mxfp4", "int4", "fp8", "fp8_e5m2", "int8"]
 BASELINE = {"nvfp4": "u4", "mxfp4": "u4", "int4": "u4", "fp8": "i8", "fp8_e5m2": "i8", "int8": "i8"}
 
 
-def ms(fn, x: torch.Tensor, min_time: float) -> float:
-    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_time).median * 1e3
+def fastest_ms(calls: dict, x: torch.Tensor, rounds: int, flush: torch.Tensor | None) -> dict[str, float]:
+    """Milliseconds of each call's fastest run over `rounds` interleaved rounds; `flush` (a large buffer) is
+    touched before every run when given, so that the run starts with the weights out of cache."""
+    best = {name: float("inf") for name in calls}
+    for name, fn in calls.items():  # warm-up: first-call allocations, lazy kernel loads
+        fn(x)
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            reps = 1 if flush is not None else 5
+            if flush is not None:
+                flush.add_(1.0)
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn(x)
+            best[name] = min(best[name], (time.perf_counter() - start) / reps)
+    return {name: t * 1e3 for name, t in best.items()}
 
 
 def baselines(shape: tuple[int, int]) -> dict[str, torch.nn.Module]:
@@ -47,21 +67,20 @@ def resident_bits(layer: CPUWeights) -> float:
     return 8 * sum(b.numel() * b.element_size() for b in layer.buffers()) / (layer.out_features * layer.in_features)
 
 
-def main_table(args) -> None:
+def main_table(args, flush: torch.Tensor | None) -> None:
     print(f"{'shape':>12} {'M':>4} {'scheme':>9} {'bits':>5} {'kernel ms':>10} {'f32 ms':>8} {'ggml ms':>8}"
           f" {'f32/kernel':>10} {'ggml/kernel':>11}")
     for shape in SHAPES:
         weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.02
-        ggml = baselines(shape)
         layers = {s: cpu_weights(quantize(weight, s)) for s in args.schemes}
-        dense = {s: layer.dequantize() for s, layer in layers.items()}
+        calls = {**baselines(shape)}
+        for s, layer in layers.items():
+            calls[s] = layer
+            calls[f"{s}:f32"] = lambda x, w=layer.dequantize(): F.linear(x, w)
         for m in args.rows:
-            x = torch.randn(m, shape[1])
-            base = {name: ms(layer, x, args.min_time) for name, layer in ggml.items()}
+            t = fastest_ms(calls, torch.randn(m, shape[1]), args.rounds, flush)
             for s, layer in layers.items():
-                k = ms(layer, x, args.min_time)
-                f32 = ms(lambda x, w=dense[s]: F.linear(x, w), x, args.min_time)
-                b = base[BASELINE[s]]
+                k, f32, b = t[s], t[f"{s}:f32"], t[BASELINE[s]]
                 print(f"{shape[0]:>5}x{shape[1]:<6} {m:>4} {s:>9} {resident_bits(layer):>5.2f} {k:>10.3f} {f32:>8.3f}"
                       f" {b:>8.3f} {f32 / k:>10.2f} {b / k:>11.2f}", flush=True)
 
@@ -70,15 +89,15 @@ def crossover_table(args) -> None:
     """Where decoding a block once per 8 rows (the matvec kernels) stops beating expand-to-float + GEMM."""
     shape = (1536, 576)
     weight = torch.randn(shape) * 0.02
-    print(f"\nmatvec kernel vs tiled GEMM, weight {shape[0]}x{shape[1]} (MATVEC_MAX_ROWS = {MATVEC_MAX_ROWS})")
-    print(f"{'scheme':>9} " + " ".join(f"{'M=' + str(m):>16}" for m in args.crossover_rows) + "   (matvec/gemm ms)")
+    print(f"\nmatvec kernel vs tiled GEMM, hot weight {shape[0]}x{shape[1]} (MATVEC_MAX_ROWS = {MATVEC_MAX_ROWS})")
+    print(f"{'scheme':>9} " + " ".join(f"{'M=' + str(m):>14}" for m in args.crossover_rows) + "   (matvec/gemm ms)")
     for s in args.schemes:
         layer = cpu_weights(quantize(weight, s))
         cells = []
         for m in args.crossover_rows:
-            x = torch.randn(m, shape[1])
-            cells.append(f"{ms(layer._matmul, x, args.min_time):.2f}/{ms(layer._tiled_gemm, x, args.min_time):.2f}")
-        print(f"{s:>9} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+            t = fastest_ms({"matvec": layer._matmul, "gemm": layer._tiled_gemm}, torch.randn(m, shape[1]), args.rounds, None)
+            cells.append(f"{t['matvec']:.2f}/{t['gemm']:.2f}")
+        print(f"{s:>9} " + " ".join(f"{c:>14}" for c in cells), flush=True)
 
 
 def main() -> None:
@@ -86,13 +105,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 128])
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES)
-    parser.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per cell")
+    parser.add_argument("--rounds", type=int, default=15, help="timed runs of each candidate per cell")
+    parser.add_argument("--hot", action="store_true", help="leave the weights in cache between calls")
+    parser.add_argument("--flush-mib", type=int, default=256, help="buffer touched to empty the caches")
     parser.add_argument("--crossover", action="store_true")
     parser.add_argument("--crossover-rows", type=int, nargs="+", default=[8, 16, 20, 24, 32, 64])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    main_table(args)
+    flush = None if args.hot else torch.zeros(args.flush_mib << 18)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'hot' if args.hot else 'cold'} weights")
+    main_table(args, flush)
     if args.crossover:
         crossover_table(args)
 

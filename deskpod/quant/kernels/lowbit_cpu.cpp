@@ -142,19 +142,17 @@ struct FP8 {
   static float row_scale(const Matrix& w, int64_t n) { return w.row_scale[n] * UNIT; }
   static void params(const Matrix&, int64_t, int64_t, float*, float*, bool) {}
 #if HAVE_SIMD
-  static inline __m128i to_half(__m128i bytes8) {  // 8 codes in the low half -> 8 fp16
-    const __m128i h = _mm_unpacklo_epi8(_mm_setzero_si128(), bytes8);  // code << 8
-    if constexpr (E5M2) return h;
+  static inline __m256 to_float(__m128i shifted) {  // 8 codes, each in the top byte of a 16-bit lane
+    if constexpr (E5M2) return _mm256_cvtph_ps(shifted);
     // S EEEE MMM 00000000 -> S 0 EEEE MMM 0000000: arithmetic shift copies S into bit 14, then clear it
-    return _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(int16_t(0xBFFF)));
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(shifted, 1), _mm_set1_epi16(int16_t(0xBFFF))));
   }
   static inline void decode(const uint8_t* q, __m256* v) {
+    const __m128i zero = _mm_setzero_si128();
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
-    v[0] = _mm256_cvtph_ps(to_half(a));
-    v[1] = _mm256_cvtph_ps(to_half(_mm_srli_si128(a, 8)));
-    v[2] = _mm256_cvtph_ps(to_half(b));
-    v[3] = _mm256_cvtph_ps(to_half(_mm_srli_si128(b, 8)));
+    v[0] = to_float(_mm_unpacklo_epi8(zero, a)), v[1] = to_float(_mm_unpackhi_epi8(zero, a));  // code << 8
+    v[2] = to_float(_mm_unpacklo_epi8(zero, b)), v[3] = to_float(_mm_unpackhi_epi8(zero, b));
   }
 #endif
 };
