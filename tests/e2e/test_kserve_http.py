@@ -227,6 +227,7 @@ def test_unknown_model_is_404(client, http) -> None:
     e = refused(lambda: client.infer("nope", inputs(("INPUT0", "INPUT1"), (a, b))))
     assert e.status() == "404" and "nope" in e.message()
     assert http.get("/v2/models/nope").status_code == 404
+    assert http.post("/v2/models/nope/versions/3/infer", content=b"{}").status_code == 404  # before the body
 
 
 def test_body_that_is_not_json_is_400(http) -> None:

@@ -79,8 +79,10 @@ def decode_request(
     view = memoryview(body)
     header = parse_json_header(view if length is None else view[:length])
     blobs = view[len(body) if length is None else length :]
+    if "inputs" not in header:
+        raise InvalidRequest("the body needs `inputs`: a list of tensors, each with name, shape, datatype and data")
     inputs, used = {}, 0
-    for i, spec in enumerate(_list(header.get("inputs"), "`inputs`")):
+    for i, spec in enumerate(_list(header["inputs"], "`inputs`")):
         tensor, size = _decode_input(_object(spec, f"inputs[{i}]"), i, blobs[used:])
         if tensor[0] in inputs:
             raise InvalidRequest(f"input `{tensor[0]}` is given twice")

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from deskpod.errors import InvalidRequest
 from deskpod.server.auth import require_api_key
@@ -159,9 +160,11 @@ async def infer(raw: Request) -> Response:
     try:
         await require_api_key(raw)
         model, version = raw.path_params["model"], raw.path_params.get("version", "")
+        kserve = serving(raw)
+        kserve.require(model, version)
         body = await read_body(raw)
         request, fmt = http_codec.decode_request(body, raw.headers.get(http_codec.HEADER_LENGTH), model, version)
-        response = await serving(raw).infer(request)
+        response = await kserve.infer(request)
         content, header_length = http_codec.encode_response(response, fmt)
     except Exception as e:
         return error_response(e)
@@ -172,10 +175,18 @@ async def infer(raw: Request) -> Response:
     )
 
 
+class NamedRoute(Route):
+    """A Starlette route that names itself in the scope, as FastAPI's do (the request metrics label by it)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self
+        await super().handle(scope, receive, send)
+
+
 # matched before every other route (app.py puts them first), keyed by `infer` itself
 FAST_ROUTES = [
-    Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-    Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+    NamedRoute("/v2/models/{model}/infer", infer, methods=["POST"]),
+    NamedRoute("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
 ]
 
 

@@ -62,6 +62,10 @@ class KServeServing:
             raise ModelNotFound(f"model `{name}` has no version {version}: it has version {LLM_VERSION} only")
         return engine
 
+    def require(self, name: str, version: str = "") -> None:
+        """ModelNotFound unless a model `name` is served (before reading a body that may not matter)."""
+        self._llm(name, version)
+
     def _repo(self) -> ModelRepository:
         assert self.repository is not None  # _llm returned None: the name is in the repository
         return self.repository

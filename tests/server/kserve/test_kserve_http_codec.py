@@ -86,6 +86,7 @@ FP32x2 = {"name": "x", "shape": [2], "datatype": "FP32"}
         (b"not json", None, "not valid JSON"),
         (b"[1, 2]", None, "must be a JSON object"),
         (b'{"inputs": {}}', None, "`inputs` must be a list"),
+        (b'{"id": "x"}', None, "the body needs `inputs`"),
         (b'{"inputs": [{"shape": [1]}]}', None, "inputs[0] needs a `name`"),
         (b'{"inputs": [{"name": "x", "datatype": "FP32"}]}', None, "input `x` needs a `shape`"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}', None, "neither `data` nor"),
