@@ -1,17 +1,18 @@
 """CPU matrix kernels for quantized weights: `cpu_weights(qt)` turns a QuantizedTensor into a module that
-computes x @ W.T with the weight kept as stored, so resident memory is the scheme's bits per weight
-(rows are only zero-padded to whole blocks when `in` is ragged). All run on kernels/lowbit_cpu.cpp:
+computes x @ W.T with the weight kept at its stored bits per weight (kernels/lowbit_cpu.cpp):
 
     nvfp4, mxfp4   packed E2M1 codes + an E4M3 / E8M0 scale byte per 16 / 32     4.5 / 4.25 bits
     fp8, fp8_e5m2  fp8 bytes + a float32 scale per row                            8 bits
     int4           packed codes + float16 scale and min per 32                    5 bits
     int8           int8 codes + a float16 scale per 32                            8.5 bits
 
-Up to MATVEC_MAX_ROWS rows of x (decoding) the kernels decode each block of weights in registers and
-apply it to up to 8 rows at once; beyond that (prefill, large batches) the weight is expanded to float32 a
-tile of rows at a time and multiplied with PyTorch's GEMM, whose cost then dominates. benchmarks/quant_kernels.py measures both
-against F.linear on the expanded weight and against the ggml u4/i8 kernels (which int4/int8 could also
-use after a repack, at 6 / 9 bits: float32 scales).
+At load, rows are zero-padded to whole units of 32 inputs (only when `in` is ragged) and 4-bit codes are
+reordered within each unit (same bytes); nothing is widened. Up to MATVEC_MAX_ROWS rows of x (decoding) the
+kernels decode each block of weights in registers and apply it to up to 8 rows at once; beyond that (prefill,
+large batches) the weight is expanded to float32 a tile of rows at a time for PyTorch's GEMM, whose cost then
+dominates. benchmarks/quant_kernels.py measures both against F.linear on the expanded float32 weight and
+against the engine's ggml u4/i8 kernels (which int4/int8 could use after a repack, at 6 / 9 bits resident:
+they read float32 scales).
 """
 
 from __future__ import annotations

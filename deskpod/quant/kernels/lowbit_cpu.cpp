@@ -1,14 +1,15 @@
-// Matrix kernels over weights kept in deskpod.quant's stored layouts, for CPU inference.
+// Matrix kernels over weights kept compact in deskpod.quant's schemes, for CPU inference.
 //
-// The weights stay exactly as stored (deskpod/quant/cpu.py pads rows to whole blocks, nothing else):
-//   fp4 (NVFP4, MXFP4): two E2M1 codes per byte, element 2j in the low nibble, and one scale byte per block
-//       of 16 (NVFP4: E4M3) or 32 (MXFP4: E8M0). The scale byte becomes a float through a 256-entry table
-//       the caller passes (the format's own decoding, times the per-tensor scale).
+// The weights keep their stored bits (deskpod/quant/cpu.py pads rows to whole units of 32 elements and puts
+// 4-bit codes in unit order, see below; nothing else):
+//   fp4 (NVFP4, MXFP4): two E2M1 codes per byte and one scale byte per block of 16 (NVFP4: E4M3) or 32
+//       (MXFP4: E8M0). The scale byte becomes a float through a 256-entry table the caller passes (the
+//       format's own decoding, times the per-tensor scale).
 //   fp8 (E4M3FN, E5M2): one code per byte and one float32 scale per output row.
-//   int4: two codes q in 0..15 per byte (same nibble order), w = q * scale + min, float16 scale and min per 32.
+//   int4: two codes q in 0..15 per byte, w = q * scale + min, float16 scale and min per 32.
 //   int8: int8 codes, w = q * scale, float16 scale per 32.
-// Decoding costs a few vector instructions per 8-16 weights, done in registers right before the multiply:
-// memory traffic stays at the stored bits per weight, which is what bounds decoding speed.
+// Codes turn into floats a few vector instructions per 8-16 weights, in registers right before the multiply:
+// memory traffic stays at the stored bits per weight. Up to 8 rows of x share each decoded block.
 //
 // Every kernel has an AVX2/F16C/FMA version and a portable scalar one; `portable=true` selects the latter
 // (always compiled, so the tests run it on any machine).
