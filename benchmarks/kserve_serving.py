@@ -11,7 +11,8 @@ pool -> a 10-way linear layer. Each request carries one image.
 
 - deskpod: `deskpod serve --model-repository` on a repository holding that model, gRPC off, configured
   as a Triton user would for a 2-core CPU: dynamic batching (max_batch_size 4: this model runs fastest
-  per image in small batches, its activations stay in cache; max_queue_delay 500 us) over two instances
+  per image in small batches, its activations stay in cache; no queue delay: requests that arrive while
+  both instances are busy are batched, a lone request is not held back) over two instances
   of one onnxruntime thread each (instance_group count 2, intra_op_thread_count 1), so two batches run
   at once while the event loop handles HTTP; no access log.
 - kserve: KServe's ModelServer with a kserve.Model whose predict() runs an onnxruntime session with its
@@ -20,10 +21,11 @@ pool -> a 10-way linear layer. Each request carries one image.
 - onnxruntime: the same model in this process with a default session, N threads each calling
   session.run on one image.
 
-Both servers get exactly the same requests from the same client: the official tritonclient.http.aio (one
-asyncio loop, N concurrent requests, each sent as soon as the previous one answered), tensors in the
-binary tensor data extension both ways (both servers accept it). Every output is checked against
-onnxruntime's once before timing. Per level: a warm-up, then requests/s over the timed window and the
+Both servers get exactly the same requests from the same client: one asyncio loop of aiohttp (what
+tritonclient.http.aio runs on) with N concurrent requests, each sent as soon as the previous one
+answered; the body is the one the official tritonclient builds, tensors in the binary tensor data
+extension both ways (both servers accept it). Every server's output is checked against onnxruntime's
+once before timing, parsed by tritonclient. Per level: a warm-up, then requests/s over the timed window and the
 p50/p99 of per-request latency (client-side, send -> parsed response).
 
 Servers are started for their own measurement only and stopped after it (also on Ctrl-C or an error);
@@ -50,10 +52,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import onnx
 import onnxruntime as ort
-import tritonclient.http.aio as aiohttpclient
+import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
@@ -65,6 +68,7 @@ SHAPE = (1, 3, 64, 64)
 CHANNELS = (64, 128, 256)
 ENGINES = ("deskpod", "kserve", "onnxruntime")
 STARTUP_TIMEOUT_S = 120
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 REPOSITORY_CONFIG = """
 name: "cnn"
@@ -72,7 +76,7 @@ backend: "onnxruntime"
 max_batch_size: 4
 input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]
 output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]
-dynamic_batching { max_queue_delay_microseconds: 500 }
+dynamic_batching { max_queue_delay_microseconds: 0 }
 instance_group [ { count: 2 kind: KIND_CPU } ]
 parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 """
@@ -179,7 +183,7 @@ def server(cmd: list[str], port: int, log: Path) -> Iterator[str]:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready", process, log)
-        yield f"127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -205,47 +209,61 @@ def kserve_cmd(model: Path, port: int, threads: int) -> list[str]:
 # --- the client ---------------------------------------------------------------------------------
 
 
-def image_input(image: np.ndarray) -> list:
-    tensor = aiohttpclient.InferInput("image", list(image.shape), "FP32")
+def request_body(image: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The v2 request tritonclient builds for one image, binary tensor data extension (its own encoder)."""
+    tensor = httpclient.InferInput("image", list(image.shape), "FP32")
     tensor.set_data_from_numpy(image, binary_data=True)
-    return [tensor]
+    body, header_length = httpclient.InferenceServerClient.generate_request_body(
+        [tensor], outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)]
+    )
+    return body, {HEADER_LENGTH: str(header_length)}
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> bytes:
+    async with session.post(url, data=body, headers=headers) as response:
+        content = await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {content[:200]!r}")
+        return content
 
 
 async def check_output(url: str, image: np.ndarray, want: np.ndarray) -> None:
-    client = aiohttpclient.InferenceServerClient(url)
-    try:
-        got = (await client.infer(MODEL, image_input(image))).as_numpy("logits")
-    finally:
-        await client.close()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{url} answered differently")
+    body, headers = request_body(image)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v2/models/{MODEL}/infer", data=body, headers=headers) as response:
+            content = await response.read()
+            length = response.headers.get(HEADER_LENGTH)
+    result = httpclient.InferenceServerClient.parse_response_body(
+        content, header_length=int(length) if length else None
+    )
+    np.testing.assert_allclose(result.as_numpy("logits"), want, rtol=1e-4, atol=1e-5, err_msg=f"{url} differs")
 
 
 async def drive(url: str, engine: str, image: np.ndarray, concurrency: int, warmup: float, seconds: float) -> Level:
     """`concurrency` clients in one loop, each sending its next request when the previous one answered;
-    only requests that start and end inside the timed window count."""
-    client = aiohttpclient.InferenceServerClient(url, conn_limit=concurrency)
-    inputs = image_input(image)
+    only requests that start and end inside the timed window count. The request body is built once (the
+    same image every time), so the client spends its time on HTTP, the same for every server."""
+    body, headers = request_body(image)
+    endpoint = f"{url}/v2/models/{MODEL}/infer"
     start = time.perf_counter() + warmup
     stop = start + seconds
     latencies: list[float] = []
     failures = 0
 
-    async def one_client() -> None:
+    async def one_client(session: aiohttp.ClientSession) -> None:
         nonlocal failures
         while (now := time.perf_counter()) < stop:
             try:
-                await client.infer(MODEL, inputs)
-            except Exception:
+                await post(session, endpoint, body, headers)
+            except (aiohttp.ClientError, RuntimeError):
                 failures += 1
                 continue
             end = time.perf_counter()
             if now >= start and end <= stop:
                 latencies.append((end - now) * 1000)
 
-    try:
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-    finally:
-        await client.close()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(one_client(session) for _ in range(concurrency)))
     return Level(engine, concurrency, len(latencies), seconds, failures, latencies)
 
 
