@@ -25,8 +25,8 @@ Both servers get exactly the same requests from the same client: one asyncio loo
 tritonclient.http.aio runs on) with N concurrent requests, each sent as soon as the previous one
 answered; the body is the one the official tritonclient builds, tensors in the binary tensor data
 extension both ways (both servers accept it). Every server's output is checked against onnxruntime's
-once before timing, parsed by tritonclient. Per level: a warm-up, then requests/s over the timed window and the
-p50/p99 of per-request latency (client-side, send -> parsed response).
+once before timing, parsed by tritonclient. Per level: a warm-up, then requests/s over the timed window
+and the p50/p99 of per-request latency (client-side, request sent -> whole response read).
 
 Servers are started for their own measurement only and stopped after it (also on Ctrl-C or an error);
 everything listens on 127.0.0.1. Results are printed as a table and written to
