@@ -76,7 +76,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served = [*registry.models, *(m["name"] for m in repository.index())] if repository is not None else [*registry.models]
+        served = dict.fromkeys([*registry.models, *(m["name"] for m in app.state.kserve.index())])  # ordered, once
         log.info("serving %s on http://%s:%d", ", ".join(served) or "no models", config.host, config.port)
         grpc_server = None
         if config.grpc_port is not None:
