@@ -101,7 +101,9 @@ inline void split_nibbles(const uint8_t* q, __m128i& lo, __m128i& hi) {
   hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
 }
 inline __m256 i8_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }  // low 8 bytes
-inline __m256 u8_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+inline __m256i widen_u8(const uint8_t* q) {  // 8 bytes -> 8 32-bit lanes
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+}
 #endif
 
 template <int B>
@@ -172,16 +174,15 @@ struct Int {
   }
 #if HAVE_SIMD
   static inline void decode(const uint8_t* q, __m256* v) {
+    // Bytes are widened to 32-bit lanes straight from memory (the load folds into the widening), and the
+    // nibbles are split there with plain integer ops: two byte shuffles per unit instead of six.
     if constexpr (FOUR_BIT) {
-      __m128i lo, hi;
-      split_nibbles(q, lo, hi);
-      v[0] = u8_to_ps(lo), v[1] = u8_to_ps(_mm_srli_si128(lo, 8));
-      v[2] = u8_to_ps(hi), v[3] = u8_to_ps(_mm_srli_si128(hi, 8));
+      const __m256i a = widen_u8(q), b = widen_u8(q + 8), low = _mm256_set1_epi32(15);
+      v[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, low)), v[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+      v[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), v[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
     } else {
-      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
-      v[0] = i8_to_ps(a), v[1] = i8_to_ps(_mm_srli_si128(a, 8));
-      v[2] = i8_to_ps(b), v[3] = i8_to_ps(_mm_srli_si128(b, 8));
+      for (int i = 0; i < 4; ++i)
+        v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i))));
     }
   }
 #endif
