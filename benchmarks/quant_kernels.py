@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ def main_table(args, flush: torch.Tensor | None) -> None:
         calls = {**baselines(shape)}
         for s, layer in layers.items():
             calls[s] = layer
-            calls[f"{s}:f32"] = lambda x, w=layer.dequantize(): F.linear(x, w)
+            calls[f"{s}:f32"] = partial(F.linear, weight=layer.dequantize())
         for m in args.rows:
             t = fastest_ms(calls, torch.randn(m, shape[1]), args.rounds, flush)
             for s, layer in layers.items():
@@ -95,7 +96,8 @@ def crossover_table(args) -> None:
         layer = cpu_weights(quantize(weight, s))
         cells = []
         for m in args.crossover_rows:
-            t = fastest_ms({"matvec": layer._matmul, "gemm": layer._tiled_gemm}, torch.randn(m, shape[1]), args.rounds, None)
+            paths = {"matvec": layer._matmul, "gemm": layer._tiled_gemm}
+            t = fastest_ms(paths, torch.randn(m, shape[1]), args.rounds, None)
             cells.append(f"{t['matvec']:.2f}/{t['gemm']:.2f}")
         print(f"{s:>9} " + " ".join(f"{c:>14}" for c in cells), flush=True)
 

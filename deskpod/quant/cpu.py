@@ -87,10 +87,12 @@ class CPUWeights(nn.Module):
         """The float32 weight [out, in] these kernels compute with."""
         return self._expand(0, self.out_features)[:, : self.in_features]
 
-    def _matmul(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:  # x: [M, padded_in] -> [M, out]
+    def _matmul(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
+        """x [M, padded_in] -> [M, out] on the matvec kernels (portable: their scalar version)."""
         raise NotImplementedError
 
-    def _expand(self, n0: int, n1: int, portable: bool = False) -> torch.Tensor:  # rows n0..n1 of W: [n1 - n0, padded_in]
+    def _expand(self, n0: int, n1: int, portable: bool = False) -> torch.Tensor:
+        """Rows n0..n1 of the weight as float32: [n1 - n0, padded_in]."""
         raise NotImplementedError
 
 

@@ -421,7 +421,8 @@ void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype, in
 // codes: [N, K/2] 4-bit codes in unit order, or [N, K] bytes; K a multiple of 32.
 template <class F>
 Matrix matrix(const torch::Tensor& codes) {
-  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.element_size() == 1, "codes must be contiguous bytes [N, *]");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.element_size() == 1,
+              "codes must be contiguous bytes [N, *]");
   TORCH_CHECK(codes.size(1) % F::BYTES == 0, "codes must hold whole units of 32 elements per row");
   const int64_t N = codes.size(0), K = codes.size(1) / F::BYTES * 32;
   Matrix w{};
@@ -502,7 +503,8 @@ Matrix int_matrix(const torch::Tensor& codes, const torch::Tensor& scales, const
   return w;
 }
 
-torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, bool portable) {
+torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
+                          bool portable) {
   const Matrix w = int_matrix<true>(codes, scales, &mins);
   check_x(x, w.K);
   return matmul<Int<true>>(x, w, portable);
