@@ -6,8 +6,11 @@ benchmarks/setup_kserve.sh once):
     python benchmarks/kserve_serving.py --concurrency 32 --seconds 20 --engines deskpod,onnxruntime
 
 The model is a small CNN built here with onnx.helper (seeded weights): [N,3,64,64] FP32 -> three 3x3
-convolutions with ReLU (64, 128, 256 channels; strides 1, 2, 2; 0.3 GFLOP per image) -> global average
-pool -> a 10-way linear layer. Each request carries one image.
+convolutions with ReLU (96, 192, 384 channels; strides 1, 2, 2; 0.7 GFLOP per image, about 2-3 ms of
+one core here) -> global average pool -> a 10-way linear layer. Each request carries one image. A model
+this size is where serving is about the model and not only about HTTP: with much lighter ones (try
+--channels 32,64,128) every Python server's own per-request cost, and the client's on the same box,
+dominate, and no server comes near in-process onnxruntime.
 
 - deskpod: `deskpod serve --model-repository` on a repository holding that model, gRPC off, configured
   as a Triton user would for a 2-core CPU: dynamic batching (max_batch_size 4: this model runs fastest
@@ -65,7 +68,7 @@ KSERVE_SERVER = HERE / "peers" / "kserve_onnx_server.py"
 RESULTS = HERE / "results" / "kserve_serving.json"
 MODEL = "cnn"
 SHAPE = (1, 3, 64, 64)
-CHANNELS = (64, 128, 256)
+CHANNELS = (96, 192, 384)
 ENGINES = ("deskpod", "kserve", "onnxruntime")
 STARTUP_TIMEOUT_S = 120
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -85,17 +88,17 @@ parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 # --- the model ----------------------------------------------------------------------------------
 
 
-def build_cnn(path: Path, seed: int = 0) -> Path:
+def build_cnn(path: Path, channels: tuple[int, ...] = CHANNELS, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     nodes, weights, previous, width = [], [], "image", SHAPE[1]
-    for i, (channels, stride) in enumerate(zip(CHANNELS, (1, 2, 2))):
-        w = (rng.standard_normal((channels, width, 3, 3)) * np.sqrt(2 / (width * 9))).astype(np.float32)
-        weights += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(channels, np.float32), f"b{i}")]
+    for i, (out, stride) in enumerate(zip(channels, (1, 2, 2))):
+        w = (rng.standard_normal((out, width, 3, 3)) * np.sqrt(2 / (width * 9))).astype(np.float32)
+        weights += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(out, np.float32), f"b{i}")]
         nodes += [
             helper.make_node("Conv", [previous, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1], strides=[stride] * 2),
             helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
         ]
-        previous, width = f"r{i}", channels
+        previous, width = f"r{i}", out
     fc = (rng.standard_normal((10, width)) * 0.1).astype(np.float32)
     weights += [numpy_helper.from_array(fc, "fc_w"), numpy_helper.from_array(np.zeros(10, np.float32), "fc_b")]
     nodes += [
@@ -118,10 +121,10 @@ def build_cnn(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_repository(root: Path) -> Path:
+def build_repository(root: Path, channels: tuple[int, ...] = CHANNELS) -> Path:
     (root / MODEL).mkdir(parents=True)
     (root / MODEL / "config.pbtxt").write_text(REPOSITORY_CONFIG)
-    return build_cnn(root / MODEL / "1" / "model.onnx")
+    return build_cnn(root / MODEL / "1" / "model.onnx", channels)
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -332,6 +335,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="untimed start of each level (default: %(default)s)")
     parser.add_argument("--engines", default=",".join(ENGINES), help="subset of %(default)s")
     parser.add_argument(
+        "--channels", default=",".join(map(str, CHANNELS)), help="the three convolutions' widths (default: %(default)s)"
+    )
+    parser.add_argument(
         "--kserve-threads", type=int, default=0, help="KServe's onnxruntime intra-op threads (default: 0, one per core)"
     )
     args = parser.parse_args()
@@ -344,9 +350,10 @@ def main() -> int:
     image = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
     results: list[Level] = []
     with tempfile.TemporaryDirectory(prefix="kserve-bench-") as tmp:
-        model = build_repository(Path(tmp) / "repository")
+        channels = tuple(int(c) for c in args.channels.split(","))
+        model = build_repository(Path(tmp) / "repository", channels)
         want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
-        print(f"model: CNN {SHAPE} -> 10, channels {CHANNELS}; load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(f"model: CNN {SHAPE} -> 10, channels {channels}; load average {os.getloadavg()[0]:.2f}", flush=True)
         for engine in engines:
             port = free_port()
             print(f"{engine} ...", flush=True)
