@@ -10,17 +10,19 @@ against F.linear on the same weight expanded to float32 (what running without th
 resident, at 32 bits per weight) and against the ggml kernels already in the engine (U4Linear for the 4-bit
 schemes, I8Linear for the 8-bit ones, on a weight of the same shape).
 
-By default each call starts with cold caches (a buffer larger than the last-level cache is touched first), as
-in decoding a model larger than the cache, where every weight comes from memory once per token; --hot keeps
-the weight cached, as for a matrix used over and over. All candidates of a cell are timed in interleaved
-rounds and each keeps its fastest call: on a shared machine other work only ever adds time. The ratios are
-the result, the absolute figures are this machine's.
+By default the weights stream from memory, as when decoding a model larger than the cache, where every
+weight is read once per token: each candidate gets enough copies of its weight to fill --stream-mib, and a
+timed run applies x to all of them in turn (per-call time = run / copies). --hot times a single copy, left in
+cache, as for a matrix used over and over. All candidates of a cell are timed in interleaved rounds and each
+keeps its fastest run: on a shared machine other work only ever adds time. The ratios are the result, the
+absolute figures are this machine's.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from copy import deepcopy
 from functools import partial
 
 import torch
@@ -36,22 +38,30 @@ SCHEMES = ["nvfp4", "mxfp4", "int4", "fp8", "fp8_e5m2", "int8"]
 BASELINE = {"nvfp4": "u4", "mxfp4": "u4", "int4": "u4", "fp8": "i8", "fp8_e5m2": "i8", "int8": "i8"}
 
 
-def fastest_ms(calls: dict, x: torch.Tensor, rounds: int, flush: torch.Tensor | None) -> dict[str, float]:
-    """Milliseconds of each call's fastest run over `rounds` interleaved rounds; `flush` (a large buffer) is
-    touched before every run when given, so that the run starts with the weights out of cache."""
+def fastest_ms(calls: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Milliseconds per call of each entry: a list of callables (copies of one weight) applied to x in turn,
+    fastest of `rounds` interleaved rounds."""
     best = {name: float("inf") for name in calls}
-    for name, fn in calls.items():  # warm-up: first-call allocations, lazy kernel loads
-        fn(x)
+    for fns in calls.values():  # warm-up: first-call allocations, lazy kernel loads
+        fns[0](x)
     for _ in range(rounds):
-        for name, fn in calls.items():
-            reps = 1 if flush is not None else 5
-            if flush is not None:
-                flush.add_(1.0)
+        for name, fns in calls.items():
+            reps = max(1, 5 // len(fns))
             start = time.perf_counter()
             for _ in range(reps):
-                fn(x)
-            best[name] = min(best[name], (time.perf_counter() - start) / reps)
+                for fn in fns:
+                    fn(x)
+            best[name] = min(best[name], (time.perf_counter() - start) / (reps * len(fns)))
     return {name: t * 1e3 for name, t in best.items()}
+
+
+def copies(make, nbytes: int, stream_bytes: int) -> list:
+    """Enough independent copies of one weight (make() builds one of `nbytes`) to fill stream_bytes."""
+    return [make() for _ in range(max(1, -(-stream_bytes // nbytes)))]
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
 def baselines(shape: tuple[int, int]) -> dict[str, torch.nn.Module]:
@@ -68,22 +78,27 @@ def resident_bits(layer: CPUWeights) -> float:
     return 8 * sum(b.numel() * b.element_size() for b in layer.buffers()) / (layer.out_features * layer.in_features)
 
 
-def main_table(args, flush: torch.Tensor | None) -> None:
+def main_table(args) -> None:
+    stream = 0 if args.hot else args.stream_mib << 20
     print(f"{'shape':>12} {'M':>4} {'scheme':>9} {'bits':>5} {'kernel ms':>10} {'f32 ms':>8} {'ggml ms':>8}"
           f" {'f32/kernel':>10} {'ggml/kernel':>11}")
     for shape in SHAPES:
         weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.02
-        layers = {s: cpu_weights(quantize(weight, s)) for s in args.schemes}
-        calls = {**baselines(shape)}
-        for s, layer in layers.items():
-            calls[s] = layer
-            calls[f"{s}:f32"] = partial(F.linear, weight=layer.dequantize())
+        calls = {name: copies(lambda m=m: deepcopy(m), module_bytes(m), stream) for name, m in baselines(shape).items()}
+        bits = {}
+        for s in args.schemes:
+            layer = cpu_weights(quantize(weight, s))
+            dense = layer.dequantize()
+            bits[s] = resident_bits(layer)
+            calls[s] = copies(lambda layer=layer: deepcopy(layer), module_bytes(layer), stream)
+            calls[f"{s}:f32"] = copies(lambda w=dense: partial(F.linear, weight=w.clone()), dense.nbytes, stream)
         for m in args.rows:
-            t = fastest_ms(calls, torch.randn(m, shape[1]), args.rounds, flush)
-            for s, layer in layers.items():
+            t = fastest_ms(calls, torch.randn(m, shape[1]), args.rounds)
+            for s in args.schemes:
                 k, f32, b = t[s], t[f"{s}:f32"], t[BASELINE[s]]
-                print(f"{shape[0]:>5}x{shape[1]:<6} {m:>4} {s:>9} {resident_bits(layer):>5.2f} {k:>10.3f} {f32:>8.3f}"
+                print(f"{shape[0]:>5}x{shape[1]:<6} {m:>4} {s:>9} {bits[s]:>5.2f} {k:>10.3f} {f32:>8.3f}"
                       f" {b:>8.3f} {f32 / k:>10.2f} {b / k:>11.2f}", flush=True)
+        del calls
 
 
 def crossover_table(args) -> None:
@@ -96,8 +111,8 @@ def crossover_table(args) -> None:
         layer = cpu_weights(quantize(weight, s))
         cells = []
         for m in args.crossover_rows:
-            paths = {"matvec": layer._matmul, "gemm": layer._tiled_gemm}
-            t = fastest_ms(paths, torch.randn(m, shape[1]), args.rounds, None)
+            paths = {"matvec": [layer._matmul], "gemm": [layer._tiled_gemm]}
+            t = fastest_ms(paths, torch.randn(m, shape[1]), args.rounds)
             cells.append(f"{t['matvec']:.2f}/{t['gemm']:.2f}")
         print(f"{s:>9} " + " ".join(f"{c:>14}" for c in cells), flush=True)
 
@@ -108,15 +123,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 128])
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES)
     parser.add_argument("--rounds", type=int, default=15, help="timed runs of each candidate per cell")
-    parser.add_argument("--hot", action="store_true", help="leave the weights in cache between calls")
-    parser.add_argument("--flush-mib", type=int, default=256, help="buffer touched to empty the caches")
+    parser.add_argument("--hot", action="store_true", help="one copy of each weight, left in cache")
+    parser.add_argument("--stream-mib", type=int, default=128, help="weights streamed per timed run")
     parser.add_argument("--crossover", action="store_true")
     parser.add_argument("--crossover-rows", type=int, nargs="+", default=[8, 16, 20, 24, 32, 64])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    flush = None if args.hot else torch.zeros(args.flush_mib << 18)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'hot' if args.hot else 'cold'} weights")
-    main_table(args, flush)
+    mode = "hot weights" if args.hot else f"weights streamed ({args.stream_mib} MiB per run)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {mode}")
+    main_table(args)
     if args.crossover:
         crossover_table(args)
 
