@@ -217,15 +217,6 @@ std::vector<float> block_sums(const float* x, int64_t M, int64_t K) {
   return sums;
 }
 
-// The mins' share of one output, sum over blocks of min * sum(x), xsum: this row of x's block sums.
-template <class F>
-inline float min_term(const Row& row, const float* xsum) {
-  float total = 0.f;
-  if constexpr (F::HAS_MIN)
-    for (int64_t g = 0; g < row.G; ++g) total += row.min[g] * xsum[g];
-  return total;
-}
-
 // ---- portable kernels ------------------------------------------------------------------------------------
 
 template <class F>
@@ -279,6 +270,19 @@ inline void unit_fma(const Row& row, int64_t u, const float* x, __m256& a, __m25
     a = _mm256_fmadd_ps(_mm256_set1_ps(row.scale[2 * u]), d0, a);
     b = _mm256_fmadd_ps(_mm256_set1_ps(row.scale[2 * u + 1]), d1, b);
   }
+}
+
+// The mins' share of one output, sum over blocks of min * sum(x), xsum: this row of x's block sums
+// (8 blocks per vector: a scalar loop would be a chain of dependent multiply-adds as long as the row).
+template <class F>
+inline float min_term(const Row& row, const float* xsum) {
+  if constexpr (!F::HAS_MIN) return 0.f;
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= row.G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(row.min + g), _mm256_loadu_ps(xsum + g), acc);
+  float total = hsum(acc);
+  for (; g < row.G; ++g) total += row.min[g] * xsum[g];
+  return total;
 }
 
 // One row of x against a weight row. Units go in pairs so that consecutive units feed different
