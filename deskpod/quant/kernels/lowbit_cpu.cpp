@@ -73,8 +73,10 @@ struct Matrix {
 // once per row into a per-thread buffer so that the inner loops only broadcast them.
 struct Row {
   const uint8_t* q;
-  const float* scale;  // [G], block-scaled formats
-  const float* min;    // [G], formats with a min
+  const float* scale;        // [G], formats with float16 scales (converted)
+  const float* min;          // [G], formats with a min
+  const uint8_t* scale_byte; // [G], fp4: looked up in table where used (cheaper than converting first)
+  const float* table;
   float row_scale;
   int64_t G, K;
 };
@@ -86,7 +88,8 @@ struct Row {
 // SCALES: scale blocks per unit (2: NVFP4's blocks of 16; 1: blocks of 32; 0: one scale per row).
 // raw(q, k): element k of a row before scaling, w = raw * scale[k / BLOCK] * row_scale (+ min[k / BLOCK]).
 // decode(q, v): the unit at q as 4 vectors of 8 raw values, elements 0-7, 8-15, 16-23, 24-31.
-// params(w, n0, rows, scale, min, simd): the block scales (and mins) of rows n0.. as float32.
+// params(w, n0, rows, scale, min, simd): the float16 block scales (and mins) of rows n0.. as float32;
+// scale(row, g): block g's scale.
 
 inline int nibble(const uint8_t* q, int64_t k) {  // element k of a row of 4-bit codes in unit order
   const int64_t j = k % 32;
@@ -113,10 +116,8 @@ struct FP4 {
   static constexpr float UNIT = 0.5f;  // raw values are doubled
   static float raw(const uint8_t* q, int64_t k) { return E2M1_X2[nibble(q, k)]; }
   static float row_scale(const Matrix&, int64_t) { return 1.f; }
-  static void params(const Matrix& w, int64_t n0, int64_t rows, float* scale, float*, bool) {
-    const uint8_t* bytes = w.scale_bytes + n0 * w.G;
-    for (int64_t i = 0; i < rows * w.G; ++i) scale[i] = w.table[bytes[i]];
-  }
+  static void params(const Matrix&, int64_t, int64_t, float*, float*, bool) {}
+  static float scale(const Row& row, int64_t g) { return row.table[row.scale_byte[g]]; }
 #if HAVE_SIMD
   static inline void decode(const uint8_t* q, __m256* v) {
     const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(E2M1_X2));
@@ -144,6 +145,7 @@ struct FP8 {
   }
   static float row_scale(const Matrix& w, int64_t n) { return w.row_scale[n] * UNIT; }
   static void params(const Matrix&, int64_t, int64_t, float*, float*, bool) {}
+  static float scale(const Row&, int64_t) { return 1.f; }
 #if HAVE_SIMD
   static inline __m256 to_float(__m128i shifted) {  // 8 codes, each in the top byte of a 16-bit lane
     if constexpr (E5M2) return _mm256_cvtph_ps(shifted);
@@ -172,6 +174,7 @@ struct Int {
     halves_to_floats(w.scales + n0 * w.G, scale, rows * w.G, simd);
     if constexpr (FOUR_BIT) halves_to_floats(w.mins + n0 * w.G, min, rows * w.G, simd);
   }
+  static float scale(const Row& row, int64_t g) { return row.scale[g]; }
 #if HAVE_SIMD
   static inline void decode(const uint8_t* q, __m256* v) {
     // Bytes are widened to 32-bit lanes straight from memory (the load folds into the widening), and the
@@ -201,7 +204,8 @@ void for_rows(const Matrix& w, int64_t n0, int64_t n1, bool simd, Body body) {
     F::params(w, c0, c1 - c0, scale, min, simd);
     for (int64_t n = c0; n < c1; ++n) {
       const int64_t i = (n - c0) * w.G;
-      body(n, Row{w.codes + n * w.row_bytes, scale + i, min + i, F::row_scale(w, n), w.G, w.K});
+      const uint8_t* scale_byte = w.scale_bytes ? w.scale_bytes + n * w.G : nullptr;
+      body(n, Row{w.codes + n * w.row_bytes, scale + i, min + i, scale_byte, w.table, F::row_scale(w, n), w.G, w.K});
     }
   }
 }
@@ -225,7 +229,7 @@ float row_dot_portable(const Row& row, const float* x) {
   for (int64_t g = 0; g < row.G; ++g) {
     float dot = 0.f, sum = 0.f;
     for (int64_t k = g * F::BLOCK; k < (g + 1) * F::BLOCK; ++k) dot += F::raw(row.q, k) * x[k], sum += x[k];
-    if constexpr (F::SCALES > 0) dot *= row.scale[g];
+    if constexpr (F::SCALES > 0) dot *= F::scale(row, g);
     if constexpr (F::HAS_MIN) dot += sum * row.min[g];
     total += dot;
   }
@@ -235,7 +239,7 @@ float row_dot_portable(const Row& row, const float* x) {
 template <class F>
 void dequantize_row_portable(const Row& row, float* out) {
   for (int64_t g = 0; g < row.G; ++g) {
-    const float s = (F::SCALES > 0 ? row.scale[g] : 1.f) * row.row_scale, m = F::HAS_MIN ? row.min[g] : 0.f;
+    const float s = F::scale(row, g) * row.row_scale, m = F::HAS_MIN ? row.min[g] : 0.f;
     for (int64_t k = g * F::BLOCK; k < (g + 1) * F::BLOCK; ++k) out[k] = F::raw(row.q, k) * s + m;
   }
 }
@@ -263,12 +267,12 @@ inline void unit_fma(const Row& row, int64_t u, const float* x, __m256& a, __m25
   } else if constexpr (F::SCALES == 1) {
     const __m256 d = _mm256_add_ps(_mm256_fmadd_ps(v[1], p[1], _mm256_mul_ps(v[0], p[0])),
                                    _mm256_fmadd_ps(v[3], p[3], _mm256_mul_ps(v[2], p[2])));
-    a = _mm256_fmadd_ps(_mm256_set1_ps(row.scale[u]), d, a);
+    a = _mm256_fmadd_ps(_mm256_set1_ps(F::scale(row, u)), d, a);
   } else {
     const __m256 d0 = _mm256_fmadd_ps(v[1], p[1], _mm256_mul_ps(v[0], p[0]));
     const __m256 d1 = _mm256_fmadd_ps(v[3], p[3], _mm256_mul_ps(v[2], p[2]));
-    a = _mm256_fmadd_ps(_mm256_set1_ps(row.scale[2 * u]), d0, a);
-    b = _mm256_fmadd_ps(_mm256_set1_ps(row.scale[2 * u + 1]), d1, b);
+    a = _mm256_fmadd_ps(_mm256_set1_ps(F::scale(row, 2 * u)), d0, a);
+    b = _mm256_fmadd_ps(_mm256_set1_ps(F::scale(row, 2 * u + 1)), d1, b);
   }
 }
 
@@ -306,7 +310,7 @@ template <class F>
 inline void unit_weights(const Row& row, int64_t u, __m256* v) {
   F::decode(row.q + u * F::BYTES, v);
   if constexpr (F::SCALES == 1) {
-    const __m256 s = _mm256_set1_ps(row.scale[u]);
+    const __m256 s = _mm256_set1_ps(F::scale(row, u));
     if constexpr (F::HAS_MIN) {
       const __m256 m = _mm256_set1_ps(row.min[u]);
       for (int i = 0; i < 4; ++i) v[i] = _mm256_fmadd_ps(v[i], s, m);
@@ -314,7 +318,7 @@ inline void unit_weights(const Row& row, int64_t u, __m256* v) {
       for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(v[i], s);
     }
   } else if constexpr (F::SCALES == 2) {
-    const __m256 s0 = _mm256_set1_ps(row.scale[2 * u]), s1 = _mm256_set1_ps(row.scale[2 * u + 1]);
+    const __m256 s0 = _mm256_set1_ps(F::scale(row, 2 * u)), s1 = _mm256_set1_ps(F::scale(row, 2 * u + 1));
     v[0] = _mm256_mul_ps(v[0], s0), v[1] = _mm256_mul_ps(v[1], s0);
     v[2] = _mm256_mul_ps(v[2], s1), v[3] = _mm256_mul_ps(v[3], s1);
   }
