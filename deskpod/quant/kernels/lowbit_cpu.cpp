@@ -69,8 +69,8 @@ struct Matrix {
   const uint16_t* mins;        // int4: [N, G] float16
 };
 
-// One weight row as the kernels read it: its codes, and its block scales (and mins) as float32, converted
-// once per row into a per-thread buffer so that the inner loops only broadcast them.
+// One weight row as the kernels read it: its codes and its block scales (float16 ones, and mins, converted
+// to float32 into a per-thread buffer first, so that the inner loops only broadcast them).
 struct Row {
   const uint8_t* q;
   const float* scale;        // [G], formats with float16 scales (converted)
@@ -191,8 +191,8 @@ struct Int {
 #endif
 };
 
-// A thread's run of weight rows n0..n1, PARAM_ROWS at a time: their scales (and mins) are converted to float32
-// together (they are contiguous), then each row is handed to the kernels.
+// A thread's run of weight rows n0..n1, PARAM_ROWS at a time: their float16 scales (and mins) are converted to
+// float32 together (they are contiguous), then each row is handed to the kernels.
 constexpr int64_t PARAM_ROWS = 64;
 
 template <class F, class Body>
