@@ -68,12 +68,21 @@ def test_bad_sampling_value_fails_before_loading():
         (["--help"], ["run", "chat"]),
         (["run", "--help"], ["--raw", "--json", "--temperature", "--max-tokens", "--seed", "--stop"]),
         (["chat", "--help"], ["--system", "--temperature"]),
+        (["quantize", "--help"], ["--to", "nvfp4", "mxfp4", "--name"]),
+        (["serve", "--help"], ["--model-repository", "--grpc-port"]),
     ],
 )
 def test_help(args, words):
     result = deskpod(*args)
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.startswith("usage: deskpod") and all(w in result.stdout for w in words)
+
+
+def test_help_imports_no_torch():
+    """`deskpod --help` answers at once: building the parser must not pull in torch or onnxruntime."""
+    code = "import sys; from deskpod.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_version():
