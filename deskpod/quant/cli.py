@@ -64,7 +64,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="deskpod-quantize-") as tmp:
         folder = Path(tmp) / new_name.replace(":", "-")
         report = _convert_with_progress(source, folder, args, manifest.ref)
-        stored = store.pull(str(folder), name=new_name, progress=True)
+        stored = store.pull(str(folder), name=new_name, progress=True, origin=f"deskpod quantize {manifest.ref} --to {args.scheme}")
     kept = report.params.get(None, 0)
     Console().print(
         f"quantized [bold]{manifest.ref}[/] to {args.scheme} as [bold]{stored.ref}[/]: "

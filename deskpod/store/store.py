@@ -53,10 +53,11 @@ class Store:
 
     # --- public API ------------------------------------------------------------------------------
 
-    def pull(self, source: str, name: str | None = None, progress: bool = True) -> Manifest:
+    def pull(self, source: str, name: str | None = None, progress: bool = True, origin: str | None = None) -> Manifest:
         """Store a catalog model or a local .gguf / .onnx / Hugging Face folder under `name` (or its own name).
 
         Returns at once when the model is already stored from the same source and its blobs are intact.
+        `origin` replaces the source the manifest records (a model made in a scratch folder names what made it).
         """
         from deskpod.store.pull import resolve_source  # imports formats, which may import the store
 
@@ -69,7 +70,7 @@ class Store:
             created = datetime.now(timezone.utc).isoformat()  # before staging: later edits to a source show
             with self._workdir() as work:
                 staged = src.stage(work / "stage", progress)
-                manifest = _manifest(model, tag, staged, src.description, created)
+                manifest = _manifest(model, tag, staged, origin or src.description, created)
                 with self._store_lock(shared=True):
                     self._commit(manifest, [s.path for s in staged.files], work)
             if current and current.digest != manifest.digest:

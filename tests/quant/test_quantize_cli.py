@@ -43,6 +43,7 @@ def test_quantize_then_run(store, capsys):
     assert (manifest.format, manifest.architecture, manifest.quantization) == ("safetensors", "llama", "NVFP4")
     config = json.loads((store.model_dir(manifest) / "config.json").read_text())
     assert config["quantization_config"]["source"] == "tiny:latest"
+    assert manifest.source == "deskpod quantize tiny:latest --to nvfp4"  # not the scratch folder it was made in
     assert loader_for(manifest) is _load_llm  # `deskpod serve tiny-nvfp4` runs it with the LLM engine
     assert resolve("tiny-nvfp4").precision == "nvfp4"  # `deskpod plan` sizes it at its scheme's bits
 
