@@ -15,9 +15,9 @@ dominate, and no server comes near in-process onnxruntime.
 - deskpod: `deskpod serve --model-repository` on a repository holding that model, gRPC off, configured
   as a Triton user would for a 2-core CPU: dynamic batching (max_batch_size 4: this model runs fastest
   per image in small batches, its activations stay in cache; no queue delay: requests that arrive while
-  both instances are busy are batched, a lone request is not held back) over two instances
-  of one onnxruntime thread each (instance_group count 2, intra_op_thread_count 1), so two batches run
-  at once while the event loop handles HTTP; no access log.
+  the instance is busy are batched, a lone request is not held back), one instance whose onnxruntime
+  session uses every core (two single-threaded instances measured slower here: their convolutions
+  fight over the shared cache), no access log.
 - kserve: KServe's ModelServer with a kserve.Model whose predict() runs an onnxruntime session with its
   default threads (see benchmarks/peers/kserve_onnx_server.py; --kserve-threads 1 gives it one thread
   instead), bound to 127.0.0.1.
@@ -80,8 +80,7 @@ max_batch_size: 4
 input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]
 output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 0 }
-instance_group [ { count: 2 kind: KIND_CPU } ]
-parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+instance_group [ { count: 1 kind: KIND_CPU } ]
 """
 
 
