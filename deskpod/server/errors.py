@@ -92,6 +92,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
+        if request.url.path.startswith("/v2"):  # KServe v2 clients read Triton's {"error": "..."}
+            what = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+            return JSONResponse({"error": what}, exc.status_code, headers=dict(exc.headers or {}))
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {})).response()
 

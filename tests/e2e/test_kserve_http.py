@@ -230,6 +230,11 @@ def test_unknown_model_is_404(client, http) -> None:
     assert http.post("/v2/models/nope/versions/3/infer", content=b"{}").status_code == 404  # before the body
 
 
+def test_unknown_v2_route_answers_in_tritons_shape(http) -> None:
+    r = http.get("/v2/models/add_sub/no-such-thing")
+    assert r.status_code == 404 and r.json() == {"error": "no route GET /v2/models/add_sub/no-such-thing"}
+
+
 def test_body_that_is_not_json_is_400(http) -> None:
     r = http.post("/v2/models/add_sub/infer", content=b"{inputs: oops")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
