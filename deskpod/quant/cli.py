@@ -47,7 +47,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from deskpod.errors import InvalidModelName, UnsupportedModel
-    from deskpod.quant.convert import check_scheme
+    from deskpod.quant.convert import check_scheme, open_source
     from deskpod.store import Store
     from deskpod.store.names import parse_name
 
@@ -61,6 +61,7 @@ def quantize_command(args: argparse.Namespace) -> int:
         raise UnsupportedModel(f"{manifest.ref} is in {manifest.format} format; `deskpod quantize` converts GGUF and "
                                "safetensors Llama models")
     source = store.model_file(manifest) if manifest.primary is not None else store.model_dir(manifest)
+    open_source(source, manifest.ref)  # refuses an unsuitable model (already quantized, not Llama) before any progress bar
     with tempfile.TemporaryDirectory(prefix="deskpod-quantize-") as tmp:
         folder = Path(tmp) / new_name.replace(":", "-")
         report = _convert_with_progress(source, folder, args, manifest.ref)
