@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import gguf
 
 from deskpod.errors import CorruptModel, ModelNotFound, UnsupportedModel
 from deskpod.formats.gguf import GGUF_MAGIC, GGUFFile
+from deskpod.formats.safetensors import read_config, read_header
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def _read_safetensors(path: Path) -> ModelMeta:
     weights = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not weights:
         raise UnsupportedModel(f"{path}: no *.safetensors weights in this folder")
-    config = _read_config(path) if path.is_dir() else {}
+    config = read_config(path) if path.is_dir() else {}
     text = {**config, **(config.get("text_config") or {})}  # multimodal configs nest the LLM
     counts: Counter[str] = Counter()
     for file in weights:
@@ -145,40 +145,11 @@ def _read_safetensors(path: Path) -> ModelMeta:
     )
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    config = folder / "config.json"
-    if not config.is_file():
-        raise UnsupportedModel(f"{folder}: a safetensors model folder needs a config.json")
-    try:
-        data = json.loads(config.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptModel(f"{config}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CorruptModel(f"{config}: expected a JSON object")
-    return data
-
-
 def _safetensors_counts(file: Path) -> Counter[str]:
-    """Parameter count per dtype, from the header alone (8-byte length + JSON; no tensor bytes read)."""
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        prefix = f.read(8)
-        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise CorruptModel(f"{file}: truncated safetensors (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptModel(f"{file}: safetensors header is not valid JSON ({e})") from e
+    """Parameter count per dtype, from the header alone (no tensor bytes read)."""
     counts: Counter[str] = Counter()
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    try:
-        for name, info in tensors.items():
-            if info["data_offsets"][1] > size - 8 - n:
-                raise CorruptModel(f"{file}: truncated safetensors: tensor {name!r} ends past the end of the file")
-            counts[info["dtype"]] += math.prod(info["shape"])
-    except (KeyError, TypeError, IndexError) as e:
-        raise CorruptModel(f"{file}: malformed safetensors header ({type(e).__name__}: {e})") from e
+    for entry in read_header(file).values():
+        counts[entry.dtype] += math.prod(entry.shape)
     return counts
 
 

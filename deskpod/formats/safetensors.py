@@ -10,12 +10,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Any
 
 from deskpod.errors import CorruptModel, UnsupportedModel
+
+if TYPE_CHECKING:  # header reading stays light: `deskpod list` reads metadata without torch
+    import torch
 
 # safetensors dtype names -> bytes per element
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -62,6 +62,8 @@ class SafetensorsFolder:
         if entry is None:
             raise CorruptModel(f"{self.path}: tensor {name!r} is missing")
         if entry.file not in self._handles:
+            from safetensors import safe_open
+
             self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
         return self._handles[entry.file].get_tensor(name)
 
