@@ -221,10 +221,11 @@ def instance_count(config: mc.ModelConfig) -> int:
     return sum(max(group.count, 1) for group in config.instance_group) or 1
 
 
-def config_to_dict(config: mc.ModelConfig) -> dict:
-    """The config as Triton's JSON: field names as in config.pbtxt, defaults included, 64-bit ints as numbers."""
+def config_to_dict(config: mc.ModelConfig, defaults: bool = True) -> dict:
+    """The config as Triton's JSON: field names as in config.pbtxt, enums by name, 64-bit ints as numbers;
+    fields left at their defaults are written too unless `defaults` is False."""
     data = json_format.MessageToDict(
-        config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        config, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults
     )
     return _ints_as_numbers(config, data)
 

@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor as F
 from tritonclient.grpc import model_config_pb2 as mc
 
 from deskpod import __version__
+from deskpod.backends.config import config_to_dict
 from deskpod.backends.types import InferRequest, InferResponse
 from deskpod.errors import InvalidRequest, ModelNotFound
 from deskpod.server.kserve.llm import VERSION as LLM_VERSION
@@ -151,33 +150,4 @@ class KServeServing:
         return engine
 
     def config_dict(self, name: str, version: str = "") -> dict[str, Any]:
-        return config_to_dict(self.model_config(name, version))
-
-
-def config_to_dict(config: mc.ModelConfig) -> dict[str, Any]:
-    """Triton's JSON for a ModelConfig: proto field names, enums by name, 64-bit integers as numbers
-    (json_format would write them as strings)."""
-    return _int64_as_numbers(config, json_format.MessageToDict(config, preserving_proto_field_name=True))
-
-
-_INT64 = {F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_SINT64, F.TYPE_FIXED64, F.TYPE_SFIXED64}
-
-
-def _int64_as_numbers(message: Any, data: Any) -> Any:
-    """Walk `data` (MessageToDict of `message`) beside the message, turning 64-bit integer fields back into ints."""
-    for field in message.DESCRIPTOR.fields:
-        if field.name not in data:
-            continue
-        value = getattr(message, field.name)
-        if field.type in _INT64:
-            data[field.name] = [int(v) for v in data[field.name]] if field.is_repeated else int(data[field.name])
-        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            for key, item in value.items():
-                if value_field.message_type is not None:
-                    _int64_as_numbers(item, data[field.name][str(key)])
-        elif field.message_type is not None:
-            items = zip(value, data[field.name]) if field.is_repeated else [(value, data[field.name])]
-            for sub, sub_data in items:
-                _int64_as_numbers(sub, sub_data)
-    return data
+        return config_to_dict(self.model_config(name, version), defaults=False)

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import model_config_pb2 as mc
 
+from deskpod.backends.config import config_to_dict
 from deskpod.engine.sampler import InvalidSamplingParams
 from deskpod.engine.scheduler import QueueFull
 from deskpod.errors import (
@@ -26,7 +27,6 @@ from deskpod.server.errors import APIError
 from deskpod.server.kserve.errors import RequestTooLarge, classify
 from deskpod.server.kserve.llm import sampling_params
 from deskpod.server.kserve.metrics import NV_METRICS, TritonCollector
-from deskpod.server.kserve.serving import config_to_dict
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -62,7 +62,7 @@ def test_config_json_is_tritons() -> None:
         version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[1, 3])),
     )
     config.parameters["k"].string_value = "v"
-    data = config_to_dict(config)
+    data = config_to_dict(config, defaults=False)  # what GET .../config answers
     assert data["input"][0] == {"name": "x", "data_type": "TYPE_FP32", "dims": [3, -1]}
     assert data["dynamic_batching"] == {"preferred_batch_size": [4], "max_queue_delay_microseconds": 100}
     assert data["version_policy"]["specific"]["versions"] == [1, 3]
