@@ -104,11 +104,15 @@ def model_shape(name: str | Path, cfg: LlamaConfig, architecture: str = "llama")
     )
 
 
-def admit(gguf: GGUFFile, cfg: LlamaConfig, mode: str, context: int, name: str | None = None) -> MemoryPlan:
+def admit_shape(shape: ModelShape, weight_bytes: int, context: int) -> MemoryPlan:
     """Refuses (DoesNotFit, with the breakdown and the ways out) a model that cannot fit in the memory
-    free right now, with the same functions `deskpod plan` uses."""
+    free right now, with the same functions `deskpod plan` uses; every loader admits through here."""
+    return check_fits(shape, weight_bytes, context, available_memory_bytes(), kv_dtype_bytes=KV_DTYPE_BYTES)
+
+
+def admit(gguf: GGUFFile, cfg: LlamaConfig, mode: str, context: int, name: str | None = None) -> MemoryPlan:
     shape = model_shape(name or gguf.path.name, cfg, gguf.architecture)
-    return check_fits(shape, planned_weight_bytes(gguf, mode), context, available_memory_bytes(), kv_dtype_bytes=KV_DTYPE_BYTES)
+    return admit_shape(shape, planned_weight_bytes(gguf, mode), context)
 
 
 class _Weights:

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from deskpod.engine.loader import (
-    KV_DTYPE_BYTES,
     WEIGHT_MODES,
     DenseLinear,
     LoadedModel,
+    admit_shape,
     embedding_lookup,
     model_shape,
 )
@@ -36,8 +36,7 @@ from deskpod.engine.models.llama import (
 from deskpod.engine.tokenizer import Tokenizer
 from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.safetensors import FLOAT_DTYPES, SafetensorsFolder
-from deskpod.plan.capacity import MemoryPlan, check_fits
-from deskpod.plan.devices import available_memory_bytes
+from deskpod.plan.capacity import MemoryPlan
 from deskpod.quant.ggml import GROUP, I8Linear
 from deskpod.quant.kernels import ggml_cpu
 
@@ -212,7 +211,7 @@ def planned_weight_bytes(folder: SafetensorsFolder) -> int:
 
 def admit(folder: SafetensorsFolder, cfg: LlamaConfig, context: int, name: str | None) -> MemoryPlan:
     shape = model_shape(name or folder.path.name, cfg, str(folder.config.get("model_type")))
-    return check_fits(shape, planned_weight_bytes(folder), context, available_memory_bytes(), kv_dtype_bytes=KV_DTYPE_BYTES)
+    return admit_shape(shape, planned_weight_bytes(folder), context)
 
 
 def load_safetensors(path: str | Path, mode: str = "compact", context: int | None = None, name: str | None = None) -> LoadedModel:
