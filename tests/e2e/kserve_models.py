@@ -15,25 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
+from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
+from backend_models import ADD_SUB_CONFIG as BACKENDS_ADD_SUB_CONFIG
 from backend_models import PY_ADD_SUB, PY_ADD_SUB_CONFIG, add_sub_onnx, write_model
 
 WIDTH = 4
 API_KEY = "kserve-secret"
+PROMPT = "The three primary colours are"  # for SmolLM2, served beside the repository
 MAX_REQUEST_MB = 1
 
 # tests/backends' add_sub with a longer queue delay: 16 requests from one client arrive over a few ms,
 # and the batching test needs them to meet in the queue
-ADD_SUB_CONFIG = """
-name: "add_sub"
-backend: "onnxruntime"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "INPUT1" data_type: TYPE_FP32 dims: [ 4 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 4 ] } ]
-dynamic_batching { max_queue_delay_microseconds: 20000 }
-"""
+ADD_SUB_CONFIG = BACKENDS_ADD_SUB_CONFIG.replace("max_queue_delay_microseconds: 2000 ", "max_queue_delay_microseconds: 20000 ")
+assert ADD_SUB_CONFIG != BACKENDS_ADD_SUB_CONFIG
 
 LINEAR_CONFIG = """
 name: "linear"
@@ -127,6 +125,13 @@ def build_repository(root: Path) -> Path:
     (root / "pipeline" / "1").mkdir()
     write_model(root, "broken", BROKEN_CONFIG, {"1/model.onnx": b"this is not an ONNX model"})
     return root
+
+
+def refused(call) -> InferenceServerException:
+    """The error a tritonclient call raises (either protocol)."""
+    with pytest.raises(InferenceServerException) as e:
+        call()
+    return e.value
 
 
 def pair(batch: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

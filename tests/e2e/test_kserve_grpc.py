@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kserve_models import API_KEY, MAX_REQUEST_MB, linear_reference, pair, shared_server
+from kserve_models import (
+    API_KEY,
+    MAX_REQUEST_MB,
+    PROMPT,
+    linear_reference,
+    pair,
+    refused,
+    shared_server,
+)
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException
-
-PROMPT = "The three primary colours are"
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +47,6 @@ def inputs(names: tuple[str, ...], arrays: tuple[np.ndarray, ...], datatype: str
         i.set_data_from_numpy(array)
         made.append(i)
     return made
-
-
-def refused(call) -> InferenceServerException:
-    with pytest.raises(InferenceServerException) as e:
-        call()
-    return e.value
 
 
 def test_server_live_ready_metadata_and_health(client, channel) -> None:

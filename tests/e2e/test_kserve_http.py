@@ -11,11 +11,16 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from kserve_models import API_KEY, MAX_REQUEST_MB, linear_reference, pair, shared_server
+from kserve_models import (
+    API_KEY,
+    MAX_REQUEST_MB,
+    PROMPT,
+    linear_reference,
+    pair,
+    refused,
+    shared_server,
+)
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.utils import InferenceServerException
-
-PROMPT = "The three primary colours are"
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +48,6 @@ def inputs(names: tuple[str, ...], arrays: tuple[np.ndarray, ...], binary: bool 
         i.set_data_from_numpy(array, binary_data=binary)
         made.append(i)
     return made
-
-
-def refused(call) -> InferenceServerException:
-    with pytest.raises(InferenceServerException) as e:
-        call()
-    return e.value
 
 
 # --- server and models ---------------------------------------------------------------------------
