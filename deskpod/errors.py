@@ -35,3 +35,7 @@ class ModelNotReady(DeskpodError):
 
 class BackendError(DeskpodError):
     """A model's own code failed while executing a request (the server answers 500; other requests go on)."""
+
+
+class GenerationFailed(DeskpodError):
+    """The engine failed on this request's share of a step; the other requests go on (the server answers 500)."""

@@ -12,13 +12,16 @@ import collections
 import itertools
 import logging
 import threading
+from dataclasses import replace
 from typing import AsyncIterator, Callable
 
-from deskpod.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
+from deskpod.engine.config import EngineConfig
+from deskpod.engine.engine import EngineStats, LLMEngine, RequestOutput
 from deskpod.engine.llm import resolve_model_file
 from deskpod.engine.loader import load_model
 from deskpod.engine.runner import TokenLogprob
 from deskpod.engine.sampler import SamplingParams
+from deskpod.errors import GenerationFailed
 
 __all__ = ["AsyncLLM", "RequestOutput", "TokenLogprob"]
 log = logging.getLogger(__name__)
@@ -47,13 +50,11 @@ class AsyncLLM:
         self.max_context = self.engine.context
 
     @classmethod
-    def from_model(cls, name_or_path: str, *, memory_fraction: float | None = None, kv_cache_gb: float | None = None,
-                   max_num_seqs: int = 32, max_waiting: int = 256, context: int | None = None,
-                   max_num_batched_tokens: int = 512) -> AsyncLLM:
+    def from_model(cls, name_or_path: str, config: EngineConfig = EngineConfig(), **settings) -> AsyncLLM:
+        """The engine for a store model or a model file; `settings` override fields of `config`."""
+        config = replace(config, **settings)
         path = resolve_model_file(name_or_path)
-        config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
-                              memory_fraction=memory_fraction, kv_cache_gb=kv_cache_gb, context=context)
-        return cls(lambda: LLMEngine(load_model(path, context=context, name=name_or_path), config), name_or_path)
+        return cls(lambda: LLMEngine(load_model(path, config, name=name_or_path), config), name_or_path)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         return self.engine.chat_prompt(messages)  # reads only the tokenizer: safe beside a running step
@@ -124,7 +125,8 @@ class AsyncLLM:
                 continue
             self._stats = self.engine.stats()  # before delivering: a finished request sees itself counted out
             for out in outputs:
-                self._deliver(out.request_id, out)
+                failure = GenerationFailed(f"generation failed for this request: {out.error}") if out.error else None
+                self._deliver(out.request_id, failure or out)
                 if out.finish_reason is not None:
                     self._streams.pop(out.request_id, None)
 
@@ -145,9 +147,11 @@ class AsyncLLM:
         self._stats = self.engine.stats()
 
     def _fail_running(self, error: Exception) -> None:
+        """A step failed outside any one request's share (the runner isolates those): a bug in the engine's
+        own bookkeeping. What it held cannot be trusted, so its requests end with the error."""
         for request_id in list(self.engine.scheduler.requests):
             self.engine.abort(request_id)
-            self._deliver(request_id, RuntimeError(f"the engine failed on this request: {error}"))
+            self._deliver(request_id, GenerationFailed(f"the engine failed: {type(error).__name__}: {error}"))
             self._streams.pop(request_id, None)
 
     def _deliver(self, request_id: str, item) -> None:

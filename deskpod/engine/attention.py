@@ -8,7 +8,7 @@ attended to together; each prefill chunk (several tokens of one sequence) is att
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,8 +31,20 @@ class PagedKVCache:
 class PrefillChunk:
     rows: slice  # its tokens' rows in the batch
     block_table: torch.Tensor  # [blocks covering the context] long
+    start: int  # position of its first token
     context_len: int  # keys visible to its last token
-    hidden: torch.Tensor  # [T, context_len] True where a query must not see a key (the future)
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # built once per pass, used by every layer
+
+    def hidden(self, first_key: int, window: int) -> torch.Tensor:
+        """[T, context_len - first_key] True where a query must not see key first_key + j: the future, and
+        with a sliding window, keys `window` or more positions back."""
+        if (first_key, window) not in self._masks:
+            device = self.block_table.device
+            q_pos = torch.arange(self.start, self.context_len, device=device)[:, None]
+            k_pos = torch.arange(first_key, self.context_len, device=device)[None, :]
+            hidden = k_pos > q_pos
+            self._masks[first_key, window] = hidden | (q_pos - k_pos >= window) if window else hidden
+        return self._masks[first_key, window]
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,15 @@ class AttentionBatch:
     def all_decode(self) -> bool:
         return not self.prefills
 
+    def to(self, device: torch.device) -> AttentionBatch:
+        """The same batch with its index tensors on `device` (the model's)."""
+        if device.type == "cpu":
+            return self
+        move = {f: getattr(self, f).to(device) for f in ("positions", "slots", "decode_rows", "decode_block_tables",
+                                                         "decode_context_lens", "logit_rows")}
+        chunks = tuple(PrefillChunk(c.rows, c.block_table.to(device), c.start, c.context_len) for c in self.prefills)
+        return AttentionBatch(**move, prefills=chunks)
+
     @classmethod
     def build(cls, sequences: list[tuple[int, int, list[int], bool]], block_size: int) -> AttentionBatch:
         """sequences: (num_tokens, start position, block table, wants logits) for each, in batch order."""
@@ -67,9 +88,7 @@ class AttentionBatch:
                 decode_tables.append(used)
                 decode_lens.append(end)
             else:
-                q_pos = torch.arange(start, end)
-                hidden = torch.arange(end)[None, :] > q_pos[:, None]
-                prefills.append(PrefillChunk(slice(row, row + n), torch.tensor(used), end, hidden))
+                prefills.append(PrefillChunk(slice(row, row + n), torch.tensor(used), start, end))
             if wants_logits:
                 logit_rows.append(row + n - 1)
             row += n
@@ -93,40 +112,51 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, heads, head_dim], one query per sequence -> [B, heads, head_dim]."""
+                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q: [B, heads, head_dim], one query per sequence -> [B, heads, head_dim]. With a window, each query sees
+    only the last `window` keys of its sequence (itself included); softcap: scores -> c · tanh(scores / c)."""
     kernels = ggml_cpu() if q.device.type == "cpu" and q.dtype == torch.float32 else None
     if kernels is not None:  # reads keys in place, block by block: no gathered copy of the context
-        return kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
-    return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
+                                              window, softcap)
+    return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
 
 
-def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """The same in plain PyTorch (any device): gather each sequence's blocks, mask past its length."""
+def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, softcap=0.0):
+    """The same in plain PyTorch (any device): gather each sequence's blocks, mask what it must not see."""
     B, H, D = q.shape
     kv_heads = k_cache.shape[2]
     keys = k_cache[block_tables].flatten(1, 2)  # [B, S, kv_heads, D]
     values = v_cache[block_tables].flatten(1, 2)
     S = keys.shape[1]
     q = q.view(B, kv_heads, H // kv_heads, D)
-    scores = torch.einsum("bkgd,bskd->bkgs", q, keys) * scale
-    beyond = torch.arange(S, device=q.device)[None, :] >= context_lens[:, None]  # [B, S]
+    scores = _softcapped(torch.einsum("bkgd,bskd->bkgs", q, keys).float() * scale, softcap)
+    key_pos = torch.arange(S, device=q.device)[None, :]
+    beyond = key_pos >= context_lens[:, None]  # [B, S]
+    if window:
+        beyond |= key_pos < context_lens[:, None] - window
     scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     values = values.masked_fill(beyond[:, :, None, None], 0.0)  # never-written slots may hold NaN
-    return torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), values).reshape(B, H, D)
+    return torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1).to(values.dtype), values).reshape(B, H, D)
+
+
+def _softcapped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    return torch.tanh(scores / softcap) * softcap if softcap else scores
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PrefillChunk,
-                      scale: float) -> torch.Tensor:
-    """q: [T, heads, head_dim], the chunk's queries (causal within the sequence) -> [T, heads, head_dim]."""
+                      scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q: [T, heads, head_dim], the chunk's queries (causal within the sequence, within `window` keys of each
+    query when there is one) -> [T, heads, head_dim]."""
     T, H, D = q.shape
     kv_heads = k_cache.shape[2]
     group = H // kv_heads
-    keys = k_cache[chunk.block_table].flatten(0, 1)[: chunk.context_len].transpose(0, 1)  # [kv_heads, S, D]
-    values = v_cache[chunk.block_table].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
+    first = max(0, chunk.start - window + 1) if window else 0  # keys before it are out of every query's window
+    keys = k_cache[chunk.block_table].flatten(0, 1)[first : chunk.context_len].transpose(0, 1)  # [kv_heads, S, D]
+    values = v_cache[chunk.block_table].flatten(0, 1)[first : chunk.context_len].transpose(0, 1)
     # queries grouped by the kv head they share: [kv_heads, group * T, D]
     qg = q.view(T, kv_heads, group, D).permute(1, 2, 0, 3).reshape(kv_heads, group * T, D)
     scores = torch.baddbmm(qg.new_zeros(1, 1, 1), qg, keys.transpose(1, 2), beta=0, alpha=scale)
-    scores = scores.masked_fill(chunk.hidden.repeat(group, 1), float("-inf"))
+    scores = _softcapped(scores, softcap).masked_fill(chunk.hidden(first, window).repeat(group, 1), float("-inf"))
     out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [kv_heads, group * T, D]
     return out.view(kv_heads, group, T, D).permute(2, 0, 1, 3).reshape(T, H, D)

@@ -11,7 +11,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from deskpod.engine.loader import KV_DTYPE_BYTES, LoadedModel, model_shape
+from deskpod.engine.config import EngineConfig
+from deskpod.engine.loader import LoadedModel, kv_dtype_bytes, model_shape
 from deskpod.engine.request import Request, RequestStatus
 from deskpod.engine.runner import ModelRunner, TokenLogprob
 from deskpod.engine.sampler import SamplingParams
@@ -26,23 +27,6 @@ from deskpod.plan.devices import available_memory_bytes
 DEFAULT_MEMORY_FRACTION = 0.5
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512  # per step: the prefill chunk budget
-    max_waiting: int = 256
-    block_size: int = 16
-    memory_fraction: float | None = None  # share of free memory for the KV pool
-    kv_cache_gb: float | None = None  # or an absolute size
-    context: int | None = None  # per-request token limit (default: the model's)
-
-    def __post_init__(self):
-        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
-            raise DeskpodError(f"memory fraction must be in (0, 1], got {self.memory_fraction}")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise DeskpodError(f"the KV cache size must be positive, got {self.kv_cache_gb} GB")
-
-
 FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
                   RequestStatus.FINISHED_CANCELLED: "abort"}
 
@@ -54,12 +38,13 @@ class RequestOutput:
     request_id: str
     token_ids: list[int]  # new this step
     text: str  # new this step
-    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    finish_reason: str | None  # None while running; "stop", "length", "abort", or "error" (see `error`)
     logprobs: list[TokenLogprob] | None
     num_prompt_tokens: int
     num_output_tokens: int
     arrival_time: float
     first_token_time: float | None
+    error: str | None = None  # why the engine failed on this request (finish_reason "error"); the others go on
 
 
 @dataclass(frozen=True)
@@ -89,8 +74,9 @@ class _Tracked:
 def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
     """KV blocks from the budget: `kv_cache_gb`, else a share of the memory free now (weights loaded)."""
     budget = config.kv_cache_gb * 1e9 if config.kv_cache_gb else available_memory_bytes() * (config.memory_fraction or DEFAULT_MEMORY_FRACTION)
-    blocks = kv_blocks_for(model_shape(loaded.path, loaded.config), int(budget), config.block_size, KV_DTYPE_BYTES)
-    context = min(config.context or loaded.config.max_context, loaded.config.max_context)
+    shape = model_shape(loaded.spec, loaded.label)
+    blocks = kv_blocks_for(shape, int(budget), config.block_size, kv_dtype_bytes(config))
+    context = min(config.context_for(loaded.spec.max_context), loaded.context)
     needed = -(-context // config.block_size)
     if blocks < needed:
         raise DeskpodError(
@@ -104,12 +90,12 @@ def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), num_blocks: int | None = None):
         self.loaded, self.config, self.tokenizer = loaded, config, loaded.tokenizer
-        self.context = min(config.context or loaded.config.max_context, loaded.config.max_context)
+        self.context = min(config.context_for(loaded.spec.max_context), loaded.context)
         num_blocks = num_blocks or kv_pool_blocks(loaded, config)
         sched = SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
                                 config.max_waiting, config.block_size, num_blocks)
         self.scheduler = Scheduler(sched, self._stop_check)
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded, num_blocks, config)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._prompt_tokens = self._generated_tokens = 0
@@ -119,9 +105,10 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         check_prompt(len(prompt_ids), self.context)
-        bad = [t for t in prompt_ids if not 0 <= t < self.loaded.config.vocab_size]
+        vocab = self.loaded.spec.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.loaded.config.vocab_size - 1})")
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         request_id = request_id or f"req-{next(self._ids)}"
         self.scheduler.add(Request(request_id, list(prompt_ids), params))  # QueueFull when the queue is full
         self._tracked[request_id] = _Tracked(params, TextStream(self.tokenizer, params.stop))
@@ -138,8 +125,21 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         result = self.runner.execute(out)
+        failed = [self._failed(request_id, why) for request_id, why in result.failed.items()]
         advanced = self.scheduler.update(out, result.tokens)
-        return [self._output(r, result.logprobs.get(r.request_id)) for r in advanced]
+        return [f for f in failed if f] + [self._output(r, result.logprobs.get(r.request_id)) for r in advanced]
+
+    def _failed(self, request_id: str, why: str) -> RequestOutput | None:
+        """End a request whose share of the step failed (the scheduler forgets it, its blocks are freed)."""
+        request, tracked = self.scheduler.requests.get(request_id), self._tracked.pop(request_id, None)
+        if request is None or tracked is None:
+            return None
+        self.scheduler.cancel(request_id)
+        return RequestOutput(
+            request_id=request_id, token_ids=[], text="", finish_reason="error", logprobs=None,
+            num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=len(request.output_token_ids),
+            arrival_time=tracked.arrival, first_token_time=tracked.first_token, error=why,
+        )
 
     def stats(self) -> EngineStats:
         pool = self.scheduler.pool

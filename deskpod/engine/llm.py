@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from deskpod.engine.config import EngineConfig
 from deskpod.engine.generate import Completion, generate, generate_batch, stream
 from deskpod.engine.loader import LoadedModel, load_model
 from deskpod.engine.sampler import SamplingParams
@@ -32,12 +34,14 @@ def resolve_model_file(model: str, progress: bool = False) -> Path:
 
 
 class LLM:
-    def __init__(self, model: str, *, weights: str = "compact", context: int | None = None, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)
-        self.loaded: LoadedModel = load_model(resolve_model_file(model), weights, context, name=model)
+    def __init__(self, model: str, config: EngineConfig = EngineConfig(), **settings):
+        """A store model (pulled first when it is a catalog name) or a model file, loaded now; `settings` override
+        fields of `config` (LLM("smollm2", weights="float32", context=2048))."""
+        self.config = replace(config, **settings)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.loaded: LoadedModel = load_model(resolve_model_file(model), self.config, name=model)
         self.tokenizer = self.loaded.tokenizer
-        self.context = context
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages)
@@ -49,13 +53,13 @@ class LLM:
         """Completions for one prompt or a list of them (text or token ids), in order."""
         params = params or SamplingParams()
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
-        return generate_batch(self.loaded, [self.prompt_ids(p) for p in batch], params, self.context)
+        return generate_batch(self.loaded, [self.prompt_ids(p) for p in batch], params, self.config)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
-        return generate(self.loaded, self.chat_prompt(messages), params or SamplingParams(), self.context)
+        return generate(self.loaded, self.chat_prompt(messages), params or SamplingParams(), self.config)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
-        return stream(self.loaded, prompt_ids, params, self.context)
+        return stream(self.loaded, prompt_ids, params, self.config)
 
 
 def _is_ids(value) -> bool:

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from deskpod.errors import CorruptModel
+from deskpod.formats.spec import ModelSpec, SpecError, spec_from_gguf
+from deskpod.formats.weights import BlockTensor, StoredTensor, WeightSource, spec_error
 
 GGUF_MAGIC = b"GGUF"
 
@@ -45,15 +47,16 @@ class GGUFFile:
     per vocabulary entry: for a 49k-token vocabulary that is 3 s and 170 MB before any weight is read.
     Types, block sizes and dequantization still come from the `gguf` package."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, label: str | None = None):
         self.path = Path(path)
-        _check_magic(self.path)
+        self.label = label or str(path)  # how errors name it: the model as the user typed it, else the path
+        _check_magic(self.path, self.label)
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         try:
             self.metadata, self._tensors = _Header(self._data).parse()
-        except (struct.error, IndexError, ValueError, UnicodeDecodeError, OverflowError) as e:
+        except (struct.error, IndexError, ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
             raise CorruptModel(
-                f"{self.path}: truncated or damaged GGUF header ({self._data.size:,} bytes; {type(e).__name__}: {e})"
+                f"{self.label}: truncated or damaged GGUF header ({self._data.size:,} bytes; {type(e).__name__}: {e})"
             ) from None
         self._check_tensor_data()
 
@@ -61,7 +64,7 @@ class GGUFFile:
         for name, info in self._tensors.items():
             if info.offset + info.n_bytes > self._data.size:
                 raise CorruptModel(
-                    f"{self.path}: truncated: tensor {name!r} ends at byte {info.offset + info.n_bytes:,} "
+                    f"{self.label}: truncated: tensor {name!r} ends at byte {info.offset + info.n_bytes:,} "
                     f"but the file has {self._data.size:,} bytes"
                 )
 
@@ -104,14 +107,14 @@ class GGUFFile:
         try:
             values = dequantize(raw.data, GGMLQuantizationType[raw.ggml_type])
         except NotImplementedError:
-            raise CorruptModel(f"{self.path}: tensor {name!r} has type {raw.ggml_type}, which deskpod cannot read") from None
+            raise CorruptModel(f"{self.label}: tensor {name!r} has type {raw.ggml_type}, which deskpod cannot read") from None
         return np.asarray(values, dtype=np.float32).reshape(raw.shape)
 
     def _tensor(self, name: str) -> _TensorInfo:
         try:
             return self._tensors[name]
         except KeyError:
-            raise CorruptModel(f"{self.path}: tensor {name!r} is missing") from None
+            raise CorruptModel(f"{self.label}: tensor {name!r} is missing") from None
 
 
 # Plain (unblocked) tensor types and their numpy dtypes; every other type is read as bytes.
@@ -194,11 +197,81 @@ class _Header:
         return metadata, tensors
 
 
-def _check_magic(path: Path) -> None:
+def _check_magic(path: Path, label: str) -> None:
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise CorruptModel(f"{path}: cannot open ({e.strerror})") from None
+        raise CorruptModel(f"{label}: cannot open ({e.strerror})") from None
     if head != GGUF_MAGIC:
-        raise CorruptModel(f"{path}: not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
+        raise CorruptModel(f"{label}: not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
+
+
+# --- as a weight source ---------------------------------------------------------------------------
+
+# Architectures whose q/k rows llama.cpp's converter interleaves (RoPE on adjacent pairs: its "norm" rope
+# type): read back in Hugging Face's rotate-half order. The others (qwen2, qwen3, gemma*, phi3: "neox")
+# are stored as Hugging Face has them.
+INTERLEAVED_QK = frozenset({"llama"})
+QK_TENSORS = ("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")
+
+
+def rotate_half_order(rows: int, heads: int) -> np.ndarray:
+    """Row order taking a head's rows from interleaved pairs (x0, x1), (x2, x3), ... to rotate-half order
+    (the inverse of llama.cpp's `permute`): output row j of each half gathers pair j's element."""
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class GGUFFloatTensor(StoredTensor):
+    file: GGUFFile
+
+    def float(self):
+        import torch
+
+        values = np.ascontiguousarray(self._ordered(self.file.dequantize(self.name)))
+        return torch.from_numpy(values if values.flags.writeable else values.copy())  # never a view of the file
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class GGUFBlockTensor(BlockTensor):
+    file: GGUFFile
+
+    def float(self):
+        return GGUFFloatTensor.float(self)  # type: ignore[arg-type]  # the same reading
+
+    def blocks(self) -> np.ndarray:
+        return self._ordered(self.file.raw(self.name).data)
+
+
+class GGUFWeights(WeightSource):
+    """A GGUF file as a weight source: llama.cpp's tensor names are the canonical ones already."""
+
+    format = "gguf"
+
+    def __init__(self, path: str | Path, label: str | None = None):
+        self.gguf = GGUFFile(path, label)
+        label = self.gguf.label
+        try:
+            spec = spec_from_gguf(self.gguf.metadata, self.gguf.has_tensor("output.weight"), label)
+        except SpecError as e:
+            raise spec_error(label, "the GGUF metadata", e) from None
+        tensors = {info.name: _stored(self.gguf, info) for info in self.gguf.tensors()}
+        if spec.architecture in INTERLEAVED_QK:
+            _to_rotate_half(tensors, spec)
+        super().__init__(label, spec, tensors)
+
+
+def _stored(file: GGUFFile, info: TensorInfo) -> StoredTensor:
+    kind = GGUFFloatTensor if info.ggml_type in FLOAT_TYPES else GGUFBlockTensor
+    return kind(info.name, info.shape, info.ggml_type, info.n_bytes, file=file)
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _to_rotate_half(tensors: dict[str, StoredTensor], spec: ModelSpec) -> None:
+    heads = {"attn_q": spec.num_heads, "attn_k": spec.num_kv_heads}
+    for name, tensor in tensors.items():
+        if name.startswith("blk.") and name.split(".", 2)[2] in QK_TENSORS:
+            tensors[name] = tensor.permute_rows(rotate_half_order(tensor.rows, heads[name.split(".")[2]]))

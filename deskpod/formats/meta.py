@@ -14,6 +14,7 @@ import gguf
 from deskpod.errors import CorruptModel, ModelNotFound, UnsupportedModel
 from deskpod.formats.gguf import GGUF_MAGIC, GGUFFile
 from deskpod.formats.safetensors import read_config, read_header
+from deskpod.formats.spec import ModelSpec, SpecError, spec_from_gguf, spec_from_hf_config
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,7 @@ class ModelMeta:
     parameters: int  # total parameter count (0 when unknown)
     quantization: str  # "Q4_1", "Q4_K_M", "F32", "BF16", "mixed", "unknown"
     context_length: int  # 0 when not applicable
-    # Transformer shape, 0 when unknown or not a decoder LLM; the planner and KV cache sizing use these.
-    num_layers: int = 0
-    hidden_size: int = 0
-    num_heads: int = 0
-    num_kv_heads: int = 0
-    head_dim: int = 0
-    vocab_size: int = 0
-    intermediate_size: int = 0
+    spec: ModelSpec | None = None  # what the engine and the planner read of it; None when not a transformer LM
 
 
 def read_meta(path: str | Path) -> ModelMeta:
@@ -70,33 +64,20 @@ def _detect(path: Path) -> str:
 
 # --- GGUF -------------------------------------------------------------------------------------
 
-# ModelMeta field -> GGUF key after "<architecture>."
-GGUF_KEYS = {
-    "context_length": "context_length",
-    "num_layers": "block_count",
-    "hidden_size": "embedding_length",
-    "num_heads": "attention.head_count",
-    "num_kv_heads": "attention.head_count_kv",
-    "head_dim": "attention.key_length",
-    "intermediate_size": "feed_forward_length",
-}
-
 
 def _read_gguf(path: Path) -> ModelMeta:
     model = GGUFFile(path)  # CorruptModel naming the file when it is truncated or damaged
-    shape = {field: _as_int(model.arch_value(key)) for field, key in GGUF_KEYS.items()}
-    tokens = model.metadata.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens is not None else _as_int(model.arch_value("vocab_size"))
     counts: Counter[str] = Counter()
     for tensor in model.tensors():
         counts[tensor.ggml_type] += tensor.n_elements
+    spec = _spec_or_none(lambda: spec_from_gguf(model.metadata, model.has_tensor("output.weight"), str(path)))
     return ModelMeta(
         format="gguf",
         architecture=model.architecture,
         parameters=sum(counts.values()),
         quantization=_gguf_quantization(model.metadata.get("general.file_type"), counts),
-        vocab_size=vocab,
-        **_with_derived_heads(shape),
+        context_length=spec.max_context if spec else _as_int(model.arch_value("context_length")),
+        spec=spec,
     )
 
 
@@ -110,17 +91,8 @@ def _gguf_quantization(file_type: Any, counts: Counter[str]) -> str:
 
 # --- safetensors ----------------------------------------------------------------------------------
 
-# ModelMeta field -> config.json keys, first present wins (names differ between model families)
-HF_KEYS = {
-    "context_length": ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"),
-    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-    "hidden_size": ("hidden_size", "n_embd", "d_model"),
-    "num_heads": ("num_attention_heads", "n_head"),
-    "num_kv_heads": ("num_key_value_heads",),
-    "head_dim": ("head_dim",),
-    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim"),
-    "vocab_size": ("vocab_size",),
-}
+# config.json's context length under the names model families give it, first present wins
+HF_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
 def _read_safetensors(path: Path) -> ModelMeta:
@@ -133,7 +105,6 @@ def _read_safetensors(path: Path) -> ModelMeta:
     for file in weights:
         for dtype, n in _safetensors_counts(file).items():
             counts[dtype] += n
-    shape = {field: _as_int(next((text[k] for k in keys if k in text), 0)) for field, keys in HF_KEYS.items()}
     quant = config.get("quantization_config") or {}
     quant_method = quant.get("scheme") or quant.get("quant_method")  # deskpod quantize records its scheme
     return ModelMeta(
@@ -141,7 +112,8 @@ def _read_safetensors(path: Path) -> ModelMeta:
         architecture=str(config.get("model_type") or "unknown"),
         parameters=int(quant.get("parameters") or sum(counts.values())),  # packed codes hide the true count
         quantization=str(quant_method).upper() if quant_method else _dominant(counts.items()),
-        **_with_derived_heads(shape),
+        context_length=_as_int(next((text[k] for k in HF_CONTEXT_KEYS if k in text), 0)),
+        spec=_spec_or_none(lambda: spec_from_hf_config(config, str(path))) if config else None,
     )
 
 
@@ -172,13 +144,13 @@ def _as_int(value: Any) -> int:
     return int(value or 0)
 
 
-def _with_derived_heads(shape: dict[str, int]) -> dict[str, int]:
-    heads = shape["num_heads"]
-    return {
-        **shape,
-        "num_kv_heads": shape["num_kv_heads"] or heads,
-        "head_dim": shape["head_dim"] or (shape["hidden_size"] // heads if heads else 0),
-    }
+def _spec_or_none(read: Callable[[], ModelSpec]) -> ModelSpec | None:
+    """The model's spec, or None when it is not a transformer LM the readers understand (an embedding model's
+    config, say): the engine refuses it then, with its own message."""
+    try:
+        return read()
+    except SpecError:
+        return None
 
 
 def _dominant(counts: Any) -> str:

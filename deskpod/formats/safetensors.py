@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deskpod.errors import CorruptModel, UnsupportedModel
+from deskpod.formats.weights import SchemeTensor, StoredTensor, WeightSource, spec_error
 
 if TYPE_CHECKING:  # header reading stays light: `deskpod list` reads metadata without torch
     import torch
@@ -104,3 +105,150 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
     except (KeyError, TypeError, IndexError, AttributeError) as e:
         raise CorruptModel(f"{file}: malformed safetensors header ({type(e).__name__}: {e})") from None
     return entries
+
+
+# --- as a weight source ---------------------------------------------------------------------------
+
+QUANT_METHOD = "deskpod"  # quantization_config.quant_method of the models `deskpod quantize` writes
+# The suffixes of a quantized module's tensors besides `.weight` (NVIDIA ModelOpt's naming)
+SCHEME_PARTS = ("weight_scale", "weight_scale_2", "weight_min")
+
+# Hugging Face module names -> canonical (llama.cpp's) names, inside model.layers.{i}. and at the top.
+HF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+}
+HF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# Gemma's blocks norm four times: its post_attention_layernorm comes after attention, not before the MLP.
+_GEMMA_NAMES = {**HF_LAYER_NAMES, "post_attention_layernorm": "post_attention_norm"}
+HF_ARCH_LAYER_NAMES = {"gemma2": _GEMMA_NAMES, "gemma3": _GEMMA_NAMES, "gemma3_text": _GEMMA_NAMES}
+# Gemma's norms multiply by (1 + w) and store w; canonical norm weights are the factor itself.
+NORM_OFFSET_ARCHS = frozenset({"gemma2", "gemma3", "gemma3_text"})
+# Multimodal checkpoints nest the language model; their vision tower is not deskpod's to run (text only).
+HF_NESTED = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.lm_head", "lm_head"))
+HF_VISION = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+HF_DERIVED = (".rotary_emb.inv_freq",)  # buffers older transformers saved; recomputed from the config
+
+
+def canonical_name(hf_name: str, architecture: str) -> str | None:
+    """llama.cpp's name for a Hugging Face tensor name; the name itself when there is none (the loader then
+    refuses it as unused), None for tensors that are not the language model's weights."""
+    for nested, plain in HF_NESTED:
+        if hf_name.startswith(nested):
+            hf_name = plain + hf_name.removeprefix(nested)
+    if hf_name.startswith(HF_VISION) or hf_name.endswith(HF_DERIVED):
+        return None
+    module, _, kind = hf_name.rpartition(".")
+    if module in HF_GLOBAL_NAMES:
+        return f"{HF_GLOBAL_NAMES[module]}.{kind}"
+    parts = module.split(".", 3)
+    names = HF_ARCH_LAYER_NAMES.get(architecture, HF_LAYER_NAMES)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in names:
+        return f"blk.{parts[2]}.{names[parts[3]]}.{kind}"
+    return hf_name
+
+
+def hf_module(canonical: str, architecture: str) -> str:
+    """The Hugging Face module name of a canonical tensor name (without .weight/.bias): the inverse of
+    canonical_name, for writing folders; names with no Hugging Face equivalent are kept as they are."""
+    module = canonical.rsplit(".", 1)[0]
+    top = {v: k for k, v in HF_GLOBAL_NAMES.items()}
+    if module in top:
+        return top[module]
+    parts = module.split(".", 2)
+    names = {v: k for k, v in reversed(HF_ARCH_LAYER_NAMES.get(architecture, HF_LAYER_NAMES).items())}
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}"
+    return module
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class SafetensorsFloatTensor(StoredTensor):
+    folder: SafetensorsFolder
+    stored_name: str
+    offset: float = 0.0  # added on reading (Gemma's norms)
+
+    @property
+    def file_name(self) -> str:
+        return self.stored_name
+
+    def float(self):
+        t = self._ordered(self.folder.get(self.stored_name).float())
+        return t + self.offset if self.offset else t
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class SafetensorsSchemeTensor(SchemeTensor):
+    folder: SafetensorsFolder
+    stored_names: dict[str, str]  # part ("weight", "weight_scale", ...) -> tensor name in the folder
+
+    @property
+    def file_name(self) -> str:
+        return self.stored_names["weight"]
+
+    def parts(self):
+        parts = {part: self.folder.get(name) for part, name in self.stored_names.items()}
+        return {part: t if t.dim() == 0 else self._ordered(t) for part, t in parts.items()}
+
+    def float(self):
+        raise TypeError(f"{self.name} is {self.dtype}-quantized: build a QuantizedTensor from its parts()")
+
+
+class SafetensorsWeights(WeightSource):
+    """A Hugging Face folder as a weight source: float tensors, or modules quantized by `deskpod quantize`
+    (`<module>.weight` + `.weight_scale` ...), renamed to llama.cpp's names."""
+
+    format = "safetensors"
+
+    def __init__(self, path: str | Path, label: str | None = None):
+        from deskpod.formats.spec import SpecError, spec_from_hf_config
+
+        self.folder = SafetensorsFolder(path)
+        label = label or str(path)
+        try:
+            spec = spec_from_hf_config(self.folder.config, label)
+        except SpecError as e:
+            raise spec_error(label, "config.json", e) from None
+        self.schemes = _schemes(self.folder.config, label)
+        super().__init__(label, spec, self._tensors_by_name(spec.architecture))
+
+    def _tensors_by_name(self, architecture: str) -> dict[str, StoredTensor]:
+        offset = 1.0 if architecture in NORM_OFFSET_ARCHS else 0.0
+        tensors: dict[str, StoredTensor] = {}
+        for hf_name, entry in self.folder.entries.items():
+            name = canonical_name(hf_name, architecture)
+            if name is None or hf_name.rpartition(".")[2] in SCHEME_PARTS:
+                continue
+            if self.folder.has(hf_name + "_scale"):  # "<module>.weight" with "<module>.weight_scale" beside it
+                tensors[name] = self._scheme_tensor(hf_name, name, entry)
+            else:
+                norm = offset if name.endswith("norm.weight") else 0.0
+                tensors[name] = SafetensorsFloatTensor(name, entry.shape, entry.dtype, entry.n_bytes, folder=self.folder,
+                                                       stored_name=hf_name, offset=norm)
+        return tensors
+
+    def _scheme_tensor(self, hf_name: str, name: str, entry: TensorEntry) -> StoredTensor:
+        module = hf_name.removesuffix(".weight")
+        stored = {"weight": hf_name, **{p: f"{module}.{p}" for p in SCHEME_PARTS if self.folder.has(f"{module}.{p}")}}
+        scheme = self.schemes.get(module, self.schemes.get(""))
+        if scheme is None:
+            raise CorruptModel(f"{self.label}: {module} is quantized but quantization_config names no scheme for it")
+        nbytes = sum(self.folder.entries[n].n_bytes for n in stored.values())
+        return SafetensorsSchemeTensor(name, entry.shape, scheme, nbytes, folder=self.folder, stored_names=stored)
+
+
+def _schemes(config: dict[str, Any], label: str) -> dict[str, str]:
+    """quantization_config -> {module: scheme}, the default under ""; {} for a float model."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return {}
+    if quant.get("quant_method") != QUANT_METHOD:
+        raise UnsupportedModel(
+            f"{label}: quantization method {quant.get('quant_method')!r} is not supported; deskpod runs float "
+            f"safetensors models and those written by `deskpod quantize` (quant_method {QUANT_METHOD!r})"
+        )
+    overrides = {m: s for m, s in (quant.get("overrides") or {}).items()}
+    return {"": quant["scheme"], **overrides} if quant.get("scheme") else overrides

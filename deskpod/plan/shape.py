@@ -2,8 +2,8 @@
 
 Every supported model is a stack of `num_layers` blocks, each an attention (grouped-query, RoPE) and a
 gated MLP (SwiGLU: gate, up, down), or a mixture of such MLPs ("experts") with a router. A shape comes
-from a GGUF's metadata (`from_meta`), a Hugging Face config.json (`from_hf_config`), the built-in
-table (`deskpod.plan.builtins`), or a bare size (`dense_of_size`).
+from a model file's spec (`from_spec`: a GGUF's metadata or a config.json, read by deskpod.formats.spec as
+the engine reads them), the built-in table (`deskpod.plan.builtins`), or a bare size (`dense_of_size`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deskpod.errors import DeskpodError
-from deskpod.formats.meta import ModelMeta
+from deskpod.formats.spec import ModelSpec, SpecError, spec_from_hf_config
 
 
 class InvalidPlanInput(DeskpodError):
@@ -104,59 +104,37 @@ class ModelShape:
     # -- constructors ----------------------------------------------------------------------------
 
     @classmethod
-    def from_meta(cls, meta: ModelMeta, name: str = "") -> ModelShape:
-        """The shape of a model whose metadata a format reader gave (dense models only: ModelMeta
-        carries no expert counts; MoE GGUFs go through `deskpod.plan.source`)."""
-        wanted = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size")
-        missing = [f for f in wanted if not getattr(meta, f)]
-        if missing:
-            raise InvalidPlanInput(f"{name or meta.architecture}: metadata lacks {', '.join(missing)}")
-        heads = meta.num_heads
+    def from_spec(cls, spec: ModelSpec, name: str = "", source: str = "") -> ModelShape:
+        """The shape of a model whose file a format reader described (deskpod.formats.spec): the same
+        reading the engine builds the model from."""
         return cls(
-            name=name or meta.architecture,
-            architecture=meta.architecture,
-            num_layers=meta.num_layers,
-            hidden_size=meta.hidden_size,
-            num_heads=heads,
-            num_kv_heads=meta.num_kv_heads or heads,
-            head_dim=meta.head_dim or meta.hidden_size // heads,
-            intermediate_size=meta.intermediate_size,
-            vocab_size=meta.vocab_size,
-            max_context=meta.context_length,
+            name=name or spec.architecture,
+            architecture=spec.architecture,
+            num_layers=spec.num_layers,
+            hidden_size=spec.hidden_size,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            intermediate_size=spec.intermediate_size,
+            vocab_size=spec.vocab_size,
+            max_context=spec.max_context,
+            tied_embeddings=spec.tied_embeddings,
+            num_experts=spec.num_experts,
+            experts_per_token=spec.experts_per_token,
+            shared_expert_size=spec.shared_expert_size,
+            sliding_window=spec.sliding_window if spec.sliding_layers else 0,
+            sliding_layers=spec.sliding_layers,
+            source=source or spec.source,
         )
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str, source: str = "") -> ModelShape:
         """Read a Hugging Face config.json (multimodal configs: their `text_config`)."""
-        cfg = config.get("text_config") or config
-        missing = [k for k in HF_REQUIRED if _first(cfg, HF_KEYS[k]) is None]
-        if missing:
-            keys = ", ".join(HF_KEYS[k][0] for k in missing)
-            raise InvalidPlanInput(f"{source or name}: config.json is missing {keys}")
-        values = {k: _first(cfg, keys) for k, keys in HF_KEYS.items()}
-        heads = int(values["num_heads"])
-        experts = int(values["num_experts"] or 0)
-        width = values["moe_intermediate_size"] if experts and values["moe_intermediate_size"] else None
-        layer_types = cfg.get("layer_types") or []
-        return cls(
-            name=name,
-            architecture=str(cfg.get("model_type") or (cfg.get("architectures") or ["unknown"])[0]),
-            num_layers=int(values["num_layers"]),
-            hidden_size=int(values["hidden_size"]),
-            num_heads=heads,
-            num_kv_heads=int(values["num_kv_heads"] or heads),
-            head_dim=int(values["head_dim"] or int(values["hidden_size"]) // heads),
-            intermediate_size=int(width or values["intermediate_size"]),
-            vocab_size=int(values["vocab_size"]),
-            max_context=int(values["max_context"] or 0),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-            num_experts=experts,
-            experts_per_token=int(values["experts_per_token"] or 0),
-            shared_expert_size=int(values["shared_expert_size"] or 0),
-            sliding_window=int(cfg.get("sliding_window") or 0) if layer_types else 0,
-            sliding_layers=sum(t == "sliding_attention" for t in layer_types),
-            source=source,
-        )
+        try:
+            spec = spec_from_hf_config(config, source)
+        except SpecError as e:
+            raise InvalidPlanInput(f"{source or name}: {e}") from None
+        return cls.from_spec(spec, name, source)
 
     @classmethod
     def dense_of_size(cls, params: float, name: str = "") -> ModelShape:
@@ -183,25 +161,3 @@ class ModelShape:
         widths = range(128, 128 * 1024, 128)
         hidden = min(widths, key=lambda h: abs(math.log(depth(h) / (h / 128))))
         return shaped(hidden, depth(hidden))
-
-
-# config.json spellings of each field, first match wins; the required ones are named in errors.
-HF_KEYS: dict[str, tuple[str, ...]] = {
-    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-    "hidden_size": ("hidden_size", "n_embd", "d_model"),
-    "num_heads": ("num_attention_heads", "n_head"),
-    "num_kv_heads": ("num_key_value_heads", "num_kv_heads"),
-    "head_dim": ("head_dim",),
-    "intermediate_size": ("intermediate_size", "moe_intermediate_size", "ffn_hidden_size"),
-    "moe_intermediate_size": ("moe_intermediate_size",),
-    "vocab_size": ("vocab_size",),
-    "max_context": ("max_position_embeddings", "n_positions", "max_sequence_length"),
-    "num_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
-    "experts_per_token": ("num_experts_per_tok", "experts_per_token", "num_experts_per_token"),
-    "shared_expert_size": ("shared_expert_intermediate_size",),
-}
-HF_REQUIRED = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size")
-
-
-def _first(cfg: dict[str, Any], keys: tuple[str, ...]) -> Any:
-    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from deskpod.errors import CorruptModel, DeskpodError, ModelNotFound, UnsupportedModel
 from deskpod.formats.gguf import GGUFFile
+from deskpod.formats.spec import SpecError, spec_from_gguf
 from deskpod.plan.builtins import NATIVE_PRECISION, builtin_names, close_builtins, get_builtin
 from deskpod.plan.precision import GGUF_FILE_TYPES
 from deskpod.plan.shape import InvalidPlanInput, ModelShape
@@ -100,10 +101,6 @@ def _hf_precision(config: dict) -> str | None:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "f32"}.get(dtype)
 
 
-# Share of layers that attend to a local window, by GGUF architecture (its config's layer_types).
-LOCAL_LAYER_SHARE = {"gpt-oss": 1 / 2, "gemma2": 1 / 2, "gemma3": 5 / 6}
-
-
 def read_gguf(path: Path, name: str | None = None) -> ModelSource:
     """Shape and exact tensor bytes from a GGUF's header (memory-mapped; weights are not read)."""
     from gguf import LlamaFileType
@@ -112,51 +109,17 @@ def read_gguf(path: Path, name: str | None = None) -> ModelSource:
         model = GGUFFile(path)
     except CorruptModel as err:  # its message names the file and what is wrong with it
         raise InvalidPlanInput(f"cannot read GGUF {err}") from err
-    tokens = model.metadata.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens is not None else 0
     tied = not model.has_tensor("output.weight")
-    shape = gguf_shape(model.metadata, name or path.stem, vocab, tied, str(path))
+    try:
+        spec = spec_from_gguf(model.metadata, not tied, str(path))
+    except SpecError as err:
+        raise UnsupportedModel(f"{path}: not a decoder LLM the planner knows ({err})") from None
+    shape = ModelShape.from_spec(spec, name or path.stem, str(path))
     file_type = model.metadata.get("general.file_type")
     file_type = file_type if isinstance(file_type, int) else None  # a damaged file may hold anything here
     known = {t.value: t.name.removeprefix("MOSTLY_") for t in LlamaFileType}
     return ModelSource(shape, f"GGUF {path}", weights=gguf_weight_bytes(model, tied),
                        precision=GGUF_FILE_TYPES.get(file_type), file_type=known.get(file_type))
-
-
-# GGUF keys (after "<architecture>.") a decoder LLM must have.
-GGUF_REQUIRED = ("block_count", "embedding_length", "attention.head_count", "feed_forward_length")
-
-
-def gguf_shape(fields: dict, name: str, vocab: int, tied: bool, source: str) -> ModelShape:
-    arch = fields.get("general.architecture", "unknown")
-
-    def value(key: str, default=0):
-        return _widest(fields.get(f"{arch}.{key}", default))
-
-    missing = [f"{arch}.{k}" for k in GGUF_REQUIRED if not value(k)]
-    if missing:
-        raise UnsupportedModel(f"{source}: not a decoder LLM the planner knows (no {', '.join(missing)})")
-    hidden, heads, layers, experts = (value("embedding_length"), value("attention.head_count"),
-                                      value("block_count"), value("expert_count"))
-    window = value("attention.sliding_window")
-    return ModelShape(
-        name=name,
-        architecture=arch,
-        num_layers=layers,
-        hidden_size=hidden,
-        num_heads=heads,
-        num_kv_heads=value("attention.head_count_kv") or heads,
-        head_dim=value("attention.key_length") or hidden // heads,
-        intermediate_size=(experts and value("expert_feed_forward_length")) or value("feed_forward_length"),
-        vocab_size=value("vocab_size") or vocab,
-        max_context=value("context_length"),
-        tied_embeddings=tied,
-        num_experts=experts,
-        experts_per_token=value("expert_used_count"),
-        sliding_window=window,
-        sliding_layers=round(layers * LOCAL_LAYER_SHARE.get(arch, 0)) if window else 0,
-        source=source,
-    )
 
 
 def gguf_weight_bytes(model: GGUFFile, tied: bool) -> WeightBytes:
@@ -173,13 +136,6 @@ def _tensor_role(name: str) -> str:
     if name == "output.weight":
         return "head"
     return "experts" if "_exps" in name else "dense"
-
-
-def _widest(value) -> int:
-    """Per-layer arrays (some architectures vary heads by layer) → their largest entry."""
-    if isinstance(value, (list, tuple)):
-        return max(value, default=0)
-    return value or 0
 
 
 # -- the store, built-ins, sizes ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Linear layers over ggml block-quantized weights, and the conversion from GGUF's raw blocks.
+"""Weight formats over ggml's block-quantized types, and the conversion from GGUF's raw blocks.
 
 The layout of each ggml block type is read once at load time into two forms the kernels use
 (see kernels/ggml_cpu.cpp): u4 (4-bit codes + float scale and min per 32) and i8 (int8 codes + float
@@ -7,12 +7,15 @@ scale per 32). Types with no compact form here are expanded to float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from deskpod.formats.weights import BlockTensor, StoredTensor
 from deskpod.quant.kernels import ggml_cpu
+from deskpod.quant.linear import LinearWeight
 
 GROUP = 32
 # Up to this many rows of activations (a decode batch), the kernels expand each weight group once and
@@ -69,8 +72,8 @@ U4_READERS = {"Q4_0": u4_from_q4_0, "Q4_1": u4_from_q4_1, "Q4_K": u4_from_q4_k}
 I8_READERS = {"Q8_0": i8_from_q8_0}
 
 
-class U4Linear(nn.Module):
-    """y = x @ W.T with W = scale * q + min per group of 32 along the input dimension."""
+class U4Weight(LinearWeight):
+    """W = scale * q + min per group of 32 along the input dimension."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
         super().__init__()
@@ -79,7 +82,7 @@ class U4Linear(nn.Module):
         self.register_buffer("scales", scales)  # [N, K/32] float32
         self.register_buffer("mins", mins)  # [N, K/32] float32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
         kernels = ggml_cpu()
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x2.shape[0] <= MATVEC_MAX_ROWS:
@@ -92,8 +95,8 @@ class U4Linear(nn.Module):
         return ggml_cpu().u4_dequantize(self.codes, self.scales, self.mins)
 
 
-class I8Linear(nn.Module):
-    """y = x @ W.T with W = scale * q per group of 32; also serves as a (tied) embedding table."""
+class I8Weight(LinearWeight):
+    """W = scale * q per group of 32; also serves as a (tied) embedding table."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         super().__init__()
@@ -101,7 +104,7 @@ class I8Linear(nn.Module):
         self.register_buffer("codes", codes)  # [N, K] int8
         self.register_buffer("scales", scales)  # [N, K/32] float32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
         kernels = ggml_cpu()
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x2.shape[0] <= MATVEC_MAX_ROWS:
@@ -115,25 +118,43 @@ class I8Linear(nn.Module):
         codes = self.codes[ids].float().view(len(ids), -1, GROUP)
         return (codes * self.scales[ids].unsqueeze(-1)).view(len(ids), self.in_features)
 
+    def dequantize(self) -> torch.Tensor:
+        return ggml_cpu().i8_dequantize(self.codes, self.scales)
+
 
 # Bytes per weight in each compact form: codes plus float32 scales (and mins) per group of 32.
 BYTES_PER_WEIGHT = {"u4": 0.5 + 8 / GROUP, "i8": 1 + 4 / GROUP}
+FORMS = {"u4": (U4_READERS, U4Weight), "i8": (I8_READERS, I8Weight)}
 
 
 def compact_form(ggml_type: str, shape: tuple[int, ...]) -> str | None:
     """"u4" or "i8" when a matrix of this block type runs on the kernels here, else None (float32)."""
     if ggml_cpu() is None or len(shape) != 2 or shape[1] % GROUP:
         return None
-    return "u4" if ggml_type in U4_READERS else "i8" if ggml_type in I8_READERS else None
+    return next((form for form, (readers, _) in FORMS.items() if ggml_type in readers), None)
 
 
-def compact_linear(ggml_type: str, raw: np.ndarray, shape: tuple[int, int]) -> nn.Module | None:
-    """A kernel-backed linear layer for this block type, or None when there is no compact form for it."""
+def compact_bytes(tensor: StoredTensor) -> int | None:
+    """Resident bytes of `tensor` in its compact form; None when it has none here (it is expanded instead)."""
+    form = compact_form(tensor.dtype, tensor.shape)
+    return None if form is None else int(tensor.n_elements * BYTES_PER_WEIGHT[form])
+
+
+def compact_linear(ggml_type: str, raw: np.ndarray, shape: tuple[int, int]) -> LinearWeight | None:
+    """A kernel-backed weight for blocks of one type, [rows, bytes per row]; None when it has no compact form."""
     form = compact_form(ggml_type, shape)
-    if form == "u4":
-        codes, scales, mins = U4_READERS[ggml_type](raw, shape)
-        return U4Linear(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins))
-    if form == "i8":
-        codes, scales = I8_READERS[ggml_type](raw, shape)
-        return I8Linear(torch.from_numpy(codes), torch.from_numpy(scales))
-    return None
+    if form is None:
+        return None
+    readers, weight_class = FORMS[form]
+    return weight_class(*(torch.from_numpy(a) for a in readers[ggml_type](raw, shape)))
+
+
+def compact_weight(tensors: Sequence[StoredTensor]) -> LinearWeight | None:
+    """The tensors' rows stacked into one kernel-backed weight, or None when there is no compact form that
+    holds them all (a type without kernels here, ragged rows, or types of different forms)."""
+    forms = {compact_form(t.dtype, t.shape) if isinstance(t, BlockTensor) else None for t in tensors}
+    if len(forms) != 1 or None in forms:
+        return None
+    readers, weight_class = FORMS[forms.pop()]
+    arrays = [readers[t.dtype](t.blocks(), t.shape) for t in tensors]
+    return weight_class(*(torch.from_numpy(np.concatenate(parts)) for parts in zip(*arrays)))

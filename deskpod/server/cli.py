@@ -8,12 +8,12 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from deskpod.engine.config import EngineConfig
 from deskpod.errors import DeskpodError
 from deskpod.server.config import (
     DEFAULT_GRPC_PORT,
     DEFAULT_MAX_REQUEST_MB,
     DEFAULT_MODEL,
-    EngineOptions,
     ServerConfig,
 )
 
@@ -71,7 +71,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    engine = EngineOptions(args.memory_fraction, args.kv_cache_gb, args.max_num_seqs, args.max_waiting, args.ctx)
+    engine = EngineConfig(memory_fraction=args.memory_fraction, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+                          max_waiting=args.max_waiting, context=args.ctx)
     repository = args.model_repository
     grpc_port = args.grpc_port if args.grpc_port is not None else (DEFAULT_GRPC_PORT if repository else None)
     return ServerConfig(

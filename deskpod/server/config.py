@@ -6,32 +6,12 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from deskpod.engine.config import EngineConfig
 from deskpod.errors import DeskpodError
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_GRPC_PORT = 8001  # Triton's
 DEFAULT_MAX_REQUEST_MB = 64.0
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How each LLM engine is sized (None: the engine's planner decides)."""
-
-    memory_fraction: float | None = None
-    kv_cache_gb: float | None = None
-    max_num_seqs: int = 32
-    max_waiting: int = 256
-    context: int | None = None  # per-request token limit (None: the model's)
-
-    def __post_init__(self) -> None:
-        if self.memory_fraction is not None and self.kv_cache_gb is not None:
-            raise DeskpodError("give --memory-fraction or --kv-cache-gb, not both")
-        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
-            raise DeskpodError(f"--memory-fraction must be in (0, 1], got {self.memory_fraction}")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise DeskpodError(f"--kv-cache-gb must be more than 0, got {self.kv_cache_gb}")
-        if self.max_num_seqs < 1 or self.max_waiting < 1:
-            raise DeskpodError("--max-num-seqs and --max-waiting must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -47,7 +27,7 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     insecure: bool = False
-    engine: EngineOptions = field(default_factory=EngineOptions)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     model_repository: str | None = None
     grpc_port: int | None = None
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB

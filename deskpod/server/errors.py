@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 
 from deskpod.engine.sampler import InvalidSamplingParams
 from deskpod.engine.scheduler import QueueFull
-from deskpod.errors import DeskpodError, InvalidRequest, ModelNotFound, PromptTooLong
+from deskpod.errors import DeskpodError, GenerationFailed, InvalidRequest, ModelNotFound, PromptTooLong
 
 log = logging.getLogger("deskpod.server")
 
@@ -51,6 +51,7 @@ ENGINE_ERRORS: dict[type[DeskpodError], tuple[int, str, str | None, dict[str, st
     InvalidRequest: (400, "invalid_request_error", "invalid_value", None),
     InvalidSamplingParams: (400, "invalid_request_error", "invalid_value", None),
     ModelNotFound: (404, "invalid_request_error", "model_not_found", None),
+    GenerationFailed: (500, "server_error", None, None),
 }
 
 

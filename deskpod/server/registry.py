@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from deskpod.engine.config import EngineConfig
 from deskpod.errors import UnsupportedModel
-from deskpod.server.config import EngineOptions
 from deskpod.server.errors import APIError
 from deskpod.store import Manifest, Store
 
@@ -37,36 +37,29 @@ class ServedModel:
     max_context: int
 
 
-def _load_llm(name: str, manifest: Manifest, options: EngineOptions) -> ServedModel:
+def _load_llm(name: str, manifest: Manifest, options: EngineConfig) -> ServedModel:
     from deskpod.engine.async_engine import AsyncLLM
 
-    engine = AsyncLLM.from_model(
-        name,
-        memory_fraction=options.memory_fraction,
-        kv_cache_gb=options.kv_cache_gb,
-        max_num_seqs=options.max_num_seqs,
-        max_waiting=options.max_waiting,
-        context=options.context,
-    )
+    engine = AsyncLLM.from_model(name, options)
     return ServedModel(name, LLM, engine, int(time.time()), engine.max_context)
 
 
-def _load_embedder(name: str, manifest: Manifest, options: EngineOptions) -> ServedModel:
+def _load_embedder(name: str, manifest: Manifest, options: EngineConfig) -> ServedModel:
     from deskpod.embed.embedder import SentenceEmbedder
 
     embedder = SentenceEmbedder(Store().model_dir(manifest))
     return ServedModel(name, EMBEDDING, embedder, int(time.time()), embedder.max_tokens)
 
 
-# (format, architecture) -> loader; "*" matches any architecture
-LOADERS: dict[tuple[str, str], Callable[[str, Manifest, EngineOptions], ServedModel]] = {
+# (format, architecture) -> loader; "*" matches any architecture (the engine refuses the ones it cannot run)
+LOADERS: dict[tuple[str, str], Callable[[str, Manifest, EngineConfig], ServedModel]] = {
     ("gguf", "*"): _load_llm,
     ("safetensors", "bert"): _load_embedder,
-    ("safetensors", "llama"): _load_llm,
+    ("safetensors", "*"): _load_llm,
 }
 
 
-def loader_for(manifest: Manifest) -> Callable[[str, Manifest, EngineOptions], ServedModel]:
+def loader_for(manifest: Manifest) -> Callable[[str, Manifest, EngineConfig], ServedModel]:
     found = LOADERS.get((manifest.format, manifest.architecture)) or LOADERS.get((manifest.format, "*"))
     if found is None:
         known = ", ".join(f"{f}/{a}" for f, a in LOADERS)
@@ -82,7 +75,7 @@ class ModelRegistry:
         self.aliases = {alias: name for alias, name in (aliases or {}).items() if name in self.models}
 
     @classmethod
-    def load(cls, names: list[str], options: EngineOptions) -> ModelRegistry:
+    def load(cls, names: list[str], options: EngineConfig) -> ModelRegistry:
         """Load the stored models `names` (pull them first with Store().ensure)."""
         store, models, aliases = Store(), [], {}
         for name in names:

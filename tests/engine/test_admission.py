@@ -6,41 +6,49 @@ import subprocess
 import sys
 
 import pytest
+from support.loading import load
 
-from deskpod.engine.engine import EngineConfig, kv_pool_blocks
-from deskpod.engine.loader import KV_DTYPE_BYTES, admit, llama_config, load_gguf, model_shape, planned_weight_bytes
+from deskpod.engine.config import EngineConfig
+from deskpod.engine.engine import kv_pool_blocks
+from deskpod.engine.loader import admit, kv_dtype_bytes, model_shape, planned_weight_bytes
+from deskpod.engine.models.layers import KVCache
 from deskpod.errors import DeskpodError
-from deskpod.engine.models.llama import KVCache
-from deskpod.formats.gguf import GGUFFile
+from deskpod.formats.weights import open_weights
 from deskpod.plan.capacity import DoesNotFit, kv_bytes_per_token
 
 
+def rotary_bytes(lm) -> int:
+    return sum(r.rotations.numel() * r.rotations.element_size() for r in lm.model.rotaries)
+
+
 def test_planned_weight_bytes_match_what_loading_takes(smollm2_gguf, smollm2_compact, smollm2_float32):
-    gguf = GGUFFile(smollm2_gguf)
-    for mode, lm in (("compact", smollm2_compact), ("float32", smollm2_float32)):
-        rotary_table = lm.model.rotary.rotations.numel() * lm.model.rotary.rotations.element_size()
-        assert planned_weight_bytes(gguf, mode) == pytest.approx(lm.weight_bytes() - rotary_table, rel=0.01)
+    source = open_weights(smollm2_gguf)
+    for lm in (smollm2_compact, smollm2_float32):
+        config = EngineConfig(weights="compact" if lm is smollm2_compact else "float32")
+        assert planned_weight_bytes(source, config) == pytest.approx(lm.weight_bytes(), rel=0.01)
 
 
 def test_kv_cache_takes_what_the_planner_counts(smollm2_gguf):
-    gguf = GGUFFile(smollm2_gguf)
-    cfg = llama_config(gguf)
-    plan = admit(gguf, cfg, "compact", 1024)
-    cache = KVCache(cfg, 1024)
+    source = open_weights(smollm2_gguf)
+    plan = admit(source, EngineConfig(), 1024)
+    cache = KVCache(source.spec, 1024)
     assert cache.k.nbytes + cache.v.nbytes == plan.kv_cache == 1024 * plan.kv_per_token
-    assert plan.kv_per_token == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * KV_DTYPE_BYTES
+    spec = source.spec
+    assert plan.kv_per_token == 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * kv_dtype_bytes(EngineConfig())
 
 
 def test_too_little_memory_is_refused_with_the_ways_out(smollm2_gguf, monkeypatch):
     monkeypatch.setenv("DESKPOD_MEMORY_LIMIT", "300MB")
     with pytest.raises(DoesNotFit) as refused:
-        load_gguf(smollm2_gguf, name="smollm2")
+        from deskpod.engine.loader import load_model
+
+        load_model(smollm2_gguf, EngineConfig(), name="smollm2")
     message = str(refused.value)
     assert message.startswith("smollm2 needs")
     assert "kv cache" in message and "a shorter context: at most" in message and "linking boxes" in message
     # the way out it names works
     most = int(message.split("at most ")[1].split(" tokens")[0].replace(",", ""))
-    assert load_gguf(smollm2_gguf, context=most).config.num_layers == 30
+    assert load(smollm2_gguf, context=most).spec.num_layers == 30
 
 
 def test_cli_refuses_without_a_traceback(smollm2_gguf):
@@ -51,8 +59,8 @@ def test_cli_refuses_without_a_traceback(smollm2_gguf):
 
 
 def test_serving_pool_is_sized_by_the_planner(smollm2_compact):
-    per_block = 16 * kv_bytes_per_token(model_shape("smollm2", smollm2_compact.config), KV_DTYPE_BYTES)
     config = EngineConfig(kv_cache_gb=1.0, max_num_seqs=64)
+    per_block = 16 * kv_bytes_per_token(model_shape(smollm2_compact.spec, "smollm2"), kv_dtype_bytes(config))
     assert kv_pool_blocks(smollm2_compact, config) == int(1e9) // per_block
     # never more than every slot's full context
     assert kv_pool_blocks(smollm2_compact, EngineConfig(kv_cache_gb=100, max_num_seqs=2)) == 2 * 8192 // 16

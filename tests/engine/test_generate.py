@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from deskpod.engine.config import EngineConfig
 from deskpod.engine.generate import Completion, generate, stream
 from deskpod.engine.sampler import SamplingParams
 from deskpod.errors import PromptTooLong
@@ -25,8 +26,8 @@ def greedy(**options) -> SamplingParams:
     return SamplingParams(temperature=0, **options)
 
 
-def run_stream(lm, ids, params, context=None) -> tuple[list[str], Completion]:
-    it = stream(lm, ids, params, context)
+def run_stream(lm, ids, params) -> tuple[list[str], Completion]:
+    it = stream(lm, ids, params)
     deltas = []
     while True:
         try:
@@ -96,15 +97,15 @@ def test_seeded_sampling_is_reproducible(smollm2_compact, france):
 
 
 def test_context_limits_the_number_of_new_tokens(smollm2_compact, france):
-    out = generate(smollm2_compact, france, greedy(max_tokens=100), context=len(france) + 3)
+    out = generate(smollm2_compact, france, greedy(max_tokens=100), EngineConfig(context=len(france) + 3))
     assert (out.text, out.finish_reason) == (" Paris.\n", "length")
 
 
 def test_prompt_longer_than_the_context(smollm2_compact, france):
     with pytest.raises(PromptTooLong, match=f"{len(france)} tokens but the context holds 4"):
-        generate(smollm2_compact, france, greedy(), context=4)
+        generate(smollm2_compact, france, greedy(), EngineConfig(context=4))
     with pytest.raises(PromptTooLong, match="context holds 8192"):  # the model's own limit, whatever is asked
-        generate(smollm2_compact, [504] * 8192, greedy(), context=100_000)
+        generate(smollm2_compact, [504] * 8192, greedy(), EngineConfig(context=100_000))
 
 
 def test_empty_prompt(smollm2_compact):

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deskpod.engine.loader import load_gguf
-from deskpod.engine.models.llama import KVCache, RMSNorm
+from support.loading import load
+from support.loading import logits_of as forward
+
+from deskpod.engine.models.layers import KVCache, RMSNorm
 from deskpod.quant.ggml import MATVEC_MAX_ROWS
 
 # long enough to cross the matvec/GEMM switch three times (MATVEC_MAX_ROWS tokens each)
@@ -21,20 +23,7 @@ TEXT = "<|im_start|>user\n" + "the inner herb, the heron; " * 14 + "<|im_end|>\n
 def tiny_models(request, make_tiny_llama):
     """The tiny model in both weight modes; tied: the Q8_0 embedding is also the output head (as in SmolLM2)."""
     path = make_tiny_llama(tied=request.param == "tied")
-    return {mode: load_gguf(path, mode) for mode in ("compact", "float32")}
-
-
-def forward(lm, ids: list[int], chunks: list[int] | None = None) -> torch.Tensor:
-    """Logits [len(ids), vocab], feeding the sequence in pieces of the given sizes (one piece by default)."""
-    cache = KVCache(lm.config, len(ids))
-    chunks = chunks or [len(ids)]
-    assert sum(chunks) == len(ids)
-    out, start = [], 0
-    for n in chunks:
-        piece, positions = torch.tensor(ids[start : start + n]), torch.arange(start, start + n)
-        out.append(lm.model(piece, positions, cache, all_logits=True))
-        start += n
-    return torch.cat(out)
+    return {mode: load(path, mode) for mode in ("compact", "float32")}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +36,8 @@ def ids(tiny_models) -> list[int]:
 @pytest.mark.skipif(bool(os.environ.get("DESKPOD_NO_KERNELS")), reason="DESKPOD_NO_KERNELS is set")
 def test_compact_layers_are_used(tiny_models):
     kinds = {type(m).__name__ for m in tiny_models["compact"].model.modules()}
-    assert {"U4Linear", "I8Linear", "DenseLinear"} <= kinds  # Q4_x, Q8_0, and the F16/BF16/mixed fallbacks
-    assert "U4Linear" not in {type(m).__name__ for m in tiny_models["float32"].model.modules()}
+    assert {"U4Weight", "I8Weight", "DenseWeight", "ConcatWeight"} <= kinds  # Q4_x, Q8_0, F16/BF16, mixed q/k/v
+    assert "U4Weight" not in {type(m).__name__ for m in tiny_models["float32"].model.modules()}
 
 
 @pytest.mark.parametrize("rows", ["prefill", "decode"])
@@ -56,7 +45,7 @@ def test_compact_and_float32_logits_agree(tiny_models, ids, rows):
     # a long prefill takes the dequantize + GEMM path, one token at a time the matvec kernels
     chunks = None if rows == "prefill" else [1] * len(ids)
     compact, dense = forward(tiny_models["compact"], ids, chunks), forward(tiny_models["float32"], ids, chunks)
-    assert compact.shape == (len(ids), tiny_models["compact"].config.vocab_size)
+    assert compact.shape == (len(ids), tiny_models["compact"].spec.vocab_size)
     assert dense.abs().max() > 2  # logits of a real spread, so the tolerance below means something
     torch.testing.assert_close(compact, dense, rtol=0, atol=1e-4)
 
@@ -73,14 +62,14 @@ def test_incremental_decoding_equals_one_full_pass(tiny_models, ids, mode):
 
 def test_last_logits_only_by_default(tiny_models, ids):
     lm = tiny_models["compact"]
-    last = lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.config, len(ids)))
-    assert last.shape == (1, lm.config.vocab_size)
+    last = lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.spec, len(ids)))
+    assert last.shape == (1, lm.spec.vocab_size)
     torch.testing.assert_close(last[0], forward(lm, ids)[-1])
 
 
 def test_causal_mask_later_tokens_do_not_change_earlier_logits(tiny_models, ids):
     lm = tiny_models["float32"]
-    changed = ids[:-3] + [(i + 1) % lm.config.vocab_size for i in ids[-3:]]
+    changed = ids[:-3] + [(i + 1) % lm.spec.vocab_size for i in ids[-3:]]
     torch.testing.assert_close(forward(lm, changed)[:-3], forward(lm, ids)[:-3], rtol=0, atol=1e-5)
     assert not torch.allclose(forward(lm, changed)[-2:], forward(lm, ids)[-2:])
 

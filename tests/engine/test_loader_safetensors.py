@@ -1,5 +1,5 @@
-"""load_safetensors / load_model: Hugging Face Llama folders, float or written by `deskpod quantize`; the
-real SmolLM2 in FP8 against the original; clear refusals."""
+"""load_model on Hugging Face folders written by `deskpod quantize`; the real SmolLM2 in FP8 against the
+original; clear refusals."""
 
 from __future__ import annotations
 
@@ -14,19 +14,15 @@ from safetensors.torch import load_file, save_file
 from deskpod.engine.async_engine import AsyncLLM
 from deskpod.engine.generate import generate_batch
 from deskpod.engine.llm import LLM
-from deskpod.engine.loader import LOADERS, load_model, model_format
-from deskpod.engine.loader_safetensors import (
-    ConcatLinear,
-    load_safetensors,
-    planned_weight_bytes,
-)
-from deskpod.engine.models.llama import KVCache
+from deskpod.engine.config import EngineConfig
+from deskpod.engine.loader import load_model, planned_weight_bytes
+from deskpod.engine.models.layers import KVCache
 from deskpod.engine.sampler import SamplingParams
-from deskpod.errors import CorruptModel, UnsupportedModel
-from deskpod.formats.safetensors import SafetensorsFolder
+from deskpod.errors import CorruptModel, DeskpodError, UnsupportedModel
+from deskpod.formats.weights import open_weights
 from deskpod.plan.capacity import DoesNotFit
-from deskpod.quant import QuantLinear
 from deskpod.quant.convert import convert
+from deskpod.quant.linear import ConcatWeight, SchemeWeight
 
 # the bits per weight of each scheme's layout (deskpod.quant's contract); a CPU kernel may hold float16
 # scales as float32, which costs int4 (scale and min per 32) one more bit
@@ -35,7 +31,7 @@ KERNEL_ALLOWANCE = 1.0
 
 
 def logits(lm, ids: list[int]) -> torch.Tensor:
-    return lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.config, len(ids)), all_logits=True)
+    return lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.spec, len(ids)), all_logits=True)
 
 
 @pytest.fixture(scope="module")
@@ -46,27 +42,25 @@ def quantized(tiny_llama_gguf, tmp_path_factory) -> dict[str, Path]:
     return {scheme: out / scheme for scheme in SCHEME_BITS}
 
 
-def test_load_model_picks_the_loader_by_format(quantized, tiny_llama_gguf):
-    assert (model_format(quantized["int4"]), model_format(tiny_llama_gguf)) == ("safetensors", "gguf")
-    assert set(LOADERS) == {"gguf", "safetensors"}
+def test_load_model_reads_a_folder(quantized, tiny_llama_gguf):
+    assert (open_weights(quantized["int4"]).format, open_weights(tiny_llama_gguf).format) == ("safetensors", "gguf")
     lm = load_model(quantized["int4"])
-    assert lm.config.rope_interleaved is False and lm.config.num_layers == 2
-    assert lm.model.lm_head is lm.model.table  # tied: config.json says so and there is no lm_head.weight
+    assert lm.spec.num_layers == 2
+    assert lm.model.head is lm.model.table  # tied: config.json says so and there is no lm_head.weight
 
 
 @pytest.mark.parametrize("scheme", SCHEME_BITS)
 def test_resident_memory_follows_the_scheme(quantized, scheme):
     lm = load_model(quantized[scheme])
-    layers = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
-    assert len(layers) == 2 * 4  # fused qkv, o, fused gate/up, down per layer
+    layers = [m for m in lm.model.modules() if isinstance(m, SchemeWeight)]
+    assert len(layers) == 2 * 4 + 1  # fused qkv, o, fused gate/up, down per layer; the int8 embedding
     weights = sum(m.in_features * m.out_features for m in layers)
     resident = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
     # plus, at most, one float32 per-row or per-tensor scale on these 64-wide rows
     assert SCHEME_BITS[scheme] <= 8 * resident / weights <= SCHEME_BITS[scheme] + KERNEL_ALLOWANCE + 32 / 64
-    # admission control plans from the headers what the loaded model holds (less the RoPE table)
-    rotations = lm.model.rotary.rotations
-    held = lm.weight_bytes() - rotations.numel() * rotations.element_size()
-    assert abs(planned_weight_bytes(SafetensorsFolder(quantized[scheme])) - held) < 0.1 * held
+    # admission control plans from the headers what the loaded model holds
+    held = lm.weight_bytes()
+    assert abs(planned_weight_bytes(open_weights(quantized[scheme]), EngineConfig()) - held) < 0.1 * held
 
 
 def test_fused_parts_that_cannot_be_stacked_run_side_by_side(quantized, tmp_path):
@@ -76,9 +70,9 @@ def test_fused_parts_that_cannot_be_stacked_run_side_by_side(quantized, tmp_path
     name = "model.layers.0.self_attn.k_proj.weight_scale_2"
     tensors[name] = tensors[name] * 2  # k's per-tensor scale no longer shared with q and v
     save_file(tensors, str(folder / "model.safetensors"))
-    compact, expanded = load_model(folder), load_model(folder, "float32")
-    assert isinstance(compact.model.blocks[0].attn.wqkv, ConcatLinear)
-    assert isinstance(compact.model.blocks[1].attn.wqkv, QuantLinear)
+    compact, expanded = load_model(folder), load_model(folder, EngineConfig(weights="float32"))
+    assert isinstance(compact.model.blocks[0].attn.wqkv.weight, ConcatWeight)
+    assert isinstance(compact.model.blocks[1].attn.wqkv.weight, SchemeWeight)
     ids = list(range(20))
     torch.testing.assert_close(logits(compact, ids), logits(expanded, ids), rtol=1e-4, atol=1e-4)
 
@@ -102,14 +96,14 @@ def _edited(quantized: Path, tmp_path: Path, **changes) -> Path:
 
 
 def test_refusals_name_what_is_wrong(quantized, tmp_path):
-    with pytest.raises(UnsupportedModel, match="model_type 'mistral3'.*llama"):
-        load_safetensors(_edited(quantized["int8"], tmp_path / "a", model_type="mistral3"))
+    with pytest.raises(UnsupportedModel, match="architecture 'mistral3'.*llama"):
+        load_model(_edited(quantized["int8"], tmp_path / "a", model_type="mistral3"))
     with pytest.raises(UnsupportedModel, match="quantization method 'awq'"):
-        load_safetensors(_edited(quantized["int8"], tmp_path / "b", quantization_config={"quant_method": "awq"}))
-    with pytest.raises(CorruptModel, match="config.json incomplete.*hidden_size"):
-        load_safetensors(_edited(quantized["int8"], tmp_path / "c", hidden_size=None))
-    with pytest.raises(ValueError, match="'int3'"):
-        load_safetensors(quantized["int8"], "int3")
+        load_model(_edited(quantized["int8"], tmp_path / "b", quantization_config={"quant_method": "awq"}))
+    with pytest.raises(CorruptModel, match="config.json is incomplete.*hidden_size"):
+        load_model(_edited(quantized["int8"], tmp_path / "c", hidden_size=None))
+    with pytest.raises(DeskpodError, match="'int3'"):
+        load_model(quantized["int8"], EngineConfig(weights="int3"))
 
 
 def test_truncated_weights_name_the_file(quantized, tmp_path):
@@ -152,7 +146,7 @@ def test_smollm2_fp8_agrees_with_the_original(smollm2_compact, smollm2_fp8):
 
 
 def test_smollm2_fp8_memory(smollm2_fp8, smollm2_compact):
-    layers = [m for m in smollm2_fp8.model.modules() if isinstance(m, QuantLinear)]
+    layers = [m for m in smollm2_fp8.model.modules() if isinstance(m, SchemeWeight) and m.scheme == "fp8"]
     assert len(layers) == 30 * 4
     weights = sum(m.in_features * m.out_features for m in layers)
     resident = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())

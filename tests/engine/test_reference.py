@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from deskpod.engine.generate import generate
-from deskpod.engine.models.llama import KVCache
+from support.loading import logits_of as _logits
+
 from deskpod.engine.sampler import SamplingParams
 from deskpod.quant.ggml import MATVEC_MAX_ROWS
 
@@ -28,12 +29,8 @@ def case_id(r: dict) -> str:
 
 def logits_of(lm, ids: list[int], chunk: int | None = None) -> torch.Tensor:
     """Logits [len(ids), vocab] of a sequence fed in pieces of `chunk` tokens (all at once by default)."""
-    cache, out = KVCache(lm.config, len(ids)), []
     chunk = chunk or len(ids)
-    for start in range(0, len(ids), chunk):
-        piece = ids[start : start + chunk]
-        out.append(lm.model(torch.tensor(piece), torch.arange(start, start + len(piece)), cache, all_logits=True))
-    return torch.cat(out)
+    return _logits(lm, ids, [min(chunk, len(ids) - s) for s in range(0, len(ids), chunk)])
 
 
 @pytest.mark.parametrize("mode", ["float32", "compact"])

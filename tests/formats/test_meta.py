@@ -15,20 +15,18 @@ from deskpod.formats.meta import ModelMeta, read_meta
 
 
 def test_tiny_gguf(tiny_gguf: Path) -> None:
-    assert read_meta(tiny_gguf) == ModelMeta(
+    meta = read_meta(tiny_gguf)
+    assert meta == ModelMeta(
         format="gguf",
         architecture="llama",
         parameters=10 * 16 + 32 * 16,
         quantization="F16",  # no general.file_type: the tensor type holding most parameters
         context_length=256,
-        num_layers=2,
-        hidden_size=16,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=4,  # hidden / heads when there is no key_length
-        vocab_size=10,
-        intermediate_size=32,
+        spec=meta.spec,
     )
+    spec = meta.spec  # the same reading the engine and the planner make
+    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads) == (2, 16, 4, 2)
+    assert (spec.head_dim, spec.vocab_size, spec.intermediate_size) == (4, 10, 32)  # head_dim: hidden / heads
 
 
 def test_gguf_file_type_names_the_quantization(tmp_path: Path, make_tiny_gguf) -> None:
@@ -59,9 +57,10 @@ def test_smollm2(smollm2_gguf: Path) -> None:
     meta = read_meta(smollm2_gguf)
     assert (meta.format, meta.architecture, meta.quantization) == ("gguf", "llama", "Q4_1")
     assert meta.parameters == 134_515_008
-    assert (meta.context_length, meta.num_layers, meta.hidden_size) == (8192, 30, 576)
-    assert (meta.num_heads, meta.num_kv_heads, meta.head_dim) == (9, 3, 64)
-    assert (meta.vocab_size, meta.intermediate_size) == (49152, 1536)
+    spec = meta.spec
+    assert (meta.context_length, spec.num_layers, spec.hidden_size) == (8192, 30, 576)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim) == (9, 3, 64)
+    assert (spec.vocab_size, spec.intermediate_size) == (49152, 1536)
 
 
 def test_every_truncation_of_a_gguf_is_corrupt_model(tiny_gguf: Path, tmp_path: Path) -> None:
@@ -91,15 +90,16 @@ def test_wrong_magic(tmp_path: Path) -> None:
 def test_safetensors_folder(tiny_hf_dir: Path) -> None:
     meta = read_meta(tiny_hf_dir)
     assert (meta.format, meta.architecture, meta.parameters, meta.quantization) == ("safetensors", "bert", 104, "F32")
-    assert (meta.context_length, meta.num_layers, meta.hidden_size, meta.num_heads) == (64, 2, 8, 2)
-    assert (meta.num_kv_heads, meta.head_dim, meta.vocab_size, meta.intermediate_size) == (2, 4, 12, 16)
+    spec = meta.spec
+    assert (meta.context_length, spec.num_layers, spec.hidden_size, spec.num_heads) == (64, 2, 8, 2)
+    assert (spec.num_kv_heads, spec.head_dim, spec.vocab_size, spec.intermediate_size) == (2, 4, 12, 16)
 
 
 def test_minilm(minilm_dir: Path) -> None:
     meta = read_meta(minilm_dir)
     assert (meta.format, meta.architecture, meta.quantization) == ("safetensors", "bert", "F32")
     assert meta.parameters == 22_713_728
-    assert (meta.num_layers, meta.hidden_size, meta.vocab_size) == (6, 384, 30522)
+    assert (meta.spec.num_layers, meta.spec.hidden_size, meta.spec.vocab_size) == (6, 384, 30522)
 
 
 def test_nested_text_config_and_quantization_config(tiny_hf_dir: Path) -> None:
@@ -107,7 +107,7 @@ def test_nested_text_config_and_quantization_config(tiny_hf_dir: Path) -> None:
     nested = {"model_type": "gemma3", "text_config": config, "quantization_config": {"quant_method": "fp8"}}
     (tiny_hf_dir / "config.json").write_text(json.dumps(nested))
     meta = read_meta(tiny_hf_dir)
-    assert (meta.architecture, meta.quantization, meta.num_layers) == ("gemma3", "FP8", 2)
+    assert (meta.architecture, meta.quantization, meta.spec.num_layers) == ("gemma3", "FP8", 2)
 
 
 def test_truncated_safetensors(tiny_hf_dir: Path) -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from deskpod.formats.meta import ModelMeta
+from deskpod.formats.spec import ModelSpec
 from deskpod.plan.builtins import BUILTINS, close_builtins, get_builtin
 from deskpod.plan.shape import InvalidPlanInput, ModelShape
 
@@ -69,13 +69,14 @@ def test_from_hf_config_names_the_missing_fields():
         ModelShape.from_hf_config({"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}, "x")
 
 
-def test_from_meta():
-    meta = ModelMeta("gguf", "llama", 134_515_008, "Q4_1", 8192, num_layers=30, hidden_size=576, num_heads=9,
-                     num_kv_heads=3, head_dim=64, vocab_size=49152, intermediate_size=1536)
-    shape = ModelShape.from_meta(meta, "smollm2")
-    assert (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.max_context) == (30, 3, 64, 8192)
-    with pytest.raises(InvalidPlanInput, match="lacks num_layers"):
-        ModelShape.from_meta(ModelMeta("onnx", "bert", 0, "F32", 0), "bert")
+def test_from_spec():
+    spec = ModelSpec("gemma3", 262144, 640, 2048, 18, 4, 1, 256, 32768, sliding_window=512,
+                     layer_types=(("sliding",) * 5 + ("full",)) * 3, tied_embeddings=True)
+    shape = ModelShape.from_spec(spec, "gemma3-270m")
+    assert (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.max_context) == (18, 1, 256, 32768)
+    assert (shape.sliding_window, shape.sliding_layers, shape.tied_embeddings) == (512, 15, True)
+    with pytest.raises(InvalidPlanInput, match="must be positive: num_layers"):
+        ModelShape.from_spec(ModelSpec("bert", 10, 8, 8, 0, 2, 2, 4, 64), "bert")
 
 
 @pytest.mark.parametrize("params, hidden, layers", [(8e9, 4096, 32), (405e9, 16000, 124), (200e9, 12544, 99),

@@ -59,7 +59,7 @@ def test_a_gguf_that_is_not_a_decoder_llm_is_refused(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModel, match="no bert.block_count, bert.attention.head_count, bert.feed_forward"):
+    with pytest.raises(UnsupportedModel, match="missing bert.block_count, bert.attention.head_count, bert.feed_forward"):
         resolve(str(tmp_path / "enc.gguf"))
 
 
@@ -82,7 +82,7 @@ def test_a_config_json_or_its_folder(tmp_path):
 def test_a_config_json_missing_fields_names_them(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
-    with pytest.raises(InvalidPlanInput, match="missing num_hidden_layers, intermediate_size, vocab_size"):
+    with pytest.raises(InvalidPlanInput, match="missing num_hidden_layers, vocab_size, intermediate_size"):
         resolve(str(path))
 
 

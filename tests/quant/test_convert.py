@@ -9,15 +9,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_llama import write_tiny_llama
+from support.loading import load, logits_of
+from support.tiny_llama import write_tiny_llama
 
-from deskpod.engine.loader import load_gguf, load_model
-from deskpod.engine.models.llama import KVCache
 from deskpod.engine.tokenizer import Tokenizer
 from deskpod.errors import CorruptModel
-from deskpod.formats.gguf import GGUFFile
+from deskpod.formats.gguf import GGUFFile, rotate_half_order
 from deskpod.formats.meta import read_meta
-from deskpod.quant.convert import TABLE_SCHEME, QuantizeError, convert, unpermute_rope
+from deskpod.quant.convert import TABLE_SCHEME, QuantizeError, convert
 
 SCHEMES = ("fp8", "nvfp4", "mxfp4", "int4", "int8")
 # Relative error of the tiny model's logits against its float32 reference, per scheme: about what each
@@ -49,31 +48,30 @@ def float_export(tiny, tmp_path_factory) -> Path:
 
 
 def logits(lm, n: int = 40) -> torch.Tensor:
-    ids = torch.arange(n) % lm.config.vocab_size
-    return lm.model(ids, torch.arange(n), KVCache(lm.config, n), all_logits=True)
+    return logits_of(lm, [i % lm.spec.vocab_size for i in range(n)])
 
 
 @pytest.fixture(scope="module")
 def reference(tiny) -> torch.Tensor:
-    return logits(load_gguf(tiny, "float32"))
+    return logits(load(tiny, "float32"))
 
 
-def test_unpermute_inverts_llama_cpp_permute():
+def test_rotate_half_order_inverts_llama_cpp_permute():
     heads, w = 3, torch.randn(3 * 8, 5)
-    # llama.cpp's convert_hf_to_gguf.py: reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)
+    # llama.cpp's converter: reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)
     permuted = w.reshape(heads, 2, 4, 5).swapaxes(1, 2).reshape(w.shape)
-    assert torch.equal(unpermute_rope(permuted, heads), w)
+    assert torch.equal(permuted[torch.from_numpy(rotate_half_order(len(w), heads))], w)
 
 
 def test_float_export_runs_like_the_gguf(float_export, reference):
     # HF names, rotate-half RoPE on un-permuted q/k rows: the same function as GGUF's interleaved order
-    torch.testing.assert_close(logits(load_model(float_export, "float32")), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(load(float_export, "float32")), reference, rtol=1e-5, atol=1e-5)
     assert "quantization_config" not in json.loads((float_export / "config.json").read_text())
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_model_stays_close_to_the_source(converted, reference, scheme):
-    compact, expanded = load_model(converted[scheme], "compact"), load_model(converted[scheme], "float32")
+    compact, expanded = load(converted[scheme], "compact"), load(converted[scheme], "float32")
     got = logits(compact)
     error = float((got - reference).norm() / reference.norm())
     assert 0 < error < MAX_LOGIT_ERROR[scheme]
@@ -129,7 +127,7 @@ def test_keep_leaves_modules_at_source_precision(tiny, tmp_path):
     assert "model.layers.1.mlp.gate_proj.weight_scale" not in names and "model.layers.0.mlp.gate_proj.weight_scale" in names
     quant = json.loads((tmp_path / "kept" / "config.json").read_text())["quantization_config"]
     assert {"lm_head", "model.layers.1.mlp.up_proj"} <= set(quant["ignore"]) and quant["keep"] == ["lm_head", "model.layers.1.mlp.*"]
-    assert load_model(tmp_path / "kept").config.num_layers == 2
+    assert load(tmp_path / "kept").spec.num_layers == 2
 
 
 def test_unknown_scheme_lists_the_known_ones(tiny, tmp_path):

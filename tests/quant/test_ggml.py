@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from deskpod.quant.ggml import GROUP, I8_READERS, MATVEC_MAX_ROWS, U4_READERS, I8Linear, U4Linear, compact_linear
+from deskpod.quant.ggml import GROUP, I8_READERS, MATVEC_MAX_ROWS, U4_READERS, I8Weight, U4Weight, compact_linear
 from deskpod.quant.kernels import ggml_cpu
 
 N, K = 13, 256  # odd rows catch a kernel that handles rows in pairs or fours; 256 fits Q4_K's super-block
@@ -82,7 +82,7 @@ def test_q4_k_is_read_compact():
 
 def _layer(qtype: str, raw: np.ndarray):
     layer = compact_linear(qtype, raw, (N, K))
-    assert isinstance(layer, U4Linear if qtype in U4_READERS else I8Linear)
+    assert isinstance(layer, U4Weight if qtype in U4_READERS else I8Weight)
     return layer
 
 

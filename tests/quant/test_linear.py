@@ -1,4 +1,5 @@
-"""QuantLinear against F.linear over the dequantized weight, on whichever CPU path is present."""
+"""QuantLinear (a Linear over a SchemeWeight) against F.linear over the dequantized weight, on whichever CPU
+path is present."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deskpod.quant import SCHEMES, QuantLinear, linear, quantize
+from deskpod.quant.linear import SchemeWeight
 
 
 def _weight(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -63,7 +65,7 @@ def test_uses_the_cpu_kernel_when_there_is_one(monkeypatch: pytest.MonkeyPatch) 
     cpu = types.ModuleType("deskpod.quant.cpu")
     cpu.cpu_weights = lambda qt: _Kernel(qt) if qt.scheme == "int4" else None
     monkeypatch.setitem(sys.modules, "deskpod.quant.cpu", cpu)
-    int4, nv = QuantLinear(quantize(_weight((6, 32)), "int4")), QuantLinear(quantize(_weight((6, 32)), "nvfp4"))
+    int4, nv = SchemeWeight(quantize(_weight((6, 32)), "int4")), SchemeWeight(quantize(_weight((6, 32)), "nvfp4"))
     assert isinstance(int4.kernel, _Kernel) and [n for n, _ in int4.named_buffers()] == ["kernel.w"]
     assert int4.qt is None and torch.equal(nv.qt.dequantize(), quantize(_weight((6, 32)), "nvfp4").dequantize())
     assert nv.kernel is None and {n for n, _ in nv.named_buffers()} == {"weight", "weight_scale", "weight_scale_2"}
@@ -77,7 +79,7 @@ def test_resident_buffers_are_the_quantized_tensors(scheme: str, with_kernel: bo
     if not with_kernel:
         monkeypatch.setattr(linear, "_cpu_kernel", lambda qt: None)
     qt = quantize(_weight((64, 256)), scheme)
-    layer = QuantLinear(qt)
+    layer = SchemeWeight(qt)
     assert not list(layer.parameters())
     own = [name for name, _ in layer.named_buffers() if not name.startswith("kernel.")]
     if layer.kernel is None:  # the reference path keeps exactly the quantized tensors

@@ -10,7 +10,7 @@ import json
 import tempfile
 
 import pytest
-from tiny_llama import write_tiny_llama
+from support.tiny_llama import write_tiny_llama
 
 import deskpod.quant.convert as convert_module
 from deskpod.cli import main
@@ -115,15 +115,17 @@ def test_interrupted_quantize_leaves_nothing(store, monkeypatch, tmp_path):
 
 
 def test_nan_fails_cleanly_naming_the_tensor(store, monkeypatch, tmp_path, capsys):
-    real = convert_module.GGUFSource.weight
+    from deskpod.formats.gguf import GGUFBlockTensor
 
-    def with_nan(self, module):
-        w = real(self, module)
-        if module == "model.layers.1.self_attn.v_proj":
+    real = GGUFBlockTensor.float
+
+    def with_nan(self):
+        w = real(self)
+        if self.name == "blk.1.attn_v.weight":
             w[0, 0] = float("nan")
         return w
 
-    monkeypatch.setattr(convert_module.GGUFSource, "weight", with_nan)
+    monkeypatch.setattr(GGUFBlockTensor, "float", with_nan)
     assert main(["quantize", "tiny", "--to", "int4"]) == 1
-    assert "model.layers.1.self_attn.v_proj.weight contains NaN" in capsys.readouterr().err
+    assert "blk.1.attn_v.weight contains NaN" in capsys.readouterr().err
     assert refs(store) == {"tiny:latest"} and list((tmp_path / "tmp").iterdir()) == []

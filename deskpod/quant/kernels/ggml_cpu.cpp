@@ -254,8 +254,11 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 
 // Attention of one new query per sequence over its keys in a paged cache, read in place.
 // q: [B, H, D]; caches: [num_blocks, block_size, KV, D]; block_tables: [B, max_blocks]; context_lens: [B].
+// window > 0: a query sees only its sequence's last `window` keys (itself included). softcap > 0: scores are
+// squashed to softcap * tanh(score / softcap) before the softmax (Gemma 2).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                     int64_t window, double softcap) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "paged_decode_attention: contiguous float32 tensors expected");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
@@ -267,12 +270,14 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
+  const float cap = float(softcap);
   at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KV, h = i % KV, L = lens[b];
+      const int64_t b = i / KV, h = i % KV, end = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, end - window) : 0, L = end - first;
       scores.assign(G * L, 0.f);
-      for (int64_t t = 0; t < L; ++t) {
+      for (int64_t t = first; t < end; ++t) {
         const int64_t slot = tables[b * width + t / bs] * bs + t % bs;
         const float* k = kp + (slot * KV + h) * D;
         for (int64_t g = 0; g < G; ++g) {
@@ -280,22 +285,23 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < D; ++d) dot += qv[d] * k[d];
-          scores[g * L + t] = dot * float(scale);
+          const float s = dot * float(scale);
+          scores[g * L + t - first] = cap > 0.f ? cap * std::tanh(s / cap) : s;
         }
       }
-      for (int64_t g = 0; g < G; ++g) {  // softmax over the context
+      for (int64_t g = 0; g < G; ++g) {  // softmax over the visible context
         float* row = scores.data() + g * L;
         const float top = *std::max_element(row, row + L);
         float total = 0.f;
         for (int64_t t = 0; t < L; ++t) total += (row[t] = std::exp(row[t] - top));
         for (int64_t t = 0; t < L; ++t) row[t] /= total;
       }
-      for (int64_t t = 0; t < L; ++t) {
+      for (int64_t t = first; t < end; ++t) {
         const int64_t slot = tables[b * width + t / bs] * bs + t % bs;
         const float* v = vp + (slot * KV + h) * D;
         for (int64_t g = 0; g < G; ++g) {
           float* o = op + (b * H + h * G + g) * D;
-          const float p = scores[g * L + t];
+          const float p = scores[g * L + t - first];
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
         }

@@ -1,0 +1,103 @@
+"""ModelBuilder: reads a weight source into the shared layers. An architecture's `build(builder)` says which
+layers and in what arrangement; the builder takes the tensors by canonical name, checks their shapes
+against the spec, holds them in the format the options ask for, and puts q/k rows in pair order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from deskpod.engine.models.layers import (
+    MLP,
+    Attention,
+    AttentionOptions,
+    Block,
+    DecoderLM,
+    RMSNorm,
+    Rotary,
+    pair_order,
+)
+from deskpod.formats.spec import SLIDING, RopeSpec
+from deskpod.formats.weights import StoredTensor, WeightSource
+from deskpod.quant.linear import Linear, WeightOptions, build_weight
+
+
+class ModelBuilder:
+    def __init__(self, source: WeightSource, options: WeightOptions, context: int):
+        self.source, self.spec, self.options = source, source.spec, options
+        self.context = context  # positions the rotary tables cover
+        self._rotaries: dict[RopeSpec, int] = {}
+        self.rotaries: list[Rotary] = []
+
+    # --- tensors -----------------------------------------------------------------------------------
+
+    def linear(self, names: Sequence[str], shape: tuple[int, int], orders: Sequence[np.ndarray | None] = ()) -> Linear:
+        """One Linear over the `<name>.weight` tensors stacked (and their `.bias` where present, zeros for the
+        parts without one); rows reordered by `orders` where given."""
+        orders = list(orders) or [None] * len(names)
+        weights = [_reorder(self.source.take(f"{n}.weight"), o) for n, o in zip(names, orders)]
+        biases = [self.source.take_optional(f"{n}.bias") for n in names]
+        weight = build_weight(weights, shape, self.options)
+        if not any(biases):
+            return Linear(weight)
+        bias = torch.cat([_reorder(b, o).float() if b is not None else torch.zeros(w.rows) for b, w, o in zip(biases, weights, orders)])
+        return Linear(weight, bias.to(self.options.device, self.options.dtype))
+
+    def vector(self, name: str, order: np.ndarray | None = None) -> torch.Tensor:
+        return _reorder(self.source.take(name), order).float().to(self.options.device, self.options.dtype)
+
+    def norm(self, name: str, order: np.ndarray | None = None) -> RMSNorm:
+        return RMSNorm(self.vector(f"{name}.weight", order), self.spec.norm_eps)
+
+    # --- layers ------------------------------------------------------------------------------------
+
+    def rotary(self, rope: RopeSpec) -> int:
+        """The index of the rotary tables for `rope` (one per distinct variant, shared by the layers using it)."""
+        if rope not in self._rotaries:
+            factors = self.source.take("rope_freqs.weight").float() if self.source.has("rope_freqs.weight") and rope == self.spec.rope else None
+            self._rotaries[rope] = len(self.rotaries)
+            self.rotaries.append(Rotary(rope, self.spec.head_dim, self.context, factors))
+        return self._rotaries[rope]
+
+    def attention(self, i: int, qk_norm: bool = False) -> Attention:
+        s, p = self.spec, f"blk.{i}."
+        q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        orders = [pair_order(q_rows, s.num_heads), pair_order(kv_rows, s.num_kv_heads), None]
+        wqkv = self.linear([p + "attn_q", p + "attn_k", p + "attn_v"], (q_rows + 2 * kv_rows, s.hidden_size), orders)
+        wo = self.linear([p + "attn_output"], (s.hidden_size, q_rows))
+        head_order = pair_order(s.head_dim, 1)
+        norms = (self.norm(p + "attn_q_norm", head_order), self.norm(p + "attn_k_norm", head_order)) if qk_norm else (None, None)
+        options = AttentionOptions(
+            s.num_heads, s.num_kv_heads, s.head_dim,
+            scale=(s.query_scale or s.head_dim) ** -0.5,
+            window=s.sliding_window if s.layer_types[i] == SLIDING else 0,
+            softcap=s.attn_softcap,
+        )
+        return Attention(options, wqkv, wo, self.rotary(s.rope_of(i)), *norms)
+
+    def mlp(self, i: int) -> MLP:
+        s, p = self.spec, f"blk.{i}."
+        gate_up = self.linear([p + "ffn_gate", p + "ffn_up"], (2 * s.intermediate_size, s.hidden_size))
+        down = self.linear([p + "ffn_down"], (s.hidden_size, s.intermediate_size))
+        return MLP(gate_up, down, s.intermediate_size, s.activation)
+
+    def block(self, i: int, qk_norm: bool = False, sandwich: bool = False) -> Block:
+        """A pre-norm block (attn_norm, ffn_norm); `sandwich` adds Gemma's norms after attention and the MLP."""
+        p = f"blk.{i}."
+        post = (self.norm(p + "post_attention_norm"), self.norm(p + "post_ffw_norm")) if sandwich else (None, None)
+        return Block(self.norm(p + "attn_norm"), self.attention(i, qk_norm), self.norm(p + "ffn_norm"), self.mlp(i), *post)
+
+    def decoder(self, blocks: list[Block], embed_scale: float = 1.0) -> DecoderLM:
+        s = self.spec
+        table = self.linear(["token_embd"], (s.vocab_size, s.hidden_size))
+        tied = not self.source.has("output.weight")
+        head = table if tied else self.linear(["output"], (s.vocab_size, s.hidden_size))
+        model = DecoderLM(s, table, blocks, self.norm("output_norm"), head, self.rotaries, embed_scale)
+        return model.eval()
+
+
+def _reorder(tensor: StoredTensor, order: np.ndarray | None) -> StoredTensor:
+    return tensor if order is None else tensor.permute_rows(order)

@@ -1,0 +1,266 @@
+"""The layers every architecture is assembled from: norms, rotary embeddings, attention with its options,
+gated MLPs, blocks and the decoder around them. An architecture's file picks and arranges them
+(deskpod.engine.models.<arch>); the layers know nothing of formats or files.
+
+Reads top to bottom in dependency order. Shapes: T tokens in a forward pass (every scheduled sequence's
+tokens back to back), H query heads, KV key/value heads, D head_dim.
+
+Queries and keys rotate in adjacent pairs (x0, x1), (x2, x3), ... of each head: the builder permutes the
+q/k rows of the canonical (rotate-half) weights into that order at load, so one complex multiply applies
+RoPE. The permutation is the same for queries and keys, so their dot products — all attention reads of
+them — are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deskpod.engine.attention import AttentionBatch, PagedKVCache, decode_attention, prefill_attention, store_kv
+from deskpod.formats.spec import ModelSpec, RopeSpec
+from deskpod.quant.kernels import ggml_cpu
+from deskpod.quant.linear import Linear
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension (the weight is the factor itself: Gemma's 1 + w included)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = ggml_cpu() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if kernels is not None:  # one fused pass instead of PyTorch's chain of small ops
+            return kernels.rms_norm(x.contiguous(), self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+# --- rotary position embedding ------------------------------------------------------------------------
+
+
+def pair_order(rows: int, heads: int) -> np.ndarray:
+    """Row order taking each head's rows from rotate-half order to adjacent pairs (llama.cpp's `permute`):
+    output rows 2j and 2j+1 of a head are its rows j and j + D/2."""
+    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+def _default(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tensor, float]:
+    # also "dynamic": transformers rescales only past max_position_embeddings, which the engine's context never is
+    return inv, 1.0
+
+
+def _linear(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tensor, float]:
+    return inv / rope.factor, 1.0
+
+
+def _llama3(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tensor, float]:
+    """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between."""
+    old = rope.original_context or context
+    low, high = old / rope.low_freq_factor, old / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low, inv / rope.factor, inv)
+    smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    return torch.where((wavelen >= high) & (wavelen <= low), blended, scaled), 1.0
+
+
+def _yarn(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate the slow dimensions, extrapolate the fast ones, ramp between; cos and sin scaled."""
+    dim, old = 2 * len(inv), rope.original_context or context
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001), 0, 1)
+    extrapolate = 1 - ramp
+    inv = inv / rope.factor * (1 - extrapolate) + inv * extrapolate
+    return inv, rope.attention_factor if rope.attention_factor is not None else _yarn_mscale(rope)
+
+
+def _yarn_mscale(rope: RopeSpec) -> float:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rope.mscale and rope.mscale_all_dim:
+        return mscale(rope.factor, rope.mscale) / mscale(rope.factor, rope.mscale_all_dim)
+    return mscale(rope.factor)
+
+
+# rope kind -> (inverse frequencies, spec, context) -> (scaled inverse frequencies, factor on cos and sin)
+ROPE_SCALINGS: dict[str, Callable[[torch.Tensor, RopeSpec, int], tuple[torch.Tensor, float]]] = {
+    "default": _default, "dynamic": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn,
+}
+
+
+class Rotary(nn.Module):
+    """Rotations e^{i·pos·freq} [max_context, D/2] for one RoPE variant, computed once (float32, as transformers
+    does); `forward` rotates queries or keys by the rows picked for this pass's positions."""
+
+    def __init__(self, rope: RopeSpec, head_dim: int, context: int, freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if freq_factors is not None:  # a GGUF's rope_freqs: llama.cpp's precomputed divisors (Llama 3.1)
+            inv, magnitude = inv / freq_factors, 1.0
+        else:
+            inv, magnitude = ROPE_SCALINGS[rope.kind](inv, rope, context)
+        angles = torch.outer(torch.arange(context, dtype=torch.float32), inv)
+        rotations = torch.polar(torch.full_like(angles, magnitude), angles)
+        self.register_buffer("rotations", rotations, persistent=False)  # [context, D/2] complex64
+
+    def select(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.rotations[positions].unsqueeze(1)  # [T, 1, D/2]
+
+    @staticmethod
+    def apply(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, D] in pair order, rot: [T, 1, D/2]
+        T, H, D = x.shape
+        pairs = torch.view_as_complex(x.float().reshape(T, H, D // 2, 2))
+        return torch.view_as_real(pairs * rot).view(T, H, D).to(x.dtype)
+
+
+# --- attention ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float  # on q·k
+    window: int = 0  # keys a query sees, itself included; 0 = all before it
+    softcap: float = 0.0  # scores -> softcap · tanh(scores / softcap)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the paged KV cache: fused q/k/v projection (biases optional), optional
+    per-head q/k RMSNorm before RoPE, a sliding window, logit softcapping."""
+
+    def __init__(self, options: AttentionOptions, wqkv: Linear, wo: Linear, rotary: int,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+        super().__init__()
+        self.options, self.wqkv, self.wo, self.rotary = options, wqkv, wo, rotary
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, rots: Sequence[torch.Tensor], kv) -> torch.Tensor:
+        # x: [T, hidden]; queries and keys are rotated together: they sit side by side in wqkv's output
+        o = self.options
+        T, H, KV, D = x.shape[0], o.num_heads, o.num_kv_heads, o.head_dim
+        qkv = self.wqkv(x).view(T, H + 2 * KV, D)
+        qk = qkv[:, : H + KV]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :H].contiguous()), self.k_norm(qk[:, H:].contiguous())], dim=1)
+        qk = Rotary.apply(qk, rots[self.rotary])
+        k_cache, v_cache = kv
+        store_kv(k_cache, v_cache, batch.slots, qk[:, H:], qkv[:, H + KV :])
+        q = qk[:, :H]
+        args = (k_cache, v_cache)
+        if batch.all_decode:
+            out = decode_attention(q, *args, batch.decode_block_tables, batch.decode_context_lens, o.scale, o.window, o.softcap)
+        else:
+            out = torch.empty_like(q)
+            if len(batch.decode_rows):
+                out[batch.decode_rows] = decode_attention(
+                    q[batch.decode_rows], *args, batch.decode_block_tables, batch.decode_context_lens, o.scale, o.window, o.softcap
+                )
+            for chunk in batch.prefills:
+                out[chunk.rows] = prefill_attention(q[chunk.rows], *args, chunk, o.scale, o.window, o.softcap)
+        return self.wo(out.reshape(T, H * D))
+
+
+# --- MLP, blocks, the decoder --------------------------------------------------------------------------
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up fused into one projection."""
+
+    def __init__(self, w_gate_up: Linear, w_down: Linear, intermediate: int, activation: str):
+        super().__init__()
+        self.w_gate_up, self.w_down, self.intermediate = w_gate_up, w_down, intermediate
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.intermediate, dim=-1)
+        return self.w_down(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)); Gemma also norms each sub-layer's output ("sandwich")."""
+
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP,
+                 attn_post_norm: RMSNorm | None = None, mlp_post_norm: RMSNorm | None = None):
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+        self.attn_post_norm, self.mlp_post_norm = attn_post_norm, mlp_post_norm
+
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, rots: Sequence[torch.Tensor], kv) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), batch, rots, kv)
+        x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
+
+
+class DecoderLM(nn.Module):
+    """Token embedding (scaled for Gemma), the blocks, a final norm, the LM head (often the embedding itself),
+    optional final logit softcapping."""
+
+    def __init__(self, spec: ModelSpec, table: Linear, blocks: list[Block], norm: RMSNorm, head: Linear,
+                 rotaries: list[Rotary], embed_scale: float = 1.0):
+        super().__init__()
+        self.spec = spec
+        self.table, self.head = table, head  # the same module when tied
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+        self.rotaries = nn.ModuleList(rotaries)
+        self.embed_scale, self.final_softcap = embed_scale, spec.final_softcap
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.table.rows(ids)  # [T, hidden]
+        return x * self.embed_scale if self.embed_scale != 1.0 else x
+
+    @torch.inference_mode()
+    def forward_batch(self, ids: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:
+        """ids: [T], the tokens of every scheduled sequence back to back -> logits [len(logit_rows), vocab]."""
+        rots = [r.select(batch.positions) for r in self.rotaries]
+        x = self.embed(ids)
+        for block, kv in zip(self.blocks, cache.layers):
+            x = block(x, batch, rots, kv)
+        logits = self.head(self.norm(x[batch.logit_rows]))
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False):
+        """One sequence: ids, positions [T] -> logits [T, vocab] (or [1, vocab] for the last token)."""
+        batch = AttentionBatch.build([(len(ids), int(positions[0]), cache.block_table, True)], cache.block_size)
+        if all_logits:
+            batch = dataclasses.replace(batch, logit_rows=torch.arange(len(ids)))
+        return self.forward_batch(ids, batch, cache)
+
+
+class KVCache(PagedKVCache):
+    """The paged cache laid out for one sequence of up to `max_len` tokens (blocks 0, 1, 2, ... in order)."""
+
+    BLOCK_SIZE = 16
+
+    def __init__(self, spec: ModelSpec, max_len: int, dtype=torch.float32, device="cpu"):
+        blocks = -(-max_len // self.BLOCK_SIZE)
+        super().__init__(spec.num_layers, spec.num_kv_heads, spec.head_dim, blocks, self.BLOCK_SIZE, dtype, device)
+        self.block_table = list(range(blocks))

@@ -1,0 +1,184 @@
+"""A GGUF's vocabulary as a Hugging Face `tokenizers` tokenizer that splits text as llama.cpp does.
+
+Two vocabulary kinds (tokenizer.ggml.model):
+- "gpt2": byte-level BPE with the file's merges, pre-split by the regex llama.cpp applies for the file's
+  `tokenizer.ggml.pre` (PRE_TOKENIZERS, from llama-vocab.cpp);
+- "llama": SentencePiece (Gemma, Llama 2, Mistral): llama.cpp merges the adjacent pair whose union is the
+  highest-scoring token in the vocabulary, falling back to <0xXX> byte tokens. A BPE whose merges are every
+  split of every token, ranked by the merged token's score, makes the same choices.
+Control, user-defined and unknown tokens are matched whole in the text, as llama.cpp does for a prompt
+with special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from deskpod.errors import UnsupportedModel
+
+# ggml token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# Tokens that end a turn in the common chat formats: generation stops at them as at EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>")
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _gpt2():
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _digits_then_gpt2():
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2()])
+
+
+def _split_then_bytes(pattern: str):
+    def build():
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    return build
+
+
+# tokenizer.ggml.pre → the same pre-tokenization llama.cpp applies (llama-vocab.cpp's regex table).
+PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
+    "default": _gpt2,
+    "gpt-2": _gpt2,
+    "gpt2": _gpt2,
+    "mpt": _gpt2,
+    "olmo": _gpt2,
+    "smollm": _digits_then_gpt2,
+    "starcoder": _digits_then_gpt2,
+    "refact": _digits_then_gpt2,
+    "codeshell": _digits_then_gpt2,
+    "llama-bpe": _split_then_bytes(_LLAMA3_SPLIT),
+    "llama3": _split_then_bytes(_LLAMA3_SPLIT),
+    "qwen2": _split_then_bytes(_QWEN2_SPLIT),
+    "deepseek-r1-qwen": _split_then_bytes(_QWEN2_SPLIT),
+}
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos_id: int | None
+    eos_id: int | None
+    add_bos: bool
+    bos_text: str
+    eos_text: str
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a tokenizer is made of, whichever file it came from."""
+
+    hf: HFTokenizer
+    special: SpecialTokens
+    chat_template: str | None
+    eog_ids: frozenset[int]  # ids that end generation (EOS, <|im_end|>, <end_of_turn>...)
+
+    def save(self, folder: str | Path) -> None:
+        """tokenizer.json and tokenizer_config.json (as Hugging Face writes them), generation_config.json's
+        bos and end-of-generation ids: what `from_folder` reads back as this vocabulary."""
+        folder = Path(folder)
+        self.hf.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.special.bos_text or None,
+            "eos_token": self.special.eos_text or None,
+            "add_bos_token": self.special.add_bos,
+            "chat_template": self.chat_template,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        generation = {"bos_token_id": self.special.bos_id, "eos_token_id": sorted(self.eog_ids)}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def vocabulary_from_gguf(meta: Mapping[str, Any], label: str) -> Vocabulary:
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in VOCABULARY_KINDS:
+        raise UnsupportedModel(
+            f"{label}: tokenizer model {kind!r} is not supported (supported: {', '.join(map(repr, VOCABULARY_KINDS))})"
+        )
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    if not tokens:
+        raise UnsupportedModel(f"{label}: the file holds no vocabulary (tokenizer.ggml.tokens)")
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    hf = VOCABULARY_KINDS[kind](meta, tokens, types, label)
+    hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)])
+    hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == USER_DEFINED])
+    special = _special_tokens(meta, tokens, default_bos=kind == "llama")
+    eog = {i for i in (special.eos_id, meta.get("tokenizer.ggml.eot_token_id")) if i is not None}
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    eog |= {vocab[t] for t in END_OF_TURN if t in vocab and types[vocab[t]] == CONTROL}
+    return Vocabulary(hf, special, meta.get("tokenizer.chat_template"), frozenset(eog))
+
+
+def _byte_level_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int], label: str) -> HFTokenizer:
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise UnsupportedModel(f"{label}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    hf = HFTokenizer(models.BPE({tok: i for i, tok in enumerate(tokens)}, merges, ignore_merges=False))
+    hf.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece(meta: Mapping[str, Any], tokens: list[str], types: list[int], label: str) -> HFTokenizer:
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    hf = HFTokenizer(models.BPE(vocab, _merges_by_score(tokens, types, scores, vocab), byte_fallback=True, fuse_unk=False))
+    steps = [normalizers.Prepend(SPACE)] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+    hf.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
+    hf.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return hf
+
+
+def _merges_by_score(tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split (a, b) of every mergeable token into two tokens, the best-scoring merged token first (ties:
+    the lower id), which is the order llama.cpp's SentencePiece tokenizer merges in."""
+    ranked = []
+    for token_id, token in enumerate(tokens):
+        if types[token_id] not in (NORMAL, UNUSED) or len(token) < 2:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[token_id], token_id, cut, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+VOCABULARY_KINDS: dict[str, Callable[[Mapping[str, Any], list[str], list[int], str], HFTokenizer]] = {
+    "gpt2": _byte_level_bpe,
+    "llama": _sentencepiece,
+}
+
+
+def _special_tokens(meta: Mapping[str, Any], tokens: list[str], default_bos: bool) -> SpecialTokens:
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    valid = range(len(tokens))
+    bos, eos = (i if isinstance(i, int) and i in valid else None for i in (bos, eos))
+    return SpecialTokens(
+        bos_id=bos,
+        eos_id=eos,
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)),  # llama.cpp: SentencePiece adds BOS
+        bos_text=tokens[bos] if bos is not None else "",
+        eos_text=tokens[eos] if eos is not None else "",
+    )

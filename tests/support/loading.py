@@ -1,0 +1,27 @@
+"""Loading a model and reading its logits, as the engine's tests do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deskpod.engine.config import EngineConfig
+from deskpod.engine.loader import LoadedModel, load_model
+from deskpod.engine.models.layers import KVCache
+
+
+def load(path: Path | str, weights: str = "compact", **settings) -> LoadedModel:
+    """load_model with these EngineConfig settings."""
+    return load_model(path, EngineConfig(weights=weights, **settings))
+
+
+def logits_of(lm: LoadedModel, ids: list[int], chunks: list[int] | None = None) -> torch.Tensor:
+    """Logits [len(ids), vocab] of one sequence fed in pieces of the given sizes (all at once by default)."""
+    cache, out, start = KVCache(lm.spec, len(ids)), [], 0
+    for n in chunks or [len(ids)]:
+        piece = torch.tensor(ids[start : start + n])
+        out.append(lm.model(piece, torch.arange(start, start + len(piece)), cache, all_logits=True))
+        start += n
+    assert start == len(ids), f"chunks {chunks} do not add up to {len(ids)} tokens"
+    return torch.cat(out)
