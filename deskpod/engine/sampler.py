@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,12 @@ from deskpod.errors import DeskpodError
 
 class InvalidSamplingParams(DeskpodError):
     pass
+
+
+# A temperature below this samples as greedy (vLLM's bound): dividing logits by it would overflow them.
+GREEDY_BELOW = 1e-5
+# What torch.Generator.manual_seed takes: a 64-bit integer, signed or not.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -25,11 +32,13 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
 
     def __post_init__(self):
+        seed_ok = self.seed is None or (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1])
         checks = [
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be 0 (greedy) or more"),
             (self.top_k >= 0, "top_k must be 0 (off) or more"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (seed_ok, f"seed must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]})"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
         ]
@@ -39,7 +48,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 class Sampler:

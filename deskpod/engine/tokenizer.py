@@ -4,16 +4,18 @@ Hugging Face folder with the `tokenizers` library; chat templates; streaming det
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from deskpod.engine.chat_template import CHATML, render_chat
-from deskpod.errors import CorruptModel, DeskpodError, UnsupportedModel
+from deskpod.errors import CorruptModel, DeskpodError, InvalidRequest, UnsupportedModel
 from deskpod.formats.gguf import GGUFFile
 from deskpod.formats.gguf_tokenizer import END_OF_TURN, SpecialTokens, Vocabulary, vocabulary_from_gguf
 
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: valid in a Python str, not in Unicode text
 
 
 class NoChatTemplate(DeskpodError):
@@ -72,6 +74,9 @@ class Tokenizer:
         return bool(self.chat_template) or all(self._hf.token_to_id(t) is not None for t in CHATML_TOKENS)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        if (lone := SURROGATE.search(text)) is not None:
+            raise InvalidRequest(f"the text holds a lone surrogate (U+{ord(lone.group()):04X} at character {lone.start()}), "
+                                 "which is not Unicode text: encode it as UTF-8 properly")
         ids = self._hf.encode(text, add_special_tokens=False).ids
         add_bos = self.special.add_bos if add_bos is None else add_bos
         if add_bos and self.special.bos_id is not None and ids[:1] != [self.special.bos_id]:

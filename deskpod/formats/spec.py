@@ -65,6 +65,9 @@ class ModelSpec:
     attn_softcap: float = 0.0  # scores → cap · tanh(scores / cap); 0 = off
     final_softcap: float = 0.0  # the same on the output logits
     tied_embeddings: bool = False
+    # whether q/k/v/o and the MLP's projections have biases; None: as the file's tensors say (GGUF has no flag)
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
     num_experts: int = 0  # Mixture-of-Experts; 0 = dense
     experts_per_token: int = 0
     shared_expert_size: int = 0
@@ -300,6 +303,8 @@ def spec_from_hf_config(config: Mapping[str, Any], source: str = "") -> ModelSpe
         attn_softcap=value("attn_logit_softcapping", float, 0.0),
         final_softcap=value("final_logit_softcapping", float, 0.0),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        attention_bias=bool(cfg["attention_bias"]) if "attention_bias" in cfg else None,
+        mlp_bias=bool(cfg["mlp_bias"]) if "mlp_bias" in cfg else None,
         num_experts=experts,
         experts_per_token=value("num_experts_per_tok", int, 0) or value("experts_per_token", int, 0),
         shared_expert_size=value("shared_expert_intermediate_size", int, 0),
@@ -441,7 +446,8 @@ def spec_to_hf_config(spec: ModelSpec) -> dict[str, Any]:
         names = {FULL: "full_attention", SLIDING: "sliding_attention"}
         config.update(sliding_window=spec.sliding_window, use_sliding_window=True,
                       layer_types=[names[t] for t in spec.layer_types])
-    optional = {"rope_local_base_freq": spec.local_rope.theta if spec.local_rope else None,
+    optional = {"attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias,
+                "rope_local_base_freq": spec.local_rope.theta if spec.local_rope else None,
                 "query_pre_attn_scalar": spec.query_scale, "attn_logit_softcapping": spec.attn_softcap or None,
                 "final_logit_softcapping": spec.final_softcap or None}
     config.update({k: v for k, v in optional.items() if v is not None})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -14,6 +14,9 @@ from deskpod.store.manifest import Manifest
 from deskpod.store.names import format_ref, parse_name
 from deskpod.store.store import Store
 
+if TYPE_CHECKING:
+    from deskpod.formats.meta import ModelMeta
+
 
 def register(subparsers: Any) -> None:
     """Add the store's subcommands to the main CLI's argparse subparsers; each sets func=handler(args) -> int."""
@@ -21,6 +24,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("source", metavar="NAME|PATH")
     p.add_argument("--name", help="store it under this name[:tag] instead of its own")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON, no progress bars")
+    p.add_argument("--force", action="store_true", help="store it even if no part of deskpod can run it")
     p.set_defaults(func=pull)
 
     p = subparsers.add_parser("list", help="list stored models")
@@ -42,12 +46,32 @@ def register(subparsers: Any) -> None:
 
 
 def pull(args: argparse.Namespace) -> int:
-    manifest = Store().pull(args.source, name=args.name, progress=not args.json)
+    check = None if args.force else lambda meta: check_runnable(meta, args.source)
+    manifest = Store().pull(args.source, name=args.name, progress=not args.json, check=check)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     else:
         Console().print(f"pulled [bold]{manifest.ref}[/] ({_summary(manifest)})")
     return 0
+
+
+def check_runnable(meta: ModelMeta, label: str) -> None:
+    """Refuse what no part of deskpod runs: an LLM whose architecture, or a feature of it, the engine lacks
+    (ONNX models and embedding models are served by their own backends)."""
+    from deskpod.embed import EMBEDDING_ARCHITECTURES
+
+    if meta.format == "onnx" or meta.architecture in EMBEDDING_ARCHITECTURES:
+        return
+    from deskpod.engine.models import check_runnable as engine_check
+    from deskpod.errors import UnsupportedModel
+
+    try:
+        if meta.spec is None:
+            raise UnsupportedModel(f"{label}: a {meta.format} model of architecture {meta.architecture!r} that "
+                                   "deskpod cannot read as a language model")
+        engine_check(meta.spec, label)
+    except UnsupportedModel as e:
+        raise UnsupportedModel(f"{e}. Nothing was stored (`deskpod pull --force` stores it anyway)") from None
 
 
 def list_models(args: argparse.Namespace) -> int:

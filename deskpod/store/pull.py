@@ -49,6 +49,10 @@ class Staged:
     meta: ModelMeta
 
 
+MetaCheck = Callable[[ModelMeta], None]
+"""Raises to refuse a model by its metadata (the CLI's pull refuses what nothing in deskpod can run)."""
+
+
 class Source(Protocol):
     @property
     def default_ref(self) -> str: ...
@@ -62,7 +66,9 @@ class Source(Protocol):
         """Whether `manifest` already holds what this source would stage."""
         ...
 
-    def stage(self, dest: Path, progress: bool) -> Staged: ...
+    def stage(self, dest: Path, progress: bool, check: MetaCheck | None = None) -> Staged:
+        """Copy the model's files into `dest`; `check(meta)` may refuse it (before copying, where it can)."""
+        ...
 
 
 def resolve_source(source: str) -> Source:
@@ -112,15 +118,20 @@ class CatalogSource:
     def is_fresh(self, manifest: Manifest) -> bool:
         return manifest.source == self.description
 
-    def stage(self, dest: Path, progress: bool) -> Staged:
+    def stage(self, dest: Path, progress: bool, check: MetaCheck | None = None) -> Staged:
         wheels = download_wheels(self.entry.requirements, dest / "wheels", progress)
         out = dest / "files"
         with ExitStack() as stack:
             zips = {r: stack.enter_context(zipfile.ZipFile(w)) for r, w in wheels.items()}
             if self.entry.filename:
-                return Staged((self._join(zips, out, progress),), read_meta(out / self.entry.filename))
-            files = self._extract_folder(zips, out, progress)
-        return Staged(files, read_meta(out))
+                files = (self._join(zips, out, progress),)
+                meta = read_meta(out / self.entry.filename)
+            else:
+                files = self._extract_folder(zips, out, progress)
+                meta = read_meta(out)
+        if check:
+            check(meta)
+        return Staged(files, meta)
 
     def _join(self, zips: dict[str, zipfile.ZipFile], out: Path, progress: bool) -> StagedFile:
         """Extract one file, or concatenate its chunks in order, hashing as it goes; check the pinned sha256."""
@@ -202,9 +213,11 @@ class LocalSource:
             and all(p.stat().st_mtime < created for p in members.values())
         )
 
-    def stage(self, dest: Path, progress: bool) -> Staged:
+    def stage(self, dest: Path, progress: bool, check: MetaCheck | None = None) -> Staged:
         members = self.members()
         meta = read_meta(self.path)  # fail fast, before copying gigabytes
+        if check:
+            check(meta)
         total = sum(p.stat().st_size for p in members.values())
         files = []
         with _bar(progress, f"copying {self.path.name}", total) as advance:

@@ -37,6 +37,7 @@ from deskpod.store.manifest import Manifest
 from deskpod.store.names import format_ref, parse_name
 
 if TYPE_CHECKING:
+    from deskpod.formats.meta import ModelMeta
     from deskpod.store.pull import Staged
 
 
@@ -53,11 +54,13 @@ class Store:
 
     # --- public API ------------------------------------------------------------------------------
 
-    def pull(self, source: str, name: str | None = None, progress: bool = True, origin: str | None = None) -> Manifest:
+    def pull(self, source: str, name: str | None = None, progress: bool = True, origin: str | None = None,
+             check: Callable[[ModelMeta], None] | None = None) -> Manifest:
         """Store a catalog model or a local .gguf / .onnx / Hugging Face folder under `name` (or its own name).
 
         Returns at once when the model is already stored from the same source and its blobs are intact.
         `origin` replaces the source the manifest records (a model made in a scratch folder names what made it).
+        `check(meta)` may refuse the model by its metadata before anything is stored.
         """
         from deskpod.store.pull import resolve_source  # imports formats, which may import the store
 
@@ -69,7 +72,7 @@ class Store:
                 return current
             created = datetime.now(timezone.utc).isoformat()  # before staging: later edits to a source show
             with self._workdir() as work:
-                staged = src.stage(work / "stage", progress)
+                staged = src.stage(work / "stage", progress, check)
                 manifest = _manifest(model, tag, staged, origin or src.description, created)
                 with self._store_lock(shared=True):
                     self._commit(manifest, [s.path for s in staged.files], work)

@@ -59,3 +59,29 @@ def test_pull_list_show_verify_rm(home: Path, tiny_gguf: Path, capsys: pytest.Ca
 def test_pull_prints_a_summary(home: Path, tiny_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run("pull", str(tiny_onnx)) == 0
     assert "pulled tiny:latest" in capsys.readouterr().out
+
+
+def test_pull_refuses_a_model_nothing_in_deskpod_runs(home: Path, tmp_path: Path, monkeypatch) -> None:
+    from support.architectures import write_mixtral_gguf
+
+    from deskpod.errors import UnsupportedModel
+
+    path = write_mixtral_gguf(tmp_path / "mixtral.gguf")
+    monkeypatch.chdir(tmp_path)  # the error names the model as typed
+    with pytest.raises(UnsupportedModel, match=r"^./mixtral.gguf: .*Mixture-of-Experts.*Nothing was stored.*--force"):
+        run("pull", "./mixtral.gguf")
+    assert Store().list() == []
+    assert run("pull", str(path), "--force", "--json") == 0  # stored anyway when asked
+    assert [m.name for m in Store().list()] == ["mixtral"]
+
+
+def test_pull_names_the_architectures_the_engine_runs(home: Path, tmp_path: Path) -> None:
+    from support.tiny_llama import write_tiny_llama
+
+    from deskpod.errors import UnsupportedModel
+
+    path = write_tiny_llama(tmp_path / "falcon.gguf", arch="falcon")
+    with pytest.raises(UnsupportedModel, match=r"architecture 'falcon' is not supported.*gemma3.*llama.*qwen2.*qwen3"):
+        run("pull", str(path))
+    assert Store().list() == []
+

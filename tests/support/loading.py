@@ -11,9 +11,9 @@ from deskpod.engine.loader import LoadedModel, load_model
 from deskpod.engine.models.layers import KVCache
 
 
-def load(path: Path | str, weights: str = "compact", **settings) -> LoadedModel:
-    """load_model with these EngineConfig settings."""
-    return load_model(path, EngineConfig(weights=weights, **settings))
+def load(path: Path | str, weights: str = "compact", name: str | None = None, **settings) -> LoadedModel:
+    """load_model with these EngineConfig settings; `name` is how errors call the model."""
+    return load_model(path, EngineConfig(weights=weights, **settings), name=name)
 
 
 def logits_of(lm: LoadedModel, ids: list[int], chunks: list[int] | None = None) -> torch.Tensor:

@@ -34,12 +34,15 @@ class ModelBuilder:
 
     # --- tensors -----------------------------------------------------------------------------------
 
-    def linear(self, names: Sequence[str], shape: tuple[int, int], orders: Sequence[np.ndarray | None] = ()) -> Linear:
-        """One Linear over the `<name>.weight` tensors stacked (and their `.bias` where present, zeros for the
-        parts without one); rows reordered by `orders` where given."""
+    def linear(self, names: Sequence[str], shape: tuple[int, int], orders: Sequence[np.ndarray | None] = (),
+               bias: bool | None = None) -> Linear:
+        """One Linear over the `<name>.weight` tensors stacked, rows reordered by `orders` where given. Biases:
+        `bias` True takes every `<name>.bias`, False none (a file that has them is then refused as holding unused
+        tensors), None those present (zeros for the parts without one)."""
         orders = list(orders) or [None] * len(names)
         weights = [_reorder(self.source.take(f"{n}.weight"), o) for n, o in zip(names, orders)]
-        biases = [self.source.take_optional(f"{n}.bias") for n in names]
+        take = {True: self.source.take, None: self.source.take_optional, False: lambda name: None}[bias]
+        biases = [take(f"{n}.bias") for n in names]
         weight = build_weight(weights, shape, self.options)
         if not any(biases):
             return Linear(weight)
@@ -66,8 +69,9 @@ class ModelBuilder:
         s, p = self.spec, f"blk.{i}."
         q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         orders = [pair_order(q_rows, s.num_heads), pair_order(kv_rows, s.num_kv_heads), None]
-        wqkv = self.linear([p + "attn_q", p + "attn_k", p + "attn_v"], (q_rows + 2 * kv_rows, s.hidden_size), orders)
-        wo = self.linear([p + "attn_output"], (s.hidden_size, q_rows))
+        wqkv = self.linear([p + "attn_q", p + "attn_k", p + "attn_v"], (q_rows + 2 * kv_rows, s.hidden_size), orders,
+                           s.attention_bias)
+        wo = self.linear([p + "attn_output"], (s.hidden_size, q_rows), bias=s.attention_bias)
         head_order = pair_order(s.head_dim, 1)
         norms = (self.norm(p + "attn_q_norm", head_order), self.norm(p + "attn_k_norm", head_order)) if qk_norm else (None, None)
         options = AttentionOptions(
@@ -80,8 +84,8 @@ class ModelBuilder:
 
     def mlp(self, i: int) -> MLP:
         s, p = self.spec, f"blk.{i}."
-        gate_up = self.linear([p + "ffn_gate", p + "ffn_up"], (2 * s.intermediate_size, s.hidden_size))
-        down = self.linear([p + "ffn_down"], (s.hidden_size, s.intermediate_size))
+        gate_up = self.linear([p + "ffn_gate", p + "ffn_up"], (2 * s.intermediate_size, s.hidden_size), bias=s.mlp_bias)
+        down = self.linear([p + "ffn_down"], (s.hidden_size, s.intermediate_size), bias=s.mlp_bias)
         return MLP(gate_up, down, s.intermediate_size, s.activation)
 
     def block(self, i: int, qk_norm: bool = False, sandwich: bool = False) -> Block:
