@@ -25,9 +25,9 @@ from worker_common import speed_prompt_ids  # noqa: E402
 def deskpod_once(lm, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
     import torch
 
-    from deskpod.engine.models.llama import KVCache
+    from deskpod.engine.models.layers import KVCache
 
-    cache = KVCache(lm.config, len(prompt) + gen_tokens + 1)
+    cache = KVCache(lm.spec, len(prompt) + gen_tokens + 1)
     start = time.perf_counter()
     logits = lm.model(torch.tensor(prompt), torch.arange(len(prompt)), cache)
     token = int(logits[-1].argmax())
@@ -42,11 +42,12 @@ def deskpod_once(lm, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
 def measure_deskpod(gguf: Path, args) -> dict:
     import torch
 
-    from deskpod.engine.loader import load_gguf
+    from deskpod.engine.config import EngineConfig
+    from deskpod.engine.loader import load_model
 
     torch.set_num_threads(args.threads)
-    lm = load_gguf(gguf, args.weights)
-    prompt = speed_prompt_ids(args.prompt_tokens, lm.config.vocab_size)
+    lm = load_model(gguf, EngineConfig(weights=args.weights, context=args.prompt_tokens + args.gen_tokens + 8))
+    prompt = speed_prompt_ids(args.prompt_tokens, lm.spec.vocab_size)
     deskpod_once(lm, prompt[:16], 4)  # warm-up
     runs = [deskpod_once(lm, prompt, args.gen_tokens) for _ in range(args.repeats)]
     return {
@@ -60,16 +61,17 @@ def measure_peer(worker: str, gguf: Path, args) -> dict:
                     "--gen-tokens", args.gen_tokens, "--threads", args.threads, "--repeats", args.repeats)
 
 
-def default_gguf() -> Path:
+def store_gguf(name: str) -> Path:
     from deskpod.store import Store
 
     store = Store()
-    return store.model_file(store.ensure("smollm2"))
+    return store.model_file(store.ensure(name))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, default=None, help="default: smollm2 from the store")
+    parser.add_argument("--gguf", type=Path, default=None, help="a GGUF file (default: --model from the store)")
+    parser.add_argument("--model", default="smollm2", help="a catalog model, pulled if need be (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
@@ -78,7 +80,7 @@ def main() -> int:
     parser.add_argument("--weights", default="compact", choices=("compact", "float32"))
     parser.add_argument("--peers", default="llamacpp,transformers")
     args = parser.parse_args()
-    gguf = args.gguf or default_gguf()
+    gguf = args.gguf or store_gguf(args.model)
     engines = {"deskpod": lambda: measure_deskpod(gguf, args)}
     for peer in filter(None, args.peers.split(",")):
         engines[peer] = lambda peer=peer: measure_peer(peer, gguf, args)

@@ -53,7 +53,11 @@ def cmd_run(args) -> int:
     params = _sampling(args)  # bad values fail before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load(args)
-    ids = llm.prompt_ids(prompt) if args.raw else llm.chat_prompt([{"role": "user", "content": prompt}])
+    if not args.raw and not llm.tokenizer.has_chat_template:
+        print(f"{args.model} has no chat template (a base model, not a chat model): running the prompt as raw text",
+              file=sys.stderr)
+    raw = args.raw or not llm.tokenizer.has_chat_template
+    ids = llm.prompt_ids(prompt) if raw else llm.chat_prompt([{"role": "user", "content": prompt}])
     it = llm.stream(ids, params)
     while True:
         try:
@@ -74,6 +78,9 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     params = _sampling(args)
     llm = _load(args)
+    if not llm.tokenizer.has_chat_template:
+        raise DeskpodError(f"{args.model} has no chat template (a base model, not a chat model): "
+                           f"prompt it with `deskpod run {args.model} TEXT` instead")
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"Chatting with {args.model}. /clear forgets the conversation, /bye (or Ctrl-D) ends it.", file=sys.stderr)
     while True:

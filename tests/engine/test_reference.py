@@ -1,14 +1,14 @@
 """deskpod against two other engines on the real SmolLM2-135M-Instruct Q4_1, using recorded outputs
 (tests/data/smollm2-greedy.json, a copy of shared/reference/):
 
-- transformers, float32 weights dequantized from the same GGUF: deskpod's greedy tokens must be the same;
-- llama.cpp, which rounds activations to 8 bits: free-running sequences part at near-ties, so we compare the
-  next token with llama.cpp's own sequence fed in (teacher forcing).
+- transformers, float32 weights dequantized from the same GGUF: with float32 weights deskpod's greedy tokens
+  must be the same;
+- llama.cpp, which rounds activations to 8 bits, as deskpod's compact kernels do: free-running sequences part
+  at near-ties, so we compare the next token with the other engine's own sequence fed in (teacher forcing).
 
-Measured when written (CPU, torch 2.13): all 4 greedy sequences identical to transformers in both weight
-modes; 124/128 next tokens agree with llama.cpp, and at each of the 4 misses llama.cpp's token is deskpod's
-second choice, 0.03 to 0.22 logits behind (logits span about 30); compact and float32 logits differ by at
-most 1.2e-4 on the decode path and are identical on the prefill path.
+Measured when written (CPU, torch 2.13): all 4 float32 greedy sequences identical to transformers; in compact
+mode 124+/128 next tokens agree with llama.cpp and with transformers, each miss a near-tie; compact and float32
+logits differ by 3-5% (norm) through the int8 rounding of activations, and decode and prefill paths agree.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ def logits_of(lm, ids: list[int], chunk: int | None = None) -> torch.Tensor:
     return _logits(lm, ids, [min(chunk, len(ids) - s) for s in range(0, len(ids), chunk)])
 
 
-@pytest.mark.parametrize("mode", ["float32", "compact"])
-def test_greedy_tokens_equal_transformers_float32(request, reference, mode):
-    lm = request.getfixturevalue(f"smollm2_{mode}")
+def test_greedy_tokens_equal_transformers_float32(smollm2_float32, reference):
+    lm = smollm2_float32
     eos = lm.tokenizer.special.eos_id
     for r in reference["results"]:
         want = r["transformers_fp32_completion_token_ids"]
@@ -45,32 +44,37 @@ def test_greedy_tokens_equal_transformers_float32(request, reference, mode):
         assert got == want, case_id(r)
 
 
-def test_next_token_agrees_with_llama_cpp(smollm2_compact, reference):
+@pytest.mark.parametrize("engine", ["llama.cpp", "transformers"])
+def test_compact_next_token_agrees_with_other_engines(smollm2_compact, reference, engine):
     agree = total = 0
     for r in reference["results"]:
-        prompt, completion = r["prompt_token_ids"], r["completion_token_ids"]
+        key = "completion_token_ids" if engine == "llama.cpp" else "transformers_fp32_completion_token_ids"
+        prompt, completion = r["prompt_token_ids"], r[key]
         logits = logits_of(smollm2_compact, prompt + completion)[len(prompt) - 1 : -1]  # [32, vocab]
         ours = logits.argmax(-1).tolist()
         for step, (mine, theirs) in enumerate(zip(ours, completion)):
             agree += mine == theirs
             if mine != theirs:  # only a near-tie may part us: theirs is our runner-up, by a sliver of the range
                 row = logits[step]
-                assert int((row > row[theirs]).sum()) == 1, f"{case_id(r)} step {step}: llama.cpp's token ranks low"
+                assert int((row > row[theirs]).sum()) == 1, f"{case_id(r)} step {step}: {engine}'s token ranks low"
                 gap, spread = row.max() - row[theirs], row.max() - row.min()
                 assert gap < 0.02 * spread, f"{case_id(r)} step {step}: {gap:.3f} behind, not a near-tie"
         total += len(completion)
-    assert agree / total >= 0.95, f"{agree}/{total} next tokens agree with llama.cpp"
+    assert agree / total >= 0.95, f"{agree}/{total} next tokens agree with {engine}"
 
 
-def test_compact_logits_match_float32(smollm2_compact, smollm2_float32, reference):
+def test_compact_logits_stay_close_to_float32(smollm2_compact, smollm2_float32, reference):
     for r in reference["results"]:
         if r["mode"] != "raw":  # the two short prompts keep this quick; the chat ones add nothing new
             continue
         ids = r["prompt_token_ids"] + r["completion_token_ids"]
-        dense = logits_of(smollm2_float32, ids, MATVEC_MAX_ROWS)
+        dense = logits_of(smollm2_float32, ids)
         assert (dense.max(-1).values - dense.min(-1).values).min() > 20  # logits span ~30 here
-        # decode-sized pieces go through the matvec kernels, a whole prefill through dequantize + GEMM
-        for chunk in (MATVEC_MAX_ROWS, None):
-            compact = logits_of(smollm2_compact, ids, chunk)
-            assert torch.equal(compact.argmax(-1), dense.argmax(-1)), case_id(r)
-            assert (compact - dense).abs().max() < 2e-3, f"{case_id(r)}: max |diff| {(compact - dense).abs().max():.3g}"
+        # decode-sized pieces go through the integer kernels, a whole prefill through dequantize + GEMM: both
+        # multiply the same int8-rounded activations, so they agree with each other far more closely than
+        # either does with float32
+        by_decode, by_prefill = logits_of(smollm2_compact, ids, MATVEC_MAX_ROWS), logits_of(smollm2_compact, ids)
+        assert float((by_decode - by_prefill).norm() / dense.norm()) < 0.01, case_id(r)
+        for compact in (by_decode, by_prefill):
+            assert float((compact - dense).norm() / dense.norm()) < 0.06, case_id(r)
+            assert (compact.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.95, case_id(r)

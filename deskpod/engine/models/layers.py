@@ -25,7 +25,7 @@ from torch import nn
 
 from deskpod.engine.attention import AttentionBatch, PagedKVCache, decode_attention, prefill_attention, store_kv
 from deskpod.formats.spec import ModelSpec, RopeSpec
-from deskpod.quant.kernels import ggml_cpu
+from deskpod.quant.kernels import cpu_ops
 from deskpod.quant.linear import Linear
 
 
@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = ggml_cpu() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        kernels = cpu_ops() if x.device.type == "cpu" and x.dtype == torch.float32 else None
         if kernels is not None:  # one fused pass instead of PyTorch's chain of small ops
             return kernels.rms_norm(x.contiguous(), self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

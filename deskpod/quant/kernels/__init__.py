@@ -32,6 +32,18 @@ def _openmp_runtime(torch) -> list[str]:
     return [str(bundled[0])] if bundled else ["-fopenmp"]
 
 
+def _cpu_features() -> bytes:
+    """What this CPU can run: its model and instruction-set flags (Linux), else the platform's description."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor().encode() + platform.machine().encode()
+    keep = [line for line in info.splitlines() if line.startswith(("flags", "Features", "model name", "CPU part"))]
+    return "\n".join(sorted(set(keep))).encode()
+
+
 def _build(name: str):
     """Compile (or load the cached build of) kernels/<name>.cpp for this machine; None when that fails here
     or DESKPOD_NO_KERNELS is set (the reason is logged once per module: callers cache)."""
@@ -42,7 +54,10 @@ def _build(name: str):
 
     source = HERE / f"{name}.cpp"
     cflags, ldflags = ["-O3", "-march=native", "-fopenmp-simd", *OPENMP], _openmp_runtime(torch)
-    tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + repr(cflags + ldflags).encode()).hexdigest()[:16]
+    # -march=native builds for this CPU's instruction sets: the cache is keyed by them too, so a home folder
+    # shared with another machine (or baked into an image) never hands it a build its CPU cannot run
+    key = source.read_bytes() + torch.__version__.encode() + repr(cflags + ldflags).encode() + _cpu_features()
+    tag = hashlib.sha256(key).hexdigest()[:16]
     build_dir = _build_dir(tag)
     if not any(build_dir.glob("*.so")):
         log.info("deskpod: building the %s kernels for this machine (once, about a minute)...", name)
@@ -61,9 +76,15 @@ def _build(name: str):
 
 
 @cache
-def ggml_cpu():
-    """The ggml block-format kernels (u4/i8 matmul, rms_norm, paged attention), or None."""
-    return _build("ggml_cpu")
+def cpu_ops():
+    """The engine's fused CPU operations (rms_norm, paged decode attention), or None."""
+    return _build("cpu_ops")
+
+
+@cache
+def ggml_blocks():
+    """Matmul and dequantization over GGUF's block types as stored (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K), or None."""
+    return _build("ggml_blocks")
 
 
 @cache

@@ -1,0 +1,502 @@
+// Matrix kernels over GGUF's block-quantized weights exactly as the file stores them, for CPU decoding.
+//
+// A decode step reads every weight once, so its speed is set by the bytes per weight and by how cheaply a
+// weight meets an activation. The weights keep their stored bytes (Q4_0 4.5 bits, Q5_0 5.5, Q6_K 6.56, ...:
+// llama.cpp's own layout, so nothing is repacked or widened), and the activations are quantized to int8 per
+// block of 32 (llama.cpp's Q8_0), so a block of 32 weights meets them in one integer multiply-add
+// instruction (AVX-VNNI / AVX512-VNNI's dpbusd, or AVX2's maddubs + madd) instead of 32 float multiplies.
+//
+// Every block type decodes one slice of 32 weights at a time into unsigned codes c (signed for Q8_0) and a
+// scale and offset for each half of 16: w = scale * c + offset. Then, with x = dx * xq:
+//     sum(w * x) = dx * (scale * sum(c * xq) + offset * sum(xq))
+// where sum(c * xq) is the integer dot product and sum(xq) per half is computed once per row of x.
+//
+// Layouts (ggml-common.h), a row being whole blocks:
+//   Q4_0  18 B / 32: f16 d, 16 B nibbles (element j low, j + 16 high)            w = d (c - 8)
+//   Q4_1  20 B / 32: f16 d, f16 m, 16 B nibbles                                 w = d c + m
+//   Q5_0  22 B / 32: f16 d, 32 high bits, 16 B nibbles                         w = d (c - 16)
+//   Q5_1  24 B / 32: f16 d, f16 m, 32 high bits, 16 B nibbles                  w = d c + m
+//   Q8_0  34 B / 32: f16 d, 32 int8                                            w = d c
+//   Q4_K 144 B / 256: f16 d, f16 dmin, 12 B of 6-bit scales and mins, 128 B nibbles (32 B per two slices)
+//   Q5_K 176 B / 256: as Q4_K, plus 32 B of high bits (bit s of byte l: element l of slice s)
+//   Q6_K 210 B / 256: 128 B low nibbles, 64 B 2-bit highs, 16 int8 scales (one per 16), f16 d   w = d sc (c - 32)
+//
+// Builds for the machine's own instruction sets (-march=native at first use); a portable version of every
+// kernel is always compiled too (`portable=true`), so the tests check it on any machine.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#else
+#define HAVE_AVX2 0
+#endif
+
+namespace {
+
+// ggml's type ids
+enum Type : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+constexpr int64_t SLICE = 32;  // weights per slice, and activations per int8 block
+
+struct Layout {
+  int64_t block_bytes, slices;  // a block holds `slices` slices of 32
+};
+
+template <int64_t type>
+constexpr Layout layout() {
+  return type == Q4_0 ? Layout{18, 1} : type == Q4_1 ? Layout{20, 1} : type == Q5_0 ? Layout{22, 1}
+       : type == Q5_1 ? Layout{24, 1} : type == Q8_0 ? Layout{34, 1} : type == Q4_K ? Layout{144, 8}
+       : type == Q5_K ? Layout{176, 8} : Layout{210, 8};
+}
+
+Layout layout_of(int64_t type) {
+  switch (type) {
+    case Q4_0: return {18, 1};
+    case Q4_1: return {20, 1};
+    case Q5_0: return {22, 1};
+    case Q5_1: return {24, 1};
+    case Q8_0: return {34, 1};
+    case Q4_K: return {144, 8};
+    case Q5_K: return {176, 8};
+    case Q6_K: return {210, 8};
+  }
+  TORCH_CHECK(false, "ggml type ", type, " has no kernel here");
+}
+
+inline float f16(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+#if HAVE_AVX2
+  return _cvtsh_ss(bits);
+#else
+  return float(c10::Half(bits, c10::Half::from_bits()));
+#endif
+}
+
+// Q4_K / Q5_K: the 6-bit scale and min of slice j (ggml's get_scale_min_k4)
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// The factors of one slice: w = scale[h] * c + offset[h] for its halves h = 0, 1.
+struct Factors {
+  float scale[2], offset[2];
+};
+
+template <int64_t type>
+inline Factors factors_of(const uint8_t* b, int s) {
+  switch (type) {
+    case Q4_0: { const float d = f16(b); return {{d, d}, {-8 * d, -8 * d}}; }
+    case Q5_0: { const float d = f16(b); return {{d, d}, {-16 * d, -16 * d}}; }
+    case Q4_1: case Q5_1: { const float d = f16(b), m = f16(b + 2); return {{d, d}, {m, m}}; }
+    case Q8_0: { const float d = f16(b); return {{d, d}, {0, 0}}; }
+    case Q4_K: case Q5_K: {
+      int sc, m;
+      scale_min_k4(s, b + 4, sc, m);
+      const float d = f16(b) * sc, o = -f16(b + 2) * m;
+      return {{d, d}, {o, o}};
+    }
+    case Q6_K: {
+      const float d = f16(b + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d0 = d * sc[2 * s], d1 = d * sc[2 * s + 1];
+      return {{d0, d1}, {-32 * d0, -32 * d1}};
+    }
+  }
+  return {{0, 0}, {0, 0}};
+}
+
+inline Factors factors(int64_t type, const uint8_t* b, int s) {
+  switch (type) {
+    case Q4_0: return factors_of<Q4_0>(b, s);
+    case Q4_1: return factors_of<Q4_1>(b, s);
+    case Q5_0: return factors_of<Q5_0>(b, s);
+    case Q5_1: return factors_of<Q5_1>(b, s);
+    case Q8_0: return factors_of<Q8_0>(b, s);
+    case Q4_K: return factors_of<Q4_K>(b, s);
+    case Q5_K: return factors_of<Q5_K>(b, s);
+    case Q6_K: return factors_of<Q6_K>(b, s);
+  }
+  return {{0, 0}, {0, 0}};
+}
+
+// The 32 codes of slice s of block b, portable: c[j] for element j.
+inline void codes_scalar(int64_t type, const uint8_t* b, int s, uint8_t* c) {
+  switch (type) {
+    case Q4_0: case Q4_1: {
+      const uint8_t* qs = b + (type == Q4_0 ? 2 : 4);
+      for (int j = 0; j < 16; ++j) c[j] = qs[j] & 15, c[j + 16] = qs[j] >> 4;
+      return;
+    }
+    case Q5_0: case Q5_1: {
+      const uint8_t* p = b + (type == Q5_0 ? 2 : 4);
+      uint32_t qh;
+      std::memcpy(&qh, p, 4);
+      const uint8_t* qs = p + 4;
+      for (int j = 0; j < 16; ++j) {
+        c[j] = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+        c[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      }
+      return;
+    }
+    case Q8_0: std::memcpy(c, b + 2, 32); return;
+    case Q4_K: case Q5_K: {
+      const uint8_t* qs = b + (type == Q4_K ? 16 : 48) + 32 * (s / 2);
+      const int shift = 4 * (s & 1);
+      for (int l = 0; l < 32; ++l) c[l] = (qs[l] >> shift) & 15;
+      if (type == Q5_K)
+        for (int l = 0; l < 32; ++l) c[l] |= ((b[16 + l] >> s) & 1) << 4;
+      return;
+    }
+    case Q6_K: {
+      const int h = s / 4, k = s % 4;
+      const uint8_t* ql = b + 64 * h + 32 * (k & 1);
+      const uint8_t* qh = b + 128 + 32 * h;
+      for (int l = 0; l < 32; ++l) c[l] = ((ql[l] >> (4 * (k >> 1))) & 15) | (((qh[l] >> (2 * k)) & 3) << 4);
+      return;
+    }
+  }
+}
+
+// --- activations --------------------------------------------------------------------------------------
+
+// x [M, K] float -> int8 per block of 32 (q = round(x / d), d = max|x| / 127), and the sum of q over each
+// half-block of 16 (the offsets' term).
+struct QuantizedRows {
+  std::vector<int8_t> q;     // [M, K]
+  std::vector<float> d;      // [M, K / 32]
+  std::vector<int32_t> sum;  // [M, K / 16]
+  std::vector<float> xsum;   // [M, K / 32]: d * sum of q over the block (what a per-block offset multiplies)
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * K / SLICE), std::vector<int32_t>(M * K / 16),
+                  std::vector<float>(M * K / SLICE)};
+  for (int64_t b = 0; b < M * K / SLICE; ++b) {
+    const float* xb = x + b * SLICE;
+    float amax = 0.f;
+    for (int j = 0; j < SLICE; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f, inv = d > 0 ? 1.f / d : 0.f;
+    r.d[b] = d;
+    int32_t s0 = 0, s1 = 0;
+    for (int j = 0; j < SLICE; ++j) {
+      const int8_t q = int8_t(std::nearbyint(xb[j] * inv));
+      r.q[b * SLICE + j] = q;
+      (j < 16 ? s0 : s1) += q;
+    }
+    r.sum[2 * b] = s0, r.sum[2 * b + 1] = s1;
+    r.xsum[b] = d * float(s0 + s1);
+  }
+  return r;
+}
+
+// --- the dot products ---------------------------------------------------------------------------------
+
+constexpr int ROWS = 8;  // rows of x sharing each decoded slice (batched decoding)
+constexpr int64_t PREFETCH_AHEAD = 2048;  // bytes: about 3 rows of a 896-wide Q5_0 matrix (measured best of 1, 2 and 4 KB)
+
+// One output n for `rows` rows of x starting at m0: out[r * out_stride] = sum_k w[n, k] x[m0 + r, k].
+void dot_rows_scalar(int64_t type, const uint8_t* row, const Layout& L, const QuantizedRows& xq, int64_t m0, int rows,
+                     int64_t K, float* out, int64_t out_stride) {
+  const int64_t slices = K / SLICE;
+  double acc[ROWS] = {0};
+  uint8_t c[SLICE];
+  for (int64_t i = 0; i < slices; ++i) {
+    const uint8_t* b = row + (i / L.slices) * L.block_bytes;
+    const int s = int(i % L.slices);
+    codes_scalar(type, b, s, c);
+    const Factors f = factors(type, b, s);
+    for (int r = 0; r < rows; ++r) {
+      const int8_t* q = xq.q.data() + (m0 + r) * K + i * SLICE;
+      int32_t dot0 = 0, dot1 = 0;
+      for (int j = 0; j < 16; ++j) {
+        const int c0 = type == Q8_0 ? int(int8_t(c[j])) : int(c[j]);
+        const int c1 = type == Q8_0 ? int(int8_t(c[j + 16])) : int(c[j + 16]);
+        dot0 += c0 * q[j], dot1 += c1 * q[j + 16];
+      }
+      const int32_t* sums = xq.sum.data() + (m0 + r) * (K / 16) + 2 * i;
+      const float dx = xq.d[(m0 + r) * slices + i];
+      acc[r] += dx * (f.scale[0] * float(dot0) + f.scale[1] * float(dot1) + f.offset[0] * float(sums[0]) +
+                      f.offset[1] * float(sums[1]));
+    }
+  }
+  for (int r = 0; r < rows; ++r) out[r * out_stride] = float(acc[r]);
+}
+
+#if HAVE_AVX2
+inline __m256i bytes_from_bits(uint32_t bits) {  // byte j = 0xFF where bit j is set
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)),
+                                             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                               0x0101010101010101, 0x0000000000000000));
+  const __m256i others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(others, _mm256_set1_epi64x(-1));
+}
+
+inline __m256i nibbles(const uint8_t* qs) {  // 16 bytes -> elements 0..15 (low nibbles), 16..31 (high)
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i low = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+}
+
+template <int64_t type>
+inline __m256i codes_avx2(const uint8_t* b, int s) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  switch (type) {
+    case Q4_0: return nibbles(b + 2);
+    case Q4_1: return nibbles(b + 4);
+    case Q5_0: case Q5_1: {
+      const uint8_t* p = b + (type == Q5_0 ? 2 : 4);
+      uint32_t qh;
+      std::memcpy(&qh, p, 4);
+      return _mm256_or_si256(nibbles(p + 4), _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10)));
+    }
+    case Q8_0: return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+    case Q4_K: case Q5_K: {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (type == Q4_K ? 16 : 48) + 32 * (s / 2)));
+      __m256i c = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (s & 1)), low4);
+      if (type == Q5_K) {
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+        const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, s), _mm256_set1_epi8(1));
+        c = _mm256_or_si256(c, _mm256_slli_epi16(bit, 4));
+      }
+      return c;
+    }
+    case Q6_K: {
+      const int h = s / 4, k = s % 4;
+      const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (k & 1)));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+      const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (k >> 1)), low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), _mm256_set1_epi8(3));
+      return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+    }
+  }
+  return _mm256_setzero_si256();
+}
+
+// Types whose offset is a fixed multiple of the scale (w = d (c - k)): their codes are centred to c - k and
+// multiplied as signed, which needs no offset term at all.
+template <int64_t type>
+constexpr int centre() { return type == Q4_0 ? 8 : type == Q5_0 ? 16 : type == Q6_K ? 32 : 0; }
+
+// [sum of c[j] * q[j] over each group of 4 bytes] as 8 int32: lanes 0..3 hold elements 0..15, 4..7 the rest.
+inline __m256i dot_u8s8(__m256i c, __m256i q) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), c, q);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, q);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), _mm256_set1_epi16(1));  // no overflow: c < 64 or |c| <= 128
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R rows of x against one row of weights, two slices at a time with separate accumulators (so the FMA chains
+// overlap); R is a compile-time constant so every accumulator stays in a register.
+// R rows of x against one row of weights, two slices at a time with separate accumulators (so the FMA chains
+// overlap); R is a compile-time constant so every accumulator stays in a register.
+template <int64_t type, int R>
+void dot_rows_avx2(const uint8_t* row, const Layout& L, const QuantizedRows& xq, int64_t m0, int64_t K, float* out,
+                   int64_t out_stride) {
+  const int64_t slices = K / SLICE;
+  constexpr bool is_signed = type == Q8_0 || centre<type>() != 0, has_offset = !is_signed;
+  constexpr bool two_scales = type == Q6_K;
+  __m256 acc[2][R];
+  float offsets[2][R];
+  for (int u = 0; u < 2; ++u)
+    for (int r = 0; r < R; ++r) acc[u][r] = _mm256_setzero_ps(), offsets[u][r] = 0.f;
+  const int8_t* xq_row = xq.q.data() + m0 * K;
+  const float* dx_row = xq.d.data() + m0 * slices;
+  const float* xsum_row = xq.xsum.data() + m0 * slices;
+  constexpr Layout TL = layout<type>();  // compile-time: the block arithmetic below is shifts, not divisions
+  auto slice = [&](int64_t i, int u) {
+    const uint8_t* b = row + (i / TL.slices) * TL.block_bytes;
+    const int s = int(i % TL.slices);
+    // rows are contiguous and read in order: ask for the bytes a few rows ahead now, so that streaming a
+    // matrix larger than the caches waits on memory bandwidth, not on its latency row after row
+    _mm_prefetch(reinterpret_cast<const char*>(b) + PREFETCH_AHEAD, _MM_HINT_T0);
+    __m256i raw = codes_avx2<type>(b, s);
+    if (centre<type>()) raw = _mm256_sub_epi8(raw, _mm256_set1_epi8(centre<type>()));
+    const __m256i c = is_signed ? _mm256_sign_epi8(raw, raw) : raw;  // |w| for signed codes: their sign goes to x
+    const Factors f = factors_of<type>(b, s);
+    const __m256 scale = two_scales ? _mm256_set_m128(_mm_set1_ps(f.scale[1]), _mm_set1_ps(f.scale[0]))
+                                    : _mm256_set1_ps(f.scale[0]);
+    for (int r = 0; r < R; ++r) {
+      __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq_row + r * K + i * SLICE));
+      if (is_signed) q = _mm256_sign_epi8(q, raw);
+      const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(c, q));
+      acc[u][r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(scale, _mm256_set1_ps(dx_row[r * slices + i])), acc[u][r]);
+      if (has_offset) offsets[u][r] += f.offset[0] * xsum_row[r * slices + i];  // one offset per slice here
+    }
+  };
+  int64_t i = 0;
+  for (; i + 1 < slices; i += 2) slice(i, 0), slice(i + 1, 1);
+  if (i < slices) slice(i, 0);
+  for (int r = 0; r < R; ++r) out[r * out_stride] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + offsets[0][r] + offsets[1][r];
+}
+
+template <int64_t type>
+void dot_rows_avx2(const uint8_t* row, const Layout& L, const QuantizedRows& xq, int64_t m0, int rows, int64_t K,
+                   float* out, int64_t out_stride) {
+  for (int done = 0; done < rows;) {  // 8, 4, 2 and 1 rows at a time
+    const int left = rows - done;
+    float* o = out + done * out_stride;
+    if (left >= 8) dot_rows_avx2<type, 8>(row, L, xq, m0 + done, K, o, out_stride), done += 8;
+    else if (left >= 4) dot_rows_avx2<type, 4>(row, L, xq, m0 + done, K, o, out_stride), done += 4;
+    else if (left >= 2) dot_rows_avx2<type, 2>(row, L, xq, m0 + done, K, o, out_stride), done += 2;
+    else dot_rows_avx2<type, 1>(row, L, xq, m0 + done, K, o, out_stride), done += 1;
+  }
+}
+
+// Slice s of block b as 32 floats: w = scale * c + offset, 8 at a time.
+template <int64_t type>
+void dequantize_slice_avx2(const uint8_t* b, int s, float* out) {
+  __m256i raw = codes_avx2<type>(b, s);
+  if (centre<type>()) raw = _mm256_sub_epi8(raw, _mm256_set1_epi8(centre<type>()));
+  const Factors f = factors_of<type>(b, s);
+  constexpr bool is_signed = type == Q8_0 || centre<type>() != 0;
+  alignas(32) int8_t c[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(c), raw);
+  for (int h = 0; h < 2; ++h) {  // halves of 16: each its own scale and offset
+    const __m256 scale = _mm256_set1_ps(f.scale[h]), offset = _mm256_set1_ps(is_signed ? 0.f : f.offset[h]);
+    for (int g = 0; g < 2; ++g) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 16 * h + 8 * g));
+      const __m256i wide = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+      _mm256_storeu_ps(out + 16 * h + 8 * g, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), scale, offset));
+    }
+  }
+}
+
+using DequantizeSlice = void (*)(const uint8_t*, int, float*);
+
+DequantizeSlice dequantize_slice_for(int64_t type) {
+  switch (type) {
+    case Q4_0: return dequantize_slice_avx2<Q4_0>;
+    case Q4_1: return dequantize_slice_avx2<Q4_1>;
+    case Q5_0: return dequantize_slice_avx2<Q5_0>;
+    case Q5_1: return dequantize_slice_avx2<Q5_1>;
+    case Q8_0: return dequantize_slice_avx2<Q8_0>;
+    case Q4_K: return dequantize_slice_avx2<Q4_K>;
+    case Q5_K: return dequantize_slice_avx2<Q5_K>;
+    case Q6_K: return dequantize_slice_avx2<Q6_K>;
+  }
+  return nullptr;
+}
+
+using DotRows = void (*)(const uint8_t*, const Layout&, const QuantizedRows&, int64_t, int, int64_t, float*, int64_t);
+
+DotRows dot_rows_for(int64_t type) {
+  switch (type) {
+    case Q4_0: return dot_rows_avx2<Q4_0>;
+    case Q4_1: return dot_rows_avx2<Q4_1>;
+    case Q5_0: return dot_rows_avx2<Q5_0>;
+    case Q5_1: return dot_rows_avx2<Q5_1>;
+    case Q8_0: return dot_rows_avx2<Q8_0>;
+    case Q4_K: return dot_rows_avx2<Q4_K>;
+    case Q5_K: return dot_rows_avx2<Q5_K>;
+    case Q6_K: return dot_rows_avx2<Q6_K>;
+  }
+  return nullptr;
+}
+#endif
+
+void check_weights(const torch::Tensor& blocks, int64_t type, int64_t K) {
+  TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.is_contiguous() && blocks.dim() == 2, "blocks must be contiguous uint8 [N, bytes]");
+  const Layout L = layout_of(type);
+  TORCH_CHECK(K % (L.slices * SLICE) == 0 && blocks.size(1) == K / (L.slices * SLICE) * L.block_bytes,
+              "blocks of type ", type, " do not hold rows of ", K, " weights");
+}
+
+// y [M, N] = x [M, K] @ W^T, W [N, K] in blocks of `type`.
+torch::Tensor matmul(torch::Tensor x, torch::Tensor blocks, int64_t type, bool portable) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
+  check_weights(blocks, type, K);
+  const Layout L = layout_of(type);
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
+  auto out = torch::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  const int64_t row_bytes = blocks.size(1);
+#if HAVE_AVX2
+  const DotRows simd = portable ? nullptr : dot_rows_for(type);
+#endif
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += ROWS) {
+        const int rows = int(std::min<int64_t>(ROWS, M - m));
+#if HAVE_AVX2
+        if (simd) {
+          simd(wp + n * row_bytes, L, xq, m, rows, K, op + m * N + n, N);
+          continue;
+        }
+#endif
+        dot_rows_scalar(type, wp + n * row_bytes, L, xq, m, rows, K, op + m * N + n, N);
+      }
+  });
+  return out;
+}
+
+// The weights of rows `rows` (any order, repeats allowed) as float32 [len(rows), K]: prefill's tiles for a
+// float GEMM, and the embedding lookup of a token table.
+torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor rows, bool portable) {
+  check_weights(blocks, type, K);
+  TORCH_CHECK(rows.dtype() == torch::kInt64 && rows.dim() == 1, "rows must be int64 [R]");
+  const Layout L = layout_of(type);
+  const int64_t R = rows.size(0), row_bytes = blocks.size(1), N = blocks.size(0);
+  auto out = torch::empty({R, K}, torch::kFloat32);
+  float* op = out.data_ptr<float>();
+  const int64_t* ids = rows.data_ptr<int64_t>();
+  const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(0 <= ids[r] && ids[r] < N, "row ", ids[r], " is outside the weight's ", N);
+#if HAVE_AVX2
+  const DequantizeSlice simd = portable ? nullptr : dequantize_slice_for(type);
+#endif
+  at::parallel_for(0, R * (K / SLICE), 64, [&](int64_t i0, int64_t i1) {
+    uint8_t c[SLICE];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / (K / SLICE), slice = i % (K / SLICE);
+      const uint8_t* b = wp + ids[r] * row_bytes + (slice / L.slices) * L.block_bytes;
+      const int s = int(slice % L.slices);
+#if HAVE_AVX2
+      if (simd) {
+        simd(b, s, op + r * K + slice * SLICE);
+        continue;
+      }
+#endif
+      codes_scalar(type, b, s, c);
+      const Factors f = factors(type, b, s);
+      float* o = op + r * K + slice * SLICE;
+      for (int j = 0; j < SLICE; ++j) {
+        const float code = type == Q8_0 ? float(int8_t(c[j])) : float(c[j]);
+        o[j] = f.scale[j / 16] * code + f.offset[j / 16];
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matmul", &matmul, py::arg("x"), py::arg("blocks"), py::arg("type"), py::arg("portable") = false);
+  m.def("dequantize_rows", &dequantize_rows, py::arg("blocks"), py::arg("type"), py::arg("K"), py::arg("rows"),
+        py::arg("portable") = false);
+  m.def("simd", []() { return bool(HAVE_AVX2); });
+}
