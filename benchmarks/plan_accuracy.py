@@ -49,6 +49,15 @@ ENGINE_KV_BYTES = 4  # deskpod's CPU engine keeps its KV cache in float32
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. /proc's VmHWM belongs to the process image, so it starts afresh at
+    exec; getrusage's ru_maxrss does not (Linux carries it across fork and exec: a worker started by a parent
+    holding 500 MB would report at least that)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -74,12 +83,12 @@ def measure_deskpod(gguf: str) -> tuple[int, float]:
     import torch
 
     from deskpod.engine.llm import LLM
-    from deskpod.engine.models.llama import KVCache
+    from deskpod.engine.models.layers import KVCache
 
     lm = LLM(gguf, threads=os.cpu_count()).loaded
     prompt = prompt_of(lm.tokenizer.encode, PROMPT_TOKENS)
 
-    cache = KVCache(lm.config, PROMPT_TOKENS + NEW_TOKENS)
+    cache = KVCache(lm.spec, PROMPT_TOKENS + NEW_TOKENS)
     token = int(lm.model(torch.tensor(prompt), torch.arange(PROMPT_TOKENS), cache)[-1].argmax())
     seconds = []
     for i in range(NEW_TOKENS):
@@ -122,7 +131,7 @@ def load_callable(spec: str):
 def worker(spec: str, gguf: str) -> None:
     """Subprocess side: run the callable, print one JSON object."""
     rss, tok_s = load_callable(spec)(gguf)
-    print(json.dumps({"peak_rss_bytes": max(int(rss), peak_rss_bytes()), "decode_tok_s": float(tok_s)}))
+    print(json.dumps({"peak_rss_bytes": int(rss), "decode_tok_s": float(tok_s)}))
 
 
 def run_measurement(spec: str, gguf: Path, python: str) -> dict:
@@ -260,6 +269,8 @@ def summary(rows: list[dict]) -> dict:
     out = {}
     for group, metrics in (("prefill/TTFT", ("prefill", "ttft")), ("decode", ("decode", "throughput"))):
         ratios = [r["speed_ratio"] for r in rows if r["metric"] in metrics]
+        if not ratios:
+            continue
         out[group] = {
             "rows": len(ratios),
             "median_ratio": statistics.median(ratios),
@@ -339,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
     parser.add_argument("--published-only", action="store_true")
+    parser.add_argument("--local-only", action="store_true", help="only this machine's comparison")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "GGUF"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -347,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sys.path.insert(0, str(ROOT))
     local = None if args.published_only else local_part(args)
-    rows = published_part()
+    rows = [] if args.local_only else published_part()
     if args.json:
         print(json.dumps({"this_machine": local, "published": rows, "summary": summary(rows)}, indent=2))
     else:

@@ -7,8 +7,8 @@
 
 For each weight shape [out, in] and number of activation rows M, every scheme's CPUWeights forward is timed
 against F.linear on the same weight expanded to float32 (what running without the kernels would keep
-resident, at 32 bits per weight) and against the ggml kernels already in the engine (U4Linear for the 4-bit
-schemes, I8Linear for the 8-bit ones, on a weight of the same shape).
+resident, at 32 bits per weight) and against the engine's kernels over GGUF's own blocks (Q4_0 for the 4-bit
+schemes, Q8_0 for the 8-bit ones, on a weight of the same shape).
 
 By default the weights stream from memory, as when decoding a model larger than the cache, where every
 weight is read once per token: each candidate gets enough copies of its weight to fill --stream-mib, and a
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from deskpod.quant import quantize
 from deskpod.quant.cpu import MATVEC_MAX_ROWS, CPUWeights, cpu_weights
-from deskpod.quant.ggml import I8Linear, U4Linear
+from deskpod.quant.ggml import BlockWeight
 
 # SmolLM2-135M: MLP down [576, 1536], MLP up/gate [1536, 576], output head [49152, 576]
 SHAPES = [(576, 1536), (1536, 576), (49152, 576)]
 SCHEMES = ["nvfp4", "mxfp4", "int4", "fp8", "fp8_e5m2", "int8"]
-BASELINE = {"nvfp4": "u4", "mxfp4": "u4", "int4": "u4", "fp8": "i8", "fp8_e5m2": "i8", "int8": "i8"}
+BASELINE = {"nvfp4": "Q4_0", "mxfp4": "Q4_0", "int4": "Q4_0", "fp8": "Q8_0", "fp8_e5m2": "Q8_0", "int8": "Q8_0"}
 
 
 def fastest_ms(calls: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
@@ -65,13 +65,18 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 def baselines(shape: tuple[int, int]) -> dict[str, torch.nn.Module]:
-    """The engine's ggml u4 / i8 layers on random codes of this shape."""
+    """The engine's GGUF block kernels (Q4_0, Q8_0, as stored) on a random weight of this shape."""
+    import gguf
+    import numpy as np
+
     out, inp = shape
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 256, (out, inp // 2), generator=g, dtype=torch.int32).to(torch.uint8)
-    scales, mins = torch.rand(out, inp // 32, generator=g) * 0.01, torch.rand(out, inp // 32, generator=g) - 0.5
-    i8 = torch.randint(-128, 128, (out, inp), generator=g, dtype=torch.int32).to(torch.int8)
-    return {"u4": U4Linear(codes, scales, mins), "i8": I8Linear(i8, scales)}
+    w = np.random.default_rng(0).standard_normal((out, inp)).astype(np.float32)
+
+    def blocks(kind: str) -> BlockWeight:
+        raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])
+        return BlockWeight(kind, torch.from_numpy(np.ascontiguousarray(raw)), inp)
+
+    return {"Q4_0": blocks("Q4_0"), "Q8_0": blocks("Q8_0")}
 
 
 def resident_bits(layer: CPUWeights) -> float:

@@ -49,12 +49,12 @@ AGREEMENT_TOKENS = 32
 
 def perplexity(lm, ids: list[int], window: int, chunk: int) -> float:
     """exp(mean NLL) over windows of `window` tokens, each run in chunks through one KV cache."""
-    from deskpod.engine.models.llama import KVCache
+    from deskpod.engine.models.layers import KVCache
 
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         piece = torch.tensor(ids[start : start + window])
-        cache = KVCache(lm.config, len(piece))
+        cache = KVCache(lm.spec, len(piece))
         for c in range(0, len(piece) - 1, chunk):
             inputs, targets = piece[c : c + chunk], piece[c + 1 : c + chunk + 1]
             logits = lm.model(inputs, torch.arange(c, c + len(inputs)), cache, all_logits=True)[: len(targets)]
@@ -76,10 +76,10 @@ def resident(lm, n_weights: int, n_block_weights: int) -> dict:
 
 
 def decode_speed(lm, prompt: list[int], gen_tokens: int, repeats: int) -> float:
-    from deskpod.engine.models.llama import KVCache
+    from deskpod.engine.models.layers import KVCache
 
     def once() -> float:
-        cache = KVCache(lm.config, len(prompt) + gen_tokens + 1)
+        cache = KVCache(lm.spec, len(prompt) + gen_tokens + 1)
         token = int(lm.model(torch.tensor(prompt), torch.arange(len(prompt)), cache)[-1].argmax())
         start = time.perf_counter()
         for i in range(gen_tokens):
@@ -99,12 +99,12 @@ def greedy(lm, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def agreement(lm, prompts: list[list[int]], original: list[list[int]]) -> dict:
-    from deskpod.engine.models.llama import KVCache
+    from deskpod.engine.models.layers import KVCache
 
     forced, free = [], []
     for prompt, ref, own in zip(prompts, original, greedy(lm, prompts)):
         ids = prompt + ref
-        logits = lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.config, len(ids)), all_logits=True)
+        logits = lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.spec, len(ids)), all_logits=True)
         predicted = logits[len(prompt) - 1 : -1].argmax(-1).tolist()
         forced.append(sum(a == b for a, b in zip(predicted, ref)))
         free.append(next((i for i, (a, b) in enumerate(zip(own, ref)) if a != b), len(ref)))
@@ -123,7 +123,7 @@ def weight_counts(gguf_path: Path) -> tuple[int, int]:
 
 def measure(name: str, lm, args, ids, counts, prompts, original) -> dict:
     t = time.perf_counter()
-    row = {"model": name, "perplexity": perplexity(lm, ids, min(args.window or lm.config.max_context, lm.config.max_context), args.chunk)}
+    row = {"model": name, "perplexity": perplexity(lm, ids, min(args.window or lm.spec.max_context, lm.spec.max_context), args.chunk)}
     row |= resident(lm, *counts)
     row["decode_tok_s"] = decode_speed(lm, ids[: args.prompt_tokens], args.gen_tokens, args.repeats)
     row |= agreement(lm, prompts, original)
@@ -132,6 +132,7 @@ def measure(name: str, lm, args, ids, counts, prompts, original) -> dict:
 
 
 def run(args) -> list[dict]:
+    from deskpod.engine.config import EngineConfig
     from deskpod.engine.loader import load_model
     from deskpod.quant.convert import convert
     from deskpod.store import Store
@@ -147,7 +148,8 @@ def run(args) -> list[dict]:
     counts = weight_counts(gguf)
     rows = [measure(f"{args.model} GGUF (engine)", original, args, ids, counts, prompts, reference)]
     del original
-    rows.append(measure(f"{args.model} float32", load_model(gguf, "float32"), args, ids, counts, prompts, reference))
+    rows.append(measure(f"{args.model} float32", load_model(gguf, EngineConfig(weights="float32")), args, ids, counts,
+                        prompts, reference))
     with tempfile.TemporaryDirectory(prefix="quant-quality-") as tmp:
         for scheme in args.schemes.split(","):
             folder = Path(tmp) / scheme

@@ -46,8 +46,8 @@ class LoadedModel:
     context: int  # the most tokens a request may hold here (the model's, or less if the config asks)
 
     def weight_bytes(self) -> int:
-        """Resident bytes of the weights (buffers and parameters; the rotary tables excluded)."""
-        tensors = [*self.model.parameters(), *(b for n, b in self.model.named_buffers() if not n.endswith("rotations"))]
+        """Resident bytes of the weights (buffers and parameters; the rotary frequencies excluded)."""
+        tensors = [*self.model.parameters(), *(b for n, b in self.model.named_buffers() if not n.endswith("inv_freq"))]
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 

@@ -88,9 +88,15 @@ class GGUFFile:
             yield TensorInfo(name, info.ggml_type, info.shape, info.n_bytes, math.prod(info.shape))
 
     def raw(self, name: str) -> RawTensor:
-        """The tensor as stored: values for plain float types, bytes [rows, row_bytes] for block types."""
+        """The tensor as stored, read into memory of its own: values for plain float types, bytes [rows,
+        row_bytes] for block types. (Read, not mapped: the model keeps these bytes, and pages of a mapping
+        would count a second time in the process's resident memory while loading.)"""
         info = self._tensor(name)
-        data = self._data[info.offset : info.offset + info.n_bytes]
+        with open(self.path, "rb") as f:
+            f.seek(info.offset)
+            data = np.fromfile(f, dtype=np.uint8, count=info.n_bytes)
+        if data.size != info.n_bytes:
+            raise CorruptModel(f"{self.label}: tensor {name!r} could not be read whole ({data.size} of {info.n_bytes} bytes)")
         rows = int(np.prod(info.shape[:-1]))
         if info.ggml_type in PLAIN_TYPES:
             data = data.view(PLAIN_TYPES[info.ggml_type]).reshape(info.shape)

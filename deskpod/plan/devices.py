@@ -32,6 +32,7 @@ from deskpod.plan.shape import InvalidPlanInput
 GB = 10**9
 GiB = 2**30
 MiB = 2**20
+MB = 10**6
 
 
 @dataclass(frozen=True)
@@ -273,9 +274,9 @@ def this_machine() -> Hardware:
                     f"{bandwidth / GB:.1f} GB/s measured, {flops / 1e9:.0f} GFLOPS measured",
         memory_bytes=total,
         reserved_bytes=total - available,  # what other processes hold now
-        # Measured RSS: torch's CPU runtime ≈ 225 MB once imported, the engine's tokenizer ≈ 190 MB
-        # (SmolLM2's 49k-token BPE tables as Python objects).
-        runtime_overhead_bytes=400 * MiB,
+        # Measured RSS with deskpod's engine and its CPU kernels imported and built: 248 MB (torch's CPU runtime
+        # ≈ 230 MB of it); the tokenizer's tables are counted per model (capacity.runtime_bytes)
+        runtime_overhead_bytes=250 * MB,
         bandwidth=bandwidth,
         flops=(("f32", flops),),
         unified=True,

@@ -95,7 +95,7 @@ def make_plan(
     notes = []
     if source.weights is not None and weights is source.weights:
         notes.append(f"weights: the file's own tensors ({label}), {capacity.gb(weights.total)}")
-    sizing = dict(kv_dtype_bytes=kv_dtype_bytes, overhead_bytes=hardware.runtime_overhead_bytes)
+    sizing = dict(kv_dtype_bytes=kv_dtype_bytes, overhead_bytes=capacity.runtime_bytes(shape, hardware))
     usable = hardware.usable_bytes
     memory = capacity.memory_plan(shape, weights.total, context, usable, batch, nodes=hardware.nodes, **sizing)
     needed = capacity.nodes_needed(shape, weights.total, context, usable, batch, **sizing)

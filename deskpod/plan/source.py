@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from deskpod.errors import CorruptModel, DeskpodError, ModelNotFound, UnsupportedModel
-from deskpod.formats.gguf import GGUFFile
+from deskpod.formats.gguf import GGUF_MAGIC, GGUFFile
 from deskpod.formats.spec import SpecError, spec_from_gguf
 from deskpod.plan.builtins import NATIVE_PRECISION, builtin_names, close_builtins, get_builtin
 from deskpod.plan.precision import GGUF_FILE_TYPES
@@ -59,7 +59,7 @@ def _from_path(spec: str) -> ModelSource | None:
             return read_gguf(ggufs[0])
         raise InvalidPlanInput(f"{path} holds no config.json and not exactly one .gguf file")
     if path.is_file():
-        if path.suffix == ".gguf":
+        if path.suffix == ".gguf" or _is_gguf(path):  # a store blob has no suffix
             return read_gguf(path)
         if path.suffix == ".json":
             return read_hf_config(path)
@@ -67,6 +67,11 @@ def _from_path(spec: str) -> ModelSource | None:
     if path.suffix in (".gguf", ".json"):
         raise InvalidPlanInput(f"{path} does not exist")
     return None
+
+
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
 def read_hf_config(path: Path, name: str | None = None) -> ModelSource:

@@ -96,5 +96,6 @@ def compact_weight(tensors: Sequence[StoredTensor]) -> LinearWeight | None:
     first = tensors[0]
     if not all(has_kernel(t.dtype, t.shape) for t in tensors) or len({t.shape[1] for t in tensors}) != 1:
         return None
-    blocks = np.concatenate([np.asarray(t.blocks()).reshape(t.rows, -1) for t in tensors])
+    parts = [np.asarray(t.blocks()).reshape(t.rows, -1) for t in tensors]
+    blocks = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one tensor: its bytes as read, no copy
     return BlockWeight(first.dtype, torch.from_numpy(np.ascontiguousarray(blocks)), first.shape[1])

@@ -17,10 +17,6 @@ from deskpod.formats.weights import open_weights
 from deskpod.plan.capacity import DoesNotFit, kv_bytes_per_token
 
 
-def rotary_bytes(lm) -> int:
-    return sum(r.rotations.numel() * r.rotations.element_size() for r in lm.model.rotaries)
-
-
 def test_planned_weight_bytes_match_what_loading_takes(smollm2_gguf, smollm2_compact, smollm2_float32):
     source = open_weights(smollm2_gguf)
     for lm in (smollm2_compact, smollm2_float32):

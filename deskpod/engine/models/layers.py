@@ -106,8 +106,10 @@ ROPE_SCALINGS: dict[str, Callable[[torch.Tensor, RopeSpec, int], tuple[torch.Ten
 
 
 class Rotary(nn.Module):
-    """Rotations e^{i·pos·freq} [max_context, D/2] for one RoPE variant, computed once (float32, as transformers
-    does); `forward` rotates queries or keys by the rows picked for this pass's positions."""
+    """One RoPE variant's inverse frequencies [D/2] (float32, computed as transformers computes them);
+    `select` turns this pass's positions into rotations e^{i·pos·freq}. Computed per pass rather than kept
+    as a table: a table for a 128k context would hold hundreds of MB, the few positions of a pass cost
+    microseconds."""
 
     def __init__(self, rope: RopeSpec, head_dim: int, context: int, freq_factors: torch.Tensor | None = None):
         super().__init__()
@@ -116,12 +118,12 @@ class Rotary(nn.Module):
             inv, magnitude = inv / freq_factors, 1.0
         else:
             inv, magnitude = ROPE_SCALINGS[rope.kind](inv, rope, context)
-        angles = torch.outer(torch.arange(context, dtype=torch.float32), inv)
-        rotations = torch.polar(torch.full_like(angles, magnitude), angles)
-        self.register_buffer("rotations", rotations, persistent=False)  # [context, D/2] complex64
+        self.register_buffer("inv_freq", inv.float(), persistent=False)  # [D/2]
+        self.magnitude = magnitude  # YaRN scales cos and sin
 
     def select(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.rotations[positions].unsqueeze(1)  # [T, 1, D/2]
+        angles = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        return torch.polar(torch.full_like(angles, self.magnitude), angles).unsqueeze(1)  # [T, 1, D/2]
 
     @staticmethod
     def apply(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
