@@ -68,9 +68,8 @@ def resident(lm, n_weights: int, n_block_weights: int) -> dict:
         tensors = {id(t): t for t in [*module.buffers(), *module.parameters()]}  # shared ones once
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    rotations = lm.model.rotary.rotations
-    total = lm.weight_bytes() - rotations.numel() * rotations.element_size()
-    blocks = nbytes(lm.model.blocks) - rotations.numel() * rotations.element_size()  # blocks hold the RoPE table too
+    total = lm.weight_bytes()
+    blocks = nbytes(lm.model.blocks)
     return {"resident_mb": total / 1e6, "bits_per_weight": 8 * total / n_weights,
             "block_bits_per_weight": 8 * blocks / n_block_weights}
 

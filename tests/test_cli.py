@@ -89,3 +89,15 @@ def test_help_imports_no_torch():
 def test_version():
     result = deskpod("--version")
     assert result.returncode == 0 and result.stdout.startswith("deskpod ")
+
+
+def test_a_base_model_runs_raw_and_refuses_to_chat(tmp_path):
+    from support.tiny_llama import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "base.gguf", chat=False)
+    result = deskpod("run", str(path), "the heron", "--max-tokens", "3", "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "has no chat template (a base model, not a chat model): running the prompt as raw text" in result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 3
+    line = assert_one_line_error(deskpod("chat", str(path)))
+    assert "has no chat template" in line and "deskpod run" in line

@@ -73,7 +73,8 @@ class _Tracked:
 
 def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
     """KV blocks from the budget: `kv_cache_gb`, else a share of the memory free now (weights loaded)."""
-    budget = config.kv_cache_gb * 1e9 if config.kv_cache_gb else available_memory_bytes() * (config.memory_fraction or DEFAULT_MEMORY_FRACTION)
+    free = available_memory_bytes(cuda=config.device.startswith("cuda"))
+    budget = config.kv_cache_gb * 1e9 if config.kv_cache_gb else free * (config.memory_fraction or DEFAULT_MEMORY_FRACTION)
     shape = model_shape(loaded.spec, loaded.label)
     blocks = kv_blocks_for(shape, int(budget), config.block_size, kv_dtype_bytes(config))
     context = min(config.context_for(loaded.spec.max_context), loaded.context)

@@ -10,7 +10,6 @@ from deskpod.engine.engine import LLMEngine, RequestOutput
 from deskpod.engine.loader import LoadedModel
 from deskpod.engine.runner import TokenLogprob
 from deskpod.engine.sampler import SamplingParams
-from deskpod.errors import GenerationFailed
 
 __all__ = ["Completion", "generate", "generate_batch", "stream"]
 
@@ -20,12 +19,12 @@ class Completion:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or "error" (see `error`)
     logprobs: list[TokenLogprob] | None = None  # one per token, when SamplingParams(logprobs=k) asked for them
+    error: str | None = None  # why the engine failed on this request (the others of a batch are unaffected)
 
     def add(self, out: RequestOutput) -> None:
-        if out.error:
-            raise GenerationFailed(f"generation failed: {out.error}")
+        self.error = out.error or self.error
         self.token_ids += out.token_ids
         self.text += out.text
         self.finish_reason = out.finish_reason

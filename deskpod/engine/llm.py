@@ -6,8 +6,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from deskpod.engine.config import EngineConfig
 from deskpod.engine.generate import Completion, generate, generate_batch, stream
 from deskpod.engine.loader import LoadedModel, load_model
@@ -38,8 +36,6 @@ class LLM:
         """A store model (pulled first when it is a catalog name) or a model file, loaded now; `settings` override
         fields of `config` (LLM("smollm2", weights="float32", context=2048))."""
         self.config = replace(config, **settings)
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
         self.loaded: LoadedModel = load_model(resolve_model_file(model), self.config, name=model)
         self.tokenizer = self.loaded.tokenizer
 

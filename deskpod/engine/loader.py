@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from deskpod.engine.config import EngineConfig
-from deskpod.engine.models import check_runnable
+from deskpod.engine.models import architecture, check_runnable
 from deskpod.engine.models.builder import ModelBuilder
 from deskpod.engine.models.layers import DecoderLM
 from deskpod.engine.tokenizer import Tokenizer
-from deskpod.errors import UnsupportedModel
+from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.spec import ModelSpec
-from deskpod.formats.weights import WeightSource, open_weights
+from deskpod.formats.weights import WeightSource, declared_architecture, open_weights
 from deskpod.plan.capacity import MemoryPlan, check_fits
 from deskpod.plan.devices import available_memory_bytes
 from deskpod.plan.shape import ModelShape
@@ -74,8 +74,8 @@ def admit(source: WeightSource, config: EngineConfig, context: int) -> MemoryPla
     """Refuses (DoesNotFit, with the breakdown and the ways out) a model that cannot fit in the memory free
     right now, with the same functions `deskpod plan` uses."""
     shape = model_shape(source.spec, source.label)
-    return check_fits(shape, planned_weight_bytes(source, config), context, available_memory_bytes(),
-                      kv_dtype_bytes=kv_dtype_bytes(config))
+    free = available_memory_bytes(cuda=config.device.startswith("cuda"))
+    return check_fits(shape, planned_weight_bytes(source, config), context, free, kv_dtype_bytes=kv_dtype_bytes(config))
 
 
 def _gguf_tokenizer(source: WeightSource) -> Tokenizer:
@@ -92,14 +92,28 @@ TOKENIZERS: dict[str, Callable[[WeightSource], Tokenizer]] = {"gguf": _gguf_toke
 def load_model(path: str | Path, config: EngineConfig = EngineConfig(), name: str | None = None) -> LoadedModel:
     """The model in a .gguf file or a Hugging Face folder, with its tokenizer; refused with DoesNotFit when it
     cannot fit at the config's context (default: the model's full context). `name` is how errors call it."""
-    source = open_weights(path, name)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    source = _open(path, name)
     arch = check_runnable(source.spec, source.label)
     context = config.context_for(source.spec.max_context)
     admit(source, config, context)
     tokenizer = TOKENIZERS[source.format](source)
-    model = arch.build(ModelBuilder(source, weight_options(config), context))
+    model = arch.build(ModelBuilder(source, weight_options(config)))
     check_all_used(source, arch.name)
     return LoadedModel(model, tokenizer, source.spec, Path(path), source.label, context)
+
+
+def _open(path: str | Path, name: str | None) -> WeightSource:
+    """The weight source; for a file whose metadata deskpod cannot read, the architecture it names is checked
+    first, so that a model of an unsupported kind says so rather than that its metadata is incomplete."""
+    try:
+        return open_weights(path, name)
+    except CorruptModel:
+        declared = declared_architecture(path)
+        if declared is not None:
+            architecture(declared, name or str(path))  # UnsupportedModel listing what deskpod runs
+        raise
 
 
 def check_all_used(source: WeightSource, architecture: str) -> None:

@@ -32,15 +32,17 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
 
     def __post_init__(self):
-        seed_ok = self.seed is None or (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1])
+        seed_ok = self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1])
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be 0 (greedy) or more"),
-            (self.top_k >= 0, "top_k must be 0 (off) or more"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens must be an integer, at least 1"),
+            (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+             "temperature must be 0 (greedy) or more"),
+            (_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer, 0 (off) or more"),
+            (_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (seed_ok, f"seed must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]})"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+             "logprobs must be an integer between 0 and 20"),
         ]
         for ok, message in checks:
             if not ok:
@@ -49,6 +51,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a count
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Sampler:

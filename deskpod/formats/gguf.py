@@ -1,4 +1,5 @@
-"""GGUF reading for all of deskpod (engine, store, planner): metadata and tensors, memory-mapped.
+"""GGUF reading for all of deskpod (engine, store, planner): metadata (the header, memory-mapped) and tensors
+(read into memory of their own when asked for).
 
 The header is parsed here; tensor types, block sizes and dequantization come from the `gguf` package.
 A broken file names itself (CorruptModel), and raw quantized blocks go to the kernels that use them as they are.
@@ -17,7 +18,7 @@ import numpy as np
 
 from deskpod.errors import CorruptModel
 from deskpod.formats.spec import ModelSpec, SpecError, spec_from_gguf
-from deskpod.formats.weights import BlockTensor, StoredTensor, WeightSource, spec_error
+from deskpod.formats.weights import FLOAT_DTYPES, BlockTensor, StoredTensor, WeightSource, spec_error
 
 GGUF_MAGIC = b"GGUF"
 
@@ -194,6 +195,8 @@ class _Header:
             dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
             kind, offset = GGMLQuantizationType(self._unpack("<I")), self._unpack("<Q")
             block, block_bytes = GGML_QUANT_SIZES[kind]
+            if dims and dims[0] % block:
+                raise ValueError(f"tensor {name!r}: rows of {dims[0]} are not whole {kind.name} blocks of {block}")
             n = int(np.prod(dims, dtype=np.int64))
             # GGUF lists dims innermost first; PyTorch wants outermost first.
             infos.append((name, kind.name, tuple(reversed(dims)), offset, n // block * block_bytes))
@@ -264,20 +267,20 @@ class GGUFWeights(WeightSource):
             raise spec_error(label, "the GGUF metadata", e) from None
         tensors = {info.name: _stored(self.gguf, info) for info in self.gguf.tensors()}
         if spec.architecture in INTERLEAVED_QK:
-            _to_rotate_half(tensors, spec)
+            _to_rotate_half(tensors, spec, label)
         super().__init__(label, spec, tensors)
 
 
 def _stored(file: GGUFFile, info: TensorInfo) -> StoredTensor:
-    kind = GGUFFloatTensor if info.ggml_type in FLOAT_TYPES else GGUFBlockTensor
+    kind = GGUFFloatTensor if info.ggml_type in FLOAT_DTYPES else GGUFBlockTensor
     return kind(info.name, info.shape, info.ggml_type, info.n_bytes, file=file)
 
 
-FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
-
-
-def _to_rotate_half(tensors: dict[str, StoredTensor], spec: ModelSpec) -> None:
+def _to_rotate_half(tensors: dict[str, StoredTensor], spec: ModelSpec, label: str) -> None:
     heads = {"attn_q": spec.num_heads, "attn_k": spec.num_kv_heads}
     for name, tensor in tensors.items():
         if name.startswith("blk.") and name.split(".", 2)[2] in QK_TENSORS:
-            tensors[name] = tensor.permute_rows(rotate_half_order(tensor.rows, heads[name.split(".")[2]]))
+            count = heads[name.split(".")[2]]
+            if tensor.rows % (2 * count):
+                raise CorruptModel(f"{label}: {tensor.name} has {tensor.rows} rows, not a whole number of {count} heads' pairs")
+            tensors[name] = tensor.permute_rows(rotate_half_order(tensor.rows, count))

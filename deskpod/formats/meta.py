@@ -13,7 +13,7 @@ import gguf
 
 from deskpod.errors import CorruptModel, ModelNotFound, UnsupportedModel
 from deskpod.formats.gguf import GGUF_MAGIC, GGUFFile
-from deskpod.formats.safetensors import read_config, read_header
+from deskpod.formats.safetensors import read_config, read_header, weight_files
 from deskpod.formats.spec import ModelSpec, SpecError, spec_from_gguf, spec_from_hf_config
 
 
@@ -25,6 +25,7 @@ class ModelMeta:
     quantization: str  # "Q4_1", "Q4_K_M", "F32", "BF16", "mixed", "unknown"
     context_length: int  # 0 when not applicable
     spec: ModelSpec | None = None  # what the engine and the planner read of it; None when not a transformer LM
+    spec_problem: str = ""  # why there is no spec
 
 
 def read_meta(path: str | Path) -> ModelMeta:
@@ -70,7 +71,7 @@ def _read_gguf(path: Path) -> ModelMeta:
     counts: Counter[str] = Counter()
     for tensor in model.tensors():
         counts[tensor.ggml_type] += tensor.n_elements
-    spec = _spec_or_none(lambda: spec_from_gguf(model.metadata, model.has_tensor("output.weight"), str(path)))
+    spec, problem = _spec_or_none(lambda: spec_from_gguf(model.metadata, model.has_tensor("output.weight"), str(path)))
     return ModelMeta(
         format="gguf",
         architecture=model.architecture,
@@ -78,6 +79,7 @@ def _read_gguf(path: Path) -> ModelMeta:
         quantization=_gguf_quantization(model.metadata.get("general.file_type"), counts),
         context_length=spec.max_context if spec else _as_int(model.arch_value("context_length")),
         spec=spec,
+        spec_problem=problem,
     )
 
 
@@ -96,25 +98,31 @@ HF_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq
 
 
 def _read_safetensors(path: Path) -> ModelMeta:
-    weights = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not weights:
-        raise UnsupportedModel(f"{path}: no *.safetensors weights in this folder")
+    weights = weight_files(path) if path.is_dir() else [path]
     config = read_config(path) if path.is_dir() else {}
-    text = {**config, **(config.get("text_config") or {})}  # multimodal configs nest the LLM
+    spec, problem = _spec_or_none(lambda: spec_from_hf_config(config, str(path))) if config else (None, "no config.json")
     counts: Counter[str] = Counter()
     for file in weights:
         for dtype, n in _safetensors_counts(file).items():
             counts[dtype] += n
-    quant = config.get("quantization_config") or {}
+    quant = config.get("quantization_config")
+    quant = quant if isinstance(quant, dict) else {}
     quant_method = quant.get("scheme") or quant.get("quant_method")  # deskpod quantize records its scheme
     return ModelMeta(
         format="safetensors",
         architecture=str(config.get("model_type") or "unknown"),
-        parameters=int(quant.get("parameters") or sum(counts.values())),  # packed codes hide the true count
+        parameters=_as_int(quant.get("parameters")) or sum(counts.values()),  # packed codes hide the true count
         quantization=str(quant_method).upper() if quant_method else _dominant(counts.items()),
-        context_length=_as_int(next((text[k] for k in HF_CONTEXT_KEYS if k in text), 0)),
-        spec=_spec_or_none(lambda: spec_from_hf_config(config, str(path))) if config else None,
+        context_length=spec.max_context if spec else _hf_context(config),
+        spec=spec,
+        spec_problem=problem,
     )
+
+
+def _hf_context(config: dict[str, Any]) -> int:
+    text = config.get("text_config")
+    merged = {**config, **text} if isinstance(text, dict) else config  # multimodal configs nest the LLM
+    return _as_int(next((merged[k] for k in HF_CONTEXT_KEYS if k in merged), 0))
 
 
 def _safetensors_counts(file: Path) -> Counter[str]:
@@ -138,19 +146,23 @@ def _read_onnx(path: Path) -> ModelMeta:
 
 
 def _as_int(value: Any) -> int:
-    """GGUF and config values may be per-layer lists (e.g. head counts); the largest one sizes memory."""
+    """A count from metadata: GGUF values may be per-layer lists (the largest one); anything that is not a
+    number counts as 0 (unknown)."""
     if isinstance(value, list):
-        return max((int(v) for v in value), default=0)
-    return int(value or 0)
-
-
-def _spec_or_none(read: Callable[[], ModelSpec]) -> ModelSpec | None:
-    """The model's spec, or None when it is not a transformer LM the readers understand (an embedding model's
-    config, say): the engine refuses it then, with its own message."""
+        return max((_as_int(v) for v in value), default=0)
     try:
-        return read()
-    except SpecError:
-        return None
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _spec_or_none(read: Callable[[], ModelSpec]) -> tuple[ModelSpec | None, str]:
+    """(the model's spec, ""), or (None, why) when it is not a transformer LM the readers understand (an
+    embedding model's config, say)."""
+    try:
+        return read(), ""
+    except SpecError as e:
+        return None, str(e)
 
 
 def _dominant(counts: Any) -> str:

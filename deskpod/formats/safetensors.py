@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deskpod.errors import CorruptModel, UnsupportedModel
-from deskpod.formats.weights import SchemeTensor, StoredTensor, WeightSource, spec_error
+from deskpod.formats.weights import FLOAT_DTYPES, SchemeTensor, StoredTensor, WeightSource, spec_error
 
 if TYPE_CHECKING:  # header reading stays light: `deskpod list` reads metadata without torch
     import torch
@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # header reading stays light: `deskpod list` reads metadata w
 # safetensors dtype names -> bytes per element
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -46,12 +45,13 @@ class SafetensorsFolder:
     def __init__(self, folder: str | Path):
         self.path = Path(folder)
         self.config = read_config(self.path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise UnsupportedModel(f"{self.path}: no *.safetensors weights in this folder")
+        files = weight_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         for file in files:
-            self.entries.update(read_header(file))
+            for name, entry in read_header(file).items():
+                if name in self.entries:
+                    raise CorruptModel(f"{self.path}: tensor {name!r} is in both {self.entries[name].file.name} and {file.name}")
+                self.entries[name] = entry
         self._handles: dict[Path, Any] = {}
 
     def has(self, name: str) -> bool:
@@ -62,11 +62,35 @@ class SafetensorsFolder:
         entry = self.entries.get(name)
         if entry is None:
             raise CorruptModel(f"{self.path}: tensor {name!r} is missing")
-        if entry.file not in self._handles:
-            from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-            self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
-        return self._handles[entry.file].get_tensor(name)
+        try:
+            if entry.file not in self._handles:
+                self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
+            return self._handles[entry.file].get_tensor(name)
+        except (SafetensorError, RuntimeError, ValueError) as e:  # the library's word for a damaged file
+            raise CorruptModel(f"{entry.file}: tensor {name!r} cannot be read ({e})") from None
+
+
+INDEX = "model.safetensors.index.json"  # Hugging Face's map of a sharded checkpoint's tensors to its files
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's files: those its index names when it has one (repositories also ship other weight files
+    beside the shards, Mistral's consolidated.safetensors among them), else every *.safetensors."""
+    if (folder / INDEX).is_file():
+        try:
+            names = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CorruptModel(f"{folder / INDEX}: not a valid index ({type(e).__name__}: {e})") from None
+        missing = [n for n in names if not (folder / n).is_file() or "/" in n]
+        if missing:
+            raise CorruptModel(f"{folder / INDEX} names {', '.join(missing)}, which the folder lacks")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModel(f"{folder}: no *.safetensors weights in this folder")
+    return files
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -102,7 +126,7 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
             if info["data_offsets"][1] > size - 8 - n:
                 raise CorruptModel(f"{file}: truncated safetensors: tensor {name!r} ends past the end of the file")
             entries[name] = TensorEntry(name, file, str(info["dtype"]), tuple(int(d) for d in info["shape"]))
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
         raise CorruptModel(f"{file}: malformed safetensors header ({type(e).__name__}: {e})") from None
     return entries
 
@@ -207,13 +231,16 @@ class SafetensorsWeights(WeightSource):
         from deskpod.formats.spec import SpecError, spec_from_hf_config
 
         self.folder = SafetensorsFolder(path)
-        label = label or str(path)
+        self.label = label = label or str(path)
         try:
             spec = spec_from_hf_config(self.folder.config, label)
         except SpecError as e:
             raise spec_error(label, "config.json", e) from None
         self.schemes = _schemes(self.folder.config, label)
-        super().__init__(label, spec, self._tensors_by_name(spec.architecture))
+        tensors = self._tensors_by_name(spec.architecture)
+        # tied or not is what the tensors say: transformers 4 leaves tie_word_embeddings out of Gemma's configs
+        spec = replace(spec, tied_embeddings="output.weight" not in tensors)
+        super().__init__(label, spec, tensors)
 
     def _tensors_by_name(self, architecture: str) -> dict[str, StoredTensor]:
         offset = 1.0 if architecture in NORM_OFFSET_ARCHS else 0.0
@@ -224,6 +251,9 @@ class SafetensorsWeights(WeightSource):
                 continue
             if self.folder.has(hf_name + "_scale"):  # "<module>.weight" with "<module>.weight_scale" beside it
                 tensors[name] = self._scheme_tensor(hf_name, name, entry)
+            elif entry.dtype not in FLOAT_DTYPES:  # codes of some other quantization: their values mean nothing alone
+                raise UnsupportedModel(f"{self.label}: tensor {hf_name} is {entry.dtype} with no scales beside it "
+                                       "(a quantization deskpod does not read)")
             else:
                 norm = offset if name.endswith("norm.weight") else 0.0
                 tensors[name] = SafetensorsFloatTensor(name, entry.shape, entry.dtype, entry.n_bytes, folder=self.folder,

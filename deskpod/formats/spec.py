@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 FULL, SLIDING = "full", "sliding"  # attention over the whole context, or over the last `sliding_window` tokens
-ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 class SpecError(ValueError):
@@ -28,20 +27,17 @@ class RopeSpec:
     """Rotary position embedding, with the long-context variants as transformers defines them."""
 
     theta: float = 10000.0
-    kind: str = "default"  # one of ROPE_KINDS, or what the file names (then refused at load)
+    kind: str = "default"  # default, linear, dynamic, yarn, llama3; or what the file names (then refused at load)
     factor: float = 1.0  # linear, dynamic, yarn, llama3
     original_context: int = 0  # the context the model was trained at before scaling
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
-    mscale: float = 1.0  # yarn (DeepSeek's variant): with mscale_all_dim, sets the attention factor
+    mscale: float = 0.0  # yarn (DeepSeek's variant): with mscale_all_dim, sets the attention factor (0: unset)
     mscale_all_dim: float = 0.0
     attention_factor: float | None = None  # yarn: scales cos and sin; None derives it from factor
     truncate: bool = True  # yarn: round the correction range to whole dimensions
-
-    def describe(self) -> str:
-        return self.kind if self.kind == "default" else f"{self.kind} (factor {self.factor:g})"
 
 
 @dataclass(frozen=True)
@@ -75,6 +71,12 @@ class ModelSpec:
     source: str = field(default="", compare=False)  # the file it was read from, for messages
 
     def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        bad = [f"{name} = {getattr(self, name)}" for name in (*sizes, "max_context") if getattr(self, name) <= 0]
+        if bad:
+            raise SpecError(f"{', '.join(bad)}: these must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise SpecError(f"{self.num_heads} heads cannot share {self.num_kv_heads} key/value heads evenly")
         if not self.layer_types:
             kind = SLIDING if self.sliding_window else FULL
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
@@ -121,7 +123,7 @@ GGUF_KNOWN = frozenset({
     "attention.layer_norm_rms_epsilon", "attention.sliding_window", "attention.sliding_window_pattern",
     "rope.freq_base", "rope.freq_base_swa", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
     "rope.scaling.original_context_length", "rope.scaling.finetuned", "rope.scaling.attn_factor",
-    "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_log_multiplier",
+    "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
     "attn_logit_softcapping", "final_logit_softcapping", "expert_count", "expert_used_count",
     "expert_feed_forward_length", "expert_shared_feed_forward_length",
 })
@@ -164,10 +166,12 @@ def spec_from_gguf(metadata: Mapping[str, Any], has_output: bool, source: str = 
     tokens = metadata.get("tokenizer.ggml.tokens")
     shape = {"hidden": hidden, "heads": heads, "layers": layers, "head_dim": head_dim}
     window = value("attention.sliding_window", int, 0)
-    rope = _gguf_rope(value, head_dim)
-    unknown = [k for k, v in metadata.items() if k.startswith(prefix) and k.removeprefix(prefix) not in GGUF_KNOWN and v]
-    if value("attention.value_length", int, head_dim) != head_dim:
-        unknown.append(prefix + "attention.value_length")
+    rope = _gguf_rope(value)
+    # whatever their value: a key deskpod does not know may mean anything (llama.attention.causal = false does)
+    unknown = [k for k in metadata if k.startswith(prefix) and k.removeprefix(prefix) not in GGUF_KNOWN]
+    for key in ("attention.value_length", "rope.dimension_count"):  # a value head or a rotary part of its own
+        if value(key, int, head_dim) != head_dim:
+            unknown.append(prefix + key)
     value.check()
     return ModelSpec(
         architecture=arch,
@@ -201,12 +205,12 @@ def spec_from_gguf(metadata: Mapping[str, Any], has_output: bool, source: str = 
 GGUF_ROPE_KINDS = {"none": "default", "linear": "linear", "yarn": "yarn"}
 
 
-def _gguf_rope(value: _Values, head_dim: int) -> RopeSpec:
-    kind = str(value("rope.scaling.type", str, "none"))
-    unknown = [] if value("rope.dimension_count", int, head_dim) == head_dim else ["partial rotary"]
+def _gguf_rope(value: _Values) -> RopeSpec:
+    # llama.cpp reads a factor without a type as linear scaling
+    kind = str(value("rope.scaling.type", str, "linear" if value("rope.scaling.factor", float, 1.0) != 1.0 else "none"))
     return RopeSpec(
         theta=value("rope.freq_base", float, 10000.0),
-        kind=GGUF_ROPE_KINDS.get(kind, kind) if not unknown else "partial",
+        kind=GGUF_ROPE_KINDS.get(kind, kind),
         factor=value("rope.scaling.factor", float, 1.0),
         original_context=value("rope.scaling.original_context_length", int, 0),
         beta_fast=value("rope.scaling.yarn_beta_fast", float, 32.0),
@@ -226,7 +230,7 @@ def _gguf_layer_types(value: _Values, layers: int, window: int, convention: GGUF
     pattern = value("attention.sliding_window_pattern", None, None)
     if isinstance(pattern, list):  # newer converters write one flag per layer: true = local
         return tuple(SLIDING if p else FULL for p in pattern)
-    every = int(pattern or convention.sliding_pattern)
+    every = int(pattern) if pattern is not None else convention.sliding_pattern
     return tuple(FULL if every and (i + 1) % every == 0 else SLIDING for i in range(layers))
 
 
@@ -253,7 +257,15 @@ HF_HARMLESS = frozenset({
     "moe_intermediate_size", "shared_expert_intermediate_size", "router_aux_loss_coef", "output_router_logits",
     "router_jitter_noise", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "use_mrope",
     "experts_per_token", "original_max_position_embeddings", "partial_rotary_factor",
+    # hubs' and tools' bookkeeping, and the generation defaults old configs carried
+    "is_llama_config", "transformers.js_config", "unsloth_version", "keys_to_ignore_at_inference", "auto_map",
+    "finetuning_task", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "bad_words_ids", "begin_suppress_tokens",
+    "suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "early_stopping", "length_penalty",
+    "no_repeat_ngram_size", "num_beam_groups", "num_return_sequences", "output_scores", "return_dict_in_generate",
+    "remove_invalid_values", "typical_p", "diversity_penalty", "exponential_decay_length_penalty",
+    "encoder_no_repeat_ngram_size", "xla_device", "gradient_checkpointing",
 })
+HF_HARMLESS_SUFFIXES = ("dropout", "dropout_prob", "pdrop")  # training-time only
 # transformers' names for the MLP activation -> ours
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # Architectures whose config, by default, makes every n-th layer global and the others local.
@@ -263,7 +275,10 @@ HF_SLIDING_PATTERNS = {"gemma3_text": 6, "gemma3": 6, "gemma2": 2}
 def spec_from_hf_config(config: Mapping[str, Any], source: str = "") -> ModelSpec:
     """The spec of a Hugging Face model from its config.json (a multimodal one: its `text_config`);
     transformers 4 (`rope_theta` + `rope_scaling`) and 5 (`rope_parameters`) layouts alike."""
-    cfg = {**config, **(config.get("text_config") or {})}
+    text = config.get("text_config") or {}
+    if not isinstance(text, Mapping):
+        raise SpecError(f"text_config = {text!r} is not an object")
+    cfg = {**config, **text}
     arch = str(cfg.get("model_type") or "unknown")
     value = _Values(cfg)
     hidden, heads, layers = value("hidden_size", int), value("num_attention_heads", int), value("num_hidden_layers", int)
@@ -271,7 +286,8 @@ def spec_from_hf_config(config: Mapping[str, Any], source: str = "") -> ModelSpe
     window = _hf_window(cfg, value)
     rope, local_rope, rope_unknown = _hf_ropes(cfg, value)
     activation = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu")
-    unknown = [k for k, v in cfg.items() if k not in HF_HARMLESS and v not in (None, False, 0, "", [], {})]
+    # unset (null) keys aside, a key deskpod does not know may change the computation whatever its value
+    unknown = [k for k, v in cfg.items() if k not in HF_HARMLESS and not k.endswith(HF_HARMLESS_SUFFIXES) and v is not None]
     unknown += rope_unknown
     if cfg.get("use_bidirectional_attention"):
         unknown.append("use_bidirectional_attention")
@@ -302,7 +318,7 @@ def spec_from_hf_config(config: Mapping[str, Any], source: str = "") -> ModelSpe
         query_scale=value("query_pre_attn_scalar", float, None),
         attn_softcap=value("attn_logit_softcapping", float, 0.0),
         final_softcap=value("final_logit_softcapping", float, 0.0),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg["attention_bias"]) if "attention_bias" in cfg else None,
         mlp_bias=bool(cfg["mlp_bias"]) if "mlp_bias" in cfg else None,
         num_experts=experts,
@@ -322,7 +338,10 @@ def _hf_window(cfg: Mapping[str, Any], value: _Values) -> int:
 def _hf_layer_types(cfg: Mapping[str, Any], arch: str, layers: int, window: int) -> tuple[str, ...]:
     names = {"full_attention": FULL, "sliding_attention": SLIDING}
     if cfg.get("layer_types") and window:
-        return tuple(names.get(t, t) for t in cfg["layer_types"])
+        given = cfg["layer_types"]
+        if not isinstance(given, list) or not all(isinstance(t, str) for t in given):
+            raise SpecError(f"layer_types = {given!r} is not a list of names")
+        return tuple(names.get(t, t) for t in given)
     if not window:
         return (FULL,) * layers
     every = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or HF_SLIDING_PATTERNS.get(arch, 0))
@@ -337,7 +356,7 @@ def _hf_ropes(cfg: Mapping[str, Any], value: _Values) -> tuple[RopeSpec, RopeSpe
     per layer type) or transformers 4's rope_theta + rope_scaling (+ Gemma 3's rope_local_base_freq)."""
     params = cfg.get("rope_parameters")
     if isinstance(params, Mapping) and "full_attention" in params:
-        full = _hf_rope(params["full_attention"], value("rope_theta", float, 10000.0))
+        full = _hf_rope(params["full_attention"] or {}, value("rope_theta", float, 10000.0))
         local = _hf_rope(params.get("sliding_attention") or {}, full[0].theta)
         return full[0], local[0] if local[0] != full[0] else None, full[1] + local[1]
     if isinstance(params, Mapping):
@@ -359,6 +378,8 @@ HF_ROPE_FIELDS = {
 
 
 def _hf_rope(params: Mapping[str, Any], theta: float) -> tuple[RopeSpec, list[str]]:
+    if not isinstance(params, Mapping):
+        raise SpecError(f"rope parameters {params!r} are not an object")
     kind = str(params.get("rope_type") or params.get("type") or "default")
     kind = "default" if kind == "none" else kind
     fields = {HF_ROPE_FIELDS[k]: v for k, v in params.items() if k in HF_ROPE_FIELDS and v is not None}

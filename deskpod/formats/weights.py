@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deskpod.errors import CorruptModel
+from deskpod.errors import CorruptModel, DeskpodError, UnsupportedModel
 from deskpod.formats.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -63,6 +63,9 @@ class StoredTensor(ABC):
 
     def _ordered(self, t):
         return t if self.row_order is None else t[self.row_order]
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # the float types, named alike in GGUF and safetensors headers
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,8 +135,26 @@ def open_weights(path: str | Path, label: str | None = None) -> WeightSource:
     from deskpod.formats.safetensors import SafetensorsWeights
 
     path = Path(path)
+    if path.suffix == ".safetensors":
+        raise UnsupportedModel(f"{label or path}: give the folder holding this file and its config.json, not the file")
     reader = SafetensorsWeights if path.is_dir() else GGUFWeights
     return reader(path, label or str(path))
+
+
+def declared_architecture(path: str | Path) -> str | None:
+    """The architecture a model file names (GGUF general.architecture, config.json model_type), read without
+    the rest of its metadata; None when even that cannot be read."""
+    from deskpod.formats.gguf import GGUFFile
+    from deskpod.formats.safetensors import read_config
+
+    try:
+        if Path(path).is_dir():
+            config = read_config(Path(path))
+            text = config.get("text_config")
+            return str((text if isinstance(text, dict) else {}).get("model_type") or config.get("model_type"))
+        return GGUFFile(path).architecture
+    except DeskpodError:
+        return None
 
 
 def spec_error(label: str, what: str, error: Exception) -> CorruptModel:

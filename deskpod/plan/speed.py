@@ -1,6 +1,7 @@
 """Roofline speed estimates: prefill is compute-bound, decode is bandwidth-bound.
 
-    prefill time = 2 · active_params · tokens (+ attention) / (peak_flops · prefill_efficiency)
+    prefill time = 2 · (active_params − LM head) · tokens (+ attention, + the head once: only the last
+                   token's logits are computed) / (peak_flops · prefill_efficiency)
     decode step  = bytes read per step / (bandwidth · decode_efficiency)
                    bytes = dense weights + the experts the batch routes to + LM head + KV read
     each step is also at least its FLOPs at the prefill rate (large batches become compute-bound)
@@ -85,7 +86,8 @@ def prefill_s(shape: ModelShape, weights: WeightBytes, hw: Hardware, scheme: Sch
     """Prefill of one prompt in chunks. Over n boxes the work splits n ways: each layer's (tensor
     parallel), or the layers themselves with the chunks flowing through the pipeline."""
     chunks = math.ceil(prompt / PREFILL_CHUNK)
-    flops = 2.0 * shape.active_params * prompt + attention_flops(shape, prompt, prompt // 2)
+    head = shape.vocab_size * shape.hidden_size  # multiplied by the last token only: engines skip the others' logits
+    flops = 2.0 * ((shape.active_params - head) * prompt + head) + attention_flops(shape, prompt, prompt // 2)
     efficiency = hw.prefill_efficiency * (MOE_PREFILL_FACTOR if shape.is_moe else 1.0)
     compute_s = flops / (hw.peak_flops(scheme.compute) * efficiency)
     reads = chunks * weights.read_per_step(shape, min(prompt, PREFILL_CHUNK))

@@ -20,8 +20,9 @@ QUANTIZABLE_FORMATS = ("gguf", "safetensors")
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "quantize",
-        help="write a low-precision copy of a stored Llama model (GGUF or safetensors) as a new store model",
-        description="Quantize a stored Llama model's linear layers to SCHEME; norms stay at the source's precision and "
+        help="write a low-precision copy of a stored model (GGUF or safetensors) as a new store model",
+        description="Quantize a stored model's linear layers to SCHEME (any architecture deskpod runs: Llama, Mistral, "
+        "Qwen2/3, Gemma 2/3); norms stay at the source's precision and "
         "the token embedding and LM head at 8 bits (int8 per 32). A GGUF source is expanded to float32 first, so "
         "any scheme can be asked of it (fp8 of a Q4_1 file keeps its values; it gains no precision). A model that "
         "is already quantized by deskpod is refused: quantize its original.",
@@ -59,9 +60,13 @@ def quantize_command(args: argparse.Namespace) -> int:
         raise InvalidModelName(f"--name {new_name} would replace the model being quantized: choose another name")
     if manifest.format not in QUANTIZABLE_FORMATS:
         raise UnsupportedModel(f"{manifest.ref} is in {manifest.format} format; `deskpod quantize` converts GGUF and "
-                               "safetensors Llama models")
+                               "safetensors models")
     source = store.model_file(manifest) if manifest.primary is not None else store.model_dir(manifest)
-    open_source(source, manifest.ref)  # refuses an unsuitable model (already quantized, not Llama) before any progress bar
+    # refuses an unsuitable model (already quantized, an architecture or a feature deskpod does not run) before
+    # any progress bar
+    from deskpod.engine.models import check_runnable
+
+    check_runnable(open_source(source, manifest.ref).spec, manifest.ref)
     with tempfile.TemporaryDirectory(prefix="deskpod-quantize-") as tmp:
         folder = Path(tmp) / new_name.replace(":", "-")
         report = _convert_with_progress(source, folder, args, manifest.ref)
@@ -91,7 +96,7 @@ def _convert_with_progress(source: Path, folder: Path, args: argparse.Namespace,
         task = bar.add_task(f"quantizing {ref}", total=None)
 
         def step(group, index: int, total: int) -> None:
-            label = group.modules[0] if len(group.modules) == 1 else f"{group.modules[0]} +{len(group.modules) - 1}"
+            label = group.tensors[0] if len(group.tensors) == 1 else f"{group.tensors[0]} +{len(group.tensors) - 1}"
             bar.update(task, description=f"{label} → {group.scheme or 'kept'}", completed=index, total=total)
 
         report = convert(source, folder, args.scheme, tuple(args.keep), source_name=ref, on_group=step)

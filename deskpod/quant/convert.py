@@ -80,6 +80,8 @@ def open_source(path: str | Path, label: str | None = None) -> WeightSource:
     if source.spec.architecture not in HF_MODEL_TYPES:
         raise UnsupportedModel(f"{label}: `deskpod quantize` converts {', '.join(sorted(HF_MODEL_TYPES))} models, "
                                f"not {source.spec.architecture!r}")
+    if source.spec.unknown:  # config.json could not carry them: the copy would run without them, wrongly
+        raise UnsupportedModel(f"{label}: uses {', '.join(source.spec.unknown)}, which deskpod does not implement")
     return source
 
 
@@ -90,10 +92,6 @@ def open_source(path: str | Path, label: str | None = None) -> WeightSource:
 class Group:
     tensors: tuple[str, ...]  # canonical names, quantized together
     scheme: str | None  # None: kept at the source's precision
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return self.tensors
 
 
 def plan(source: WeightSource, scheme: str, keep: tuple[str, ...] = ()) -> list[Group]:

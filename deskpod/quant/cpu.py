@@ -11,8 +11,7 @@ reordered within each unit (same bytes); nothing is widened. Up to MATVEC_MAX_RO
 kernels decode each block of weights in registers and apply it to up to 8 rows at once; beyond that (prefill,
 large batches) the weight is expanded to float32 a tile of rows at a time for PyTorch's GEMM, whose cost then
 dominates. benchmarks/quant_kernels.py measures both against F.linear on the expanded float32 weight and
-against the engine's ggml u4/i8 kernels (which int4/int8 could use after a repack, at 6 / 9 bits resident:
-they read float32 scales).
+against the engine's kernels over GGUF's Q4_0 / Q8_0 blocks (deskpod.quant.ggml).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """GGUF's block-quantized weights kept exactly as stored, as a weight format (kernels/ggml_blocks.cpp).
 
 Decoding (up to MATVEC_MAX_ROWS rows of activations) runs the integer kernels: activations quantized to int8
-per 32, as llama.cpp does, meeting the stored blocks in integer multiply-adds. Beyond that (prefill) the
-weight is expanded to float32 a tile of rows at a time for PyTorch's GEMM, whose cost then dominates, in
-float32 activations. Types without a kernel here are expanded to float32 at load by the caller.
+per block of 32 (llama.cpp's Q8_0 rounding, which llama.cpp itself uses for the 32-weight block types; for
+K-quants it rounds per 256), meeting the stored blocks in integer multiply-adds. Beyond that (prefill) the
+weight is expanded to float32 a tile of rows at a time for PyTorch's GEMM, whose cost then dominates, over the
+same int8-rounded activations: both paths compute the same products, so a row's result does not depend on
+how many rows share its step (beyond float rounding). Types without a kernel here are expanded to float32 at
+load by the caller.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class BlockWeight(LinearWeight):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _tiled_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        x = int8_rounded(x)  # what the integer kernels multiply by: a row's result never depends on the batch
+        x = int8_rounded(x)  # what the integer kernels multiply by: the same result whichever path a row takes
         out = x.new_empty(len(x), self.out_features)
         step = max(1, GEMM_TILE // self.in_features)
         for n0 in range(0, self.out_features, step):

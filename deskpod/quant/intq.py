@@ -1,4 +1,4 @@
-"""Integer group schemes, laid out for the engine's existing CPU kernels (quant/ggml.py, ggml_cpu.cpp).
+"""Integer group schemes: groups of 32 with float16 scales, the layouts ggml's Q4_1 and Q8_0 use too.
 
 int4: asymmetric, 4-bit codes q in 0..15 with a float16 scale and min per group of 32: w = q * scale + min
       (scale = (max - min) / 15, like ggml's Q4_1), codes packed two per byte as in fp4.pack_nibbles.

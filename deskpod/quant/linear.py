@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deskpod.errors import CorruptModel
-from deskpod.formats.weights import SchemeTensor, StoredTensor
+from deskpod.formats.weights import BlockTensor, SchemeTensor, StoredTensor
 from deskpod.quant.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -315,16 +315,13 @@ def resident_bytes(tensor: StoredTensor, options: WeightOptions) -> int:
         if options.compact:
             return tensor.nbytes
         return tensor.rows * _scheme_columns(tensor) * options.dtype.itemsize
-    if options.compact and options.device == "cpu" and tensor.dtype not in FLOAT_DTYPE_NAMES:
+    if options.compact and options.device == "cpu" and isinstance(tensor, BlockTensor):
         from deskpod.quant.ggml import compact_bytes
 
         compact = compact_bytes(tensor)
         if compact is not None:
             return compact
     return tensor.n_elements * options.dtype.itemsize
-
-
-FLOAT_DTYPE_NAMES = ("F64", "F32", "F16", "BF16")
 
 
 def _scheme_columns(tensor: SchemeTensor) -> int:

@@ -62,13 +62,15 @@ def check_runnable(meta: ModelMeta, label: str) -> None:
 
     if meta.format == "onnx" or meta.architecture in EMBEDDING_ARCHITECTURES:
         return
+    from deskpod.engine.models import architecture
     from deskpod.engine.models import check_runnable as engine_check
     from deskpod.errors import UnsupportedModel
 
     try:
         if meta.spec is None:
-            raise UnsupportedModel(f"{label}: a {meta.format} model of architecture {meta.architecture!r} that "
-                                   "deskpod cannot read as a language model")
+            architecture(meta.architecture, label)  # an unsupported kind says so, with what is supported
+            raise UnsupportedModel(f"{label}: its {meta.format} metadata does not describe a model deskpod can run "
+                                   f"({meta.spec_problem})")
         engine_check(meta.spec, label)
     except UnsupportedModel as e:
         raise UnsupportedModel(f"{e}. Nothing was stored (`deskpod pull --force` stores it anyway)") from None

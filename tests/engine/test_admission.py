@@ -62,3 +62,18 @@ def test_serving_pool_is_sized_by_the_planner(smollm2_compact):
     assert kv_pool_blocks(smollm2_compact, EngineConfig(kv_cache_gb=100, max_num_seqs=2)) == 2 * 8192 // 16
     with pytest.raises(DeskpodError, match="fewer than one 8,192-token context"):
         kv_pool_blocks(smollm2_compact, EngineConfig(kv_cache_gb=0.01))
+
+
+def test_sliding_window_layers_are_planned_as_the_pool_holds_them(tmp_path):
+    """Gemma 3's local layers keep every token's keys and values in the paged pool, as the global ones do:
+    the planner counts them in full too, so its KV figure is what the engine allocates."""
+    from support.architectures import CASES, build_hf
+
+    from deskpod.engine.runner import ModelRunner
+
+    lm = load(build_hf(CASES["gemma3"], tmp_path / "gemma3"))
+    shape = model_shape(lm.spec, "tiny-gemma3")
+    assert shape.sliding_layers == 5 and shape.sliding_window == 12
+    runner = ModelRunner(lm, num_blocks=4, config=EngineConfig(block_size=16))
+    pool = runner.cache.k.nbytes + runner.cache.v.nbytes
+    assert pool == 4 * 16 * kv_bytes_per_token(shape, kv_dtype_bytes(EngineConfig()))

@@ -1,6 +1,6 @@
 import pytest
 
-from deskpod.formats.spec import ModelSpec
+from deskpod.formats.spec import ModelSpec, SpecError
 from deskpod.plan.builtins import BUILTINS, close_builtins, get_builtin
 from deskpod.plan.shape import InvalidPlanInput, ModelShape
 
@@ -75,8 +75,8 @@ def test_from_spec():
     shape = ModelShape.from_spec(spec, "gemma3-270m")
     assert (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.max_context) == (18, 1, 256, 32768)
     assert (shape.sliding_window, shape.sliding_layers, shape.tied_embeddings) == (512, 15, True)
-    with pytest.raises(InvalidPlanInput, match="must be positive: num_layers"):
-        ModelShape.from_spec(ModelSpec("bert", 10, 8, 8, 0, 2, 2, 4, 64), "bert")
+    with pytest.raises(SpecError, match="num_layers = 0: these must be positive"):  # a spec is checked when made
+        ModelSpec("bert", 10, 8, 8, 0, 2, 2, 4, 64)
 
 
 @pytest.mark.parametrize("params, hidden, layers", [(8e9, 4096, 32), (405e9, 16000, 124), (200e9, 12544, 99),

@@ -81,7 +81,7 @@ def test_unknown_scheme(store, capsys):
 def test_an_onnx_model_is_refused(store, tiny_onnx, capsys):
     store.pull(str(tiny_onnx), name="vision", progress=False)
     assert main(["quantize", "vision", "--to", "fp8"]) == 1
-    assert "vision:latest is in onnx format; `deskpod quantize` converts GGUF and safetensors Llama" in capsys.readouterr().err
+    assert "vision:latest is in onnx format; `deskpod quantize` converts GGUF and safetensors models" in capsys.readouterr().err
 
 
 def test_unknown_model(store, capsys):

@@ -51,6 +51,7 @@ def write_tiny_llama(
     tokenizer_model: str = "gpt2",
     pre: str = "smollm",
     seed: int = 0,
+    chat: bool = True,
 ) -> Path:
     """A 2-layer Llama GGUF (hidden 64, 4 heads, 2 kv heads, ffn 128) with random weights in mixed ggml types.
 
@@ -68,7 +69,8 @@ def write_tiny_llama(
     w.add_rope_freq_base(10000.0)
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
-    w.add_token_list(TOKENS)
+    # chat=False: a base model's vocabulary, with no chat template and no ChatML tokens to fall back on
+    w.add_token_list(TOKENS if chat else [{"<|im_start|>": "<s>", "<|im_end|>": "</s>"}.get(t, t) for t in TOKENS])
     w.add_token_types(TOKEN_TYPES)
     w.add_token_merges(MERGES)
     w.add_bos_token_id(IM_START)

@@ -20,15 +20,15 @@ from deskpod.engine.models.layers import (
     Rotary,
     pair_order,
 )
+from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.spec import SLIDING, RopeSpec
 from deskpod.formats.weights import StoredTensor, WeightSource
 from deskpod.quant.linear import Linear, WeightOptions, build_weight
 
 
 class ModelBuilder:
-    def __init__(self, source: WeightSource, options: WeightOptions, context: int):
+    def __init__(self, source: WeightSource, options: WeightOptions):
         self.source, self.spec, self.options = source, source.spec, options
-        self.context = context  # positions the rotary tables cover
         self._rotaries: dict[RopeSpec, int] = {}
         self.rotaries: list[Rotary] = []
 
@@ -46,24 +46,39 @@ class ModelBuilder:
         weight = build_weight(weights, shape, self.options)
         if not any(biases):
             return Linear(weight)
-        bias = torch.cat([_reorder(b, o).float() if b is not None else torch.zeros(w.rows) for b, w, o in zip(biases, weights, orders)])
-        return Linear(weight, bias.to(self.options.device, self.options.dtype))
+        parts = [self._vector(b, w.rows, o) if b is not None else torch.zeros(w.rows) for b, w, o in zip(biases, weights, orders)]
+        return Linear(weight, torch.cat(parts).to(self.options.device, self.options.dtype))
 
-    def vector(self, name: str, order: np.ndarray | None = None) -> torch.Tensor:
-        return _reorder(self.source.take(name), order).float().to(self.options.device, self.options.dtype)
+    def vector(self, name: str, length: int, order: np.ndarray | None = None) -> torch.Tensor:
+        """A 1-D tensor of `length` values (CorruptModel naming it when the file's has another shape)."""
+        return self._vector(self.source.take(name), length, order).to(self.options.device, self.options.dtype)
 
-    def norm(self, name: str, order: np.ndarray | None = None) -> RMSNorm:
-        return RMSNorm(self.vector(f"{name}.weight", order), self.spec.norm_eps)
+    def _vector(self, tensor: StoredTensor, length: int, order: np.ndarray | None) -> torch.Tensor:
+        if tensor.shape != (length,):
+            raise CorruptModel(f"{self.source.label}: {tensor.file_name} is {list(tensor.shape)}; the model's config "
+                               f"implies [{length}]")
+        return _reorder(tensor, order).float()
+
+    def norm(self, name: str, length: int | None = None, order: np.ndarray | None = None) -> RMSNorm:
+        return RMSNorm(self.vector(f"{name}.weight", length or self.spec.hidden_size, order), self.spec.norm_eps)
 
     # --- layers ------------------------------------------------------------------------------------
 
     def rotary(self, rope: RopeSpec) -> int:
         """The index of the rotary tables for `rope` (one per distinct variant, shared by the layers using it)."""
         if rope not in self._rotaries:
-            factors = self.source.take("rope_freqs.weight").float() if self.source.has("rope_freqs.weight") and rope == self.spec.rope else None
             self._rotaries[rope] = len(self.rotaries)
-            self.rotaries.append(Rotary(rope, self.spec.head_dim, self.context, factors))
+            rotary = Rotary(rope, self.spec.head_dim, self.spec.max_context, self._freq_factors(rope))
+            self.rotaries.append(rotary.to(self.options.device))
         return self._rotaries[rope]
+
+    def _freq_factors(self, rope: RopeSpec) -> torch.Tensor | None:
+        """A GGUF's rope_freqs (llama.cpp's Llama 3.1 scaling, precomputed), for the global layers' RoPE."""
+        if rope != self.spec.rope or not self.source.has("rope_freqs.weight"):
+            return None
+        if rope.kind != "default":
+            raise UnsupportedModel(f"{self.source.label}: rope_freqs and RoPE scaling {rope.kind!r} together")
+        return self.vector("rope_freqs.weight", self.spec.head_dim // 2).float().cpu()
 
     def attention(self, i: int, qk_norm: bool = False) -> Attention:
         s, p = self.spec, f"blk.{i}."
@@ -73,7 +88,8 @@ class ModelBuilder:
                            s.attention_bias)
         wo = self.linear([p + "attn_output"], (s.hidden_size, q_rows), bias=s.attention_bias)
         head_order = pair_order(s.head_dim, 1)
-        norms = (self.norm(p + "attn_q_norm", head_order), self.norm(p + "attn_k_norm", head_order)) if qk_norm else (None, None)
+        norms = (self.norm(p + "attn_q_norm", s.head_dim, head_order), self.norm(p + "attn_k_norm", s.head_dim, head_order)) \
+            if qk_norm else (None, None)
         options = AttentionOptions(
             s.num_heads, s.num_kv_heads, s.head_dim,
             scale=(s.query_scale or s.head_dim) ** -0.5,
@@ -99,9 +115,13 @@ class ModelBuilder:
         table = self.linear(["token_embd"], (s.vocab_size, s.hidden_size))
         tied = not self.source.has("output.weight")
         head = table if tied else self.linear(["output"], (s.vocab_size, s.hidden_size))
-        model = DecoderLM(s, table, blocks, self.norm("output_norm"), head, self.rotaries, embed_scale)
+        model = DecoderLM(s, table, blocks, self.norm("output_norm"), head, self.rotaries, embed_scale, self.options.dtype)
         return model.eval()
 
 
 def _reorder(tensor: StoredTensor, order: np.ndarray | None) -> StoredTensor:
-    return tensor if order is None else tensor.permute_rows(order)
+    if order is None:
+        return tensor
+    if tensor.rows != len(order):
+        raise CorruptModel(f"{tensor.file_name} has {tensor.rows} rows; the model's config implies {len(order)}")
+    return tensor.permute_rows(order)

@@ -53,18 +53,18 @@ def pair_order(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
 
 
-def _default(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tensor, float]:
+def _default(inv: torch.Tensor, rope: RopeSpec, max_context: int) -> tuple[torch.Tensor, float]:
     # also "dynamic": transformers rescales only past max_position_embeddings, which the engine's context never is
     return inv, 1.0
 
 
-def _linear(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tensor, float]:
+def _linear(inv: torch.Tensor, rope: RopeSpec, max_context: int) -> tuple[torch.Tensor, float]:
     return inv / rope.factor, 1.0
 
 
-def _llama3(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tensor, float]:
+def _llama3(inv: torch.Tensor, rope: RopeSpec, max_context: int) -> tuple[torch.Tensor, float]:
     """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between."""
-    old = rope.original_context or context
+    old = rope.original_context or max_context
     low, high = old / rope.low_freq_factor, old / rope.high_freq_factor
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > low, inv / rope.factor, inv)
@@ -73,9 +73,9 @@ def _llama3(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tens
     return torch.where((wavelen >= high) & (wavelen <= low), blended, scaled), 1.0
 
 
-def _yarn(inv: torch.Tensor, rope: RopeSpec, context: int) -> tuple[torch.Tensor, float]:
+def _yarn(inv: torch.Tensor, rope: RopeSpec, max_context: int) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate the slow dimensions, extrapolate the fast ones, ramp between; cos and sin scaled."""
-    dim, old = 2 * len(inv), rope.original_context or context
+    dim, old = 2 * len(inv), rope.original_context or max_context
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
@@ -99,7 +99,8 @@ def _yarn_mscale(rope: RopeSpec) -> float:
     return mscale(rope.factor)
 
 
-# rope kind -> (inverse frequencies, spec, context) -> (scaled inverse frequencies, factor on cos and sin)
+# rope kind -> (inverse frequencies, spec, the model's trained context: what transformers falls back on when a
+# scaling names no original context) -> (scaled inverse frequencies, factor on cos and sin)
 ROPE_SCALINGS: dict[str, Callable[[torch.Tensor, RopeSpec, int], tuple[torch.Tensor, float]]] = {
     "default": _default, "dynamic": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn,
 }
@@ -111,13 +112,13 @@ class Rotary(nn.Module):
     as a table: a table for a 128k context would hold hundreds of MB, the few positions of a pass cost
     microseconds."""
 
-    def __init__(self, rope: RopeSpec, head_dim: int, context: int, freq_factors: torch.Tensor | None = None):
+    def __init__(self, rope: RopeSpec, head_dim: int, max_context: int, freq_factors: torch.Tensor | None = None):
         super().__init__()
         inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         if freq_factors is not None:  # a GGUF's rope_freqs: llama.cpp's precomputed divisors (Llama 3.1)
             inv, magnitude = inv / freq_factors, 1.0
         else:
-            inv, magnitude = ROPE_SCALINGS[rope.kind](inv, rope, context)
+            inv, magnitude = ROPE_SCALINGS[rope.kind](inv, rope, max_context)
         self.register_buffer("inv_freq", inv.float(), persistent=False)  # [D/2]
         self.magnitude = magnitude  # YaRN scales cos and sin
 
@@ -224,9 +225,9 @@ class DecoderLM(nn.Module):
     optional final logit softcapping."""
 
     def __init__(self, spec: ModelSpec, table: Linear, blocks: list[Block], norm: RMSNorm, head: Linear,
-                 rotaries: list[Rotary], embed_scale: float = 1.0):
+                 rotaries: list[Rotary], embed_scale: float = 1.0, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.spec = spec
+        self.spec, self.dtype = spec, dtype
         self.table, self.head = table, head  # the same module when tied
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
@@ -234,8 +235,9 @@ class DecoderLM(nn.Module):
         self.embed_scale, self.final_softcap = embed_scale, spec.final_softcap
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.table.rows(ids)  # [T, hidden]
-        return x * self.embed_scale if self.embed_scale != 1.0 else x
+        x = self.table.rows(ids)  # [T, hidden] float32, whatever the table's format
+        x = x * self.embed_scale if self.embed_scale != 1.0 else x
+        return x.to(device=self.norm.weight.device, dtype=self.dtype)
 
     @torch.inference_mode()
     def forward_batch(self, ids: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:

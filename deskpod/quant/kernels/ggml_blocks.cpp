@@ -206,17 +206,20 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
 constexpr int ROWS = 8;  // rows of x sharing each decoded slice (batched decoding)
 constexpr int64_t PREFETCH_AHEAD = 2048;  // bytes: about 3 rows of a 896-wide Q5_0 matrix (measured best of 1, 2 and 4 KB)
 
-// One output n for `rows` rows of x starting at m0: out[r * out_stride] = sum_k w[n, k] x[m0 + r, k].
-void dot_rows_scalar(int64_t type, const uint8_t* row, const Layout& L, const QuantizedRows& xq, int64_t m0, int rows,
-                     int64_t K, float* out, int64_t out_stride) {
+// One output n for `rows` rows of x starting at m0: out[r * out_stride] = sum_k w[n, k] x[m0 + r, k]. Portable:
+// plain loops that the compiler vectorizes for whatever CPU it targets (ARM's included).
+template <int64_t type>
+void dot_rows_portable(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int rows, int64_t K, float* out,
+                       int64_t out_stride) {
+  constexpr Layout TL = layout<type>();
   const int64_t slices = K / SLICE;
   double acc[ROWS] = {0};
   uint8_t c[SLICE];
   for (int64_t i = 0; i < slices; ++i) {
-    const uint8_t* b = row + (i / L.slices) * L.block_bytes;
-    const int s = int(i % L.slices);
+    const uint8_t* b = row + (i / TL.slices) * TL.block_bytes;
+    const int s = int(i % TL.slices);
     codes_scalar(type, b, s, c);
-    const Factors f = factors(type, b, s);
+    const Factors f = factors_of<type>(b, s);
     for (int r = 0; r < rows; ++r) {
       const int8_t* q = xq.q.data() + (m0 + r) * K + i * SLICE;
       int32_t dot0 = 0, dot1 = 0;
@@ -232,6 +235,29 @@ void dot_rows_scalar(int64_t type, const uint8_t* row, const Layout& L, const Qu
     }
   }
   for (int r = 0; r < rows; ++r) out[r * out_stride] = float(acc[r]);
+}
+
+template <int64_t type>
+struct Portable {
+  static void run(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int rows, int64_t K, float* out, int64_t stride) {
+    dot_rows_portable<type>(row, xq, m0, rows, K, out, stride);
+  }
+};
+
+// Kernel<type>::run for a type id known only at run time: one switch per call, none per slice.
+template <template <int64_t> class Kernel>
+auto for_type(int64_t type) -> decltype(&Kernel<Q4_0>::run) {
+  switch (type) {
+    case Q4_0: return &Kernel<Q4_0>::run;
+    case Q4_1: return &Kernel<Q4_1>::run;
+    case Q5_0: return &Kernel<Q5_0>::run;
+    case Q5_1: return &Kernel<Q5_1>::run;
+    case Q8_0: return &Kernel<Q8_0>::run;
+    case Q4_K: return &Kernel<Q4_K>::run;
+    case Q5_K: return &Kernel<Q5_K>::run;
+    case Q6_K: return &Kernel<Q6_K>::run;
+  }
+  TORCH_CHECK(false, "ggml type ", type, " has no kernel here");
 }
 
 #if HAVE_AVX2
@@ -309,11 +335,8 @@ inline float hsum(__m256 v) {
 
 // R rows of x against one row of weights, two slices at a time with separate accumulators (so the FMA chains
 // overlap); R is a compile-time constant so every accumulator stays in a register.
-// R rows of x against one row of weights, two slices at a time with separate accumulators (so the FMA chains
-// overlap); R is a compile-time constant so every accumulator stays in a register.
 template <int64_t type, int R>
-void dot_rows_avx2(const uint8_t* row, const Layout& L, const QuantizedRows& xq, int64_t m0, int64_t K, float* out,
-                   int64_t out_stride) {
+void dot_rows_avx2(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out, int64_t out_stride) {
   const int64_t slices = K / SLICE;
   constexpr bool is_signed = type == Q8_0 || centre<type>() != 0, has_offset = !is_signed;
   constexpr bool two_scales = type == Q6_K;
@@ -352,17 +375,18 @@ void dot_rows_avx2(const uint8_t* row, const Layout& L, const QuantizedRows& xq,
 }
 
 template <int64_t type>
-void dot_rows_avx2(const uint8_t* row, const Layout& L, const QuantizedRows& xq, int64_t m0, int rows, int64_t K,
-                   float* out, int64_t out_stride) {
-  for (int done = 0; done < rows;) {  // 8, 4, 2 and 1 rows at a time
-    const int left = rows - done;
-    float* o = out + done * out_stride;
-    if (left >= 8) dot_rows_avx2<type, 8>(row, L, xq, m0 + done, K, o, out_stride), done += 8;
-    else if (left >= 4) dot_rows_avx2<type, 4>(row, L, xq, m0 + done, K, o, out_stride), done += 4;
-    else if (left >= 2) dot_rows_avx2<type, 2>(row, L, xq, m0 + done, K, o, out_stride), done += 2;
-    else dot_rows_avx2<type, 1>(row, L, xq, m0 + done, K, o, out_stride), done += 1;
+struct Avx2 {
+  static void run(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int rows, int64_t K, float* out, int64_t stride) {
+    for (int done = 0; done < rows;) {  // 8, 4, 2 and 1 rows at a time
+      const int left = rows - done;
+      float* o = out + done * stride;
+      if (left >= 8) dot_rows_avx2<type, 8>(row, xq, m0 + done, K, o, stride), done += 8;
+      else if (left >= 4) dot_rows_avx2<type, 4>(row, xq, m0 + done, K, o, stride), done += 4;
+      else if (left >= 2) dot_rows_avx2<type, 2>(row, xq, m0 + done, K, o, stride), done += 2;
+      else dot_rows_avx2<type, 1>(row, xq, m0 + done, K, o, stride), done += 1;
+    }
   }
-}
+};
 
 // Slice s of block b as 32 floats: w = scale * c + offset, 8 at a time.
 template <int64_t type>
@@ -383,37 +407,10 @@ void dequantize_slice_avx2(const uint8_t* b, int s, float* out) {
   }
 }
 
-using DequantizeSlice = void (*)(const uint8_t*, int, float*);
-
-DequantizeSlice dequantize_slice_for(int64_t type) {
-  switch (type) {
-    case Q4_0: return dequantize_slice_avx2<Q4_0>;
-    case Q4_1: return dequantize_slice_avx2<Q4_1>;
-    case Q5_0: return dequantize_slice_avx2<Q5_0>;
-    case Q5_1: return dequantize_slice_avx2<Q5_1>;
-    case Q8_0: return dequantize_slice_avx2<Q8_0>;
-    case Q4_K: return dequantize_slice_avx2<Q4_K>;
-    case Q5_K: return dequantize_slice_avx2<Q5_K>;
-    case Q6_K: return dequantize_slice_avx2<Q6_K>;
-  }
-  return nullptr;
-}
-
-using DotRows = void (*)(const uint8_t*, const Layout&, const QuantizedRows&, int64_t, int, int64_t, float*, int64_t);
-
-DotRows dot_rows_for(int64_t type) {
-  switch (type) {
-    case Q4_0: return dot_rows_avx2<Q4_0>;
-    case Q4_1: return dot_rows_avx2<Q4_1>;
-    case Q5_0: return dot_rows_avx2<Q5_0>;
-    case Q5_1: return dot_rows_avx2<Q5_1>;
-    case Q8_0: return dot_rows_avx2<Q8_0>;
-    case Q4_K: return dot_rows_avx2<Q4_K>;
-    case Q5_K: return dot_rows_avx2<Q5_K>;
-    case Q6_K: return dot_rows_avx2<Q6_K>;
-  }
-  return nullptr;
-}
+template <int64_t type>
+struct Avx2Dequantize {
+  static void run(const uint8_t* b, int s, float* out) { dequantize_slice_avx2<type>(b, s, out); }
+};
 #endif
 
 void check_weights(const torch::Tensor& blocks, int64_t type, int64_t K) {
@@ -428,26 +425,20 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor blocks, int64_t type, bool p
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
   check_weights(blocks, type, K);
-  const Layout L = layout_of(type);
   const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* wp = blocks.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1);
+  auto dot = for_type<Portable>(type);
 #if HAVE_AVX2
-  const DotRows simd = portable ? nullptr : dot_rows_for(type);
+  if (!portable) dot = for_type<Avx2>(type);
 #endif
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t m = 0; m < M; m += ROWS) {
         const int rows = int(std::min<int64_t>(ROWS, M - m));
-#if HAVE_AVX2
-        if (simd) {
-          simd(wp + n * row_bytes, L, xq, m, rows, K, op + m * N + n, N);
-          continue;
-        }
-#endif
-        dot_rows_scalar(type, wp + n * row_bytes, L, xq, m, rows, K, op + m * N + n, N);
+        dot(wp + n * row_bytes, xq, m, rows, K, op + m * N + n, N);
       }
   });
   return out;
@@ -466,7 +457,7 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
   const uint8_t* wp = blocks.data_ptr<uint8_t>();
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(0 <= ids[r] && ids[r] < N, "row ", ids[r], " is outside the weight's ", N);
 #if HAVE_AVX2
-  const DequantizeSlice simd = portable ? nullptr : dequantize_slice_for(type);
+  void (*simd)(const uint8_t*, int, float*) = portable ? nullptr : for_type<Avx2Dequantize>(type);
 #endif
   at::parallel_for(0, R * (K / SLICE), 64, [&](int64_t i0, int64_t i1) {
     uint8_t c[SLICE];
