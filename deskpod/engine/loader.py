@@ -26,6 +26,7 @@ from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.spec import ModelSpec
 from deskpod.formats.weights import WeightSource, declared_architecture, open_weights
 from deskpod.plan.capacity import MemoryPlan, check_fits
+from deskpod.quant.kernels import cpu_ops
 from deskpod.plan.devices import available_memory_bytes
 from deskpod.plan.shape import ModelShape
 from deskpod.quant.linear import WeightOptions, resident_bytes
@@ -101,6 +102,8 @@ def load_model(path: str | Path, config: EngineConfig = EngineConfig(), name: st
     tokenizer = TOKENIZERS[source.format](source)
     model = arch.build(ModelBuilder(source, weight_options(config)))
     check_all_used(source, arch.name)
+    if config.device == "cpu" and config.dtype == "float32":
+        cpu_ops()  # built (once per machine) now, not in the middle of the first request
     return LoadedModel(model, tokenizer, source.spec, Path(path), source.label, context)
 
 

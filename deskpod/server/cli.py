@@ -94,6 +94,8 @@ def serve(args: argparse.Namespace) -> int:
 
     store = Store()
     for name in config.models:
+        if not store.has(name) and not sys.stderr.isatty():  # a terminal shows the download's progress bar
+            print(f"{name} is not in the store yet: pulling it from the catalog", file=sys.stderr)
         store.ensure(name, progress=sys.stderr.isatty())
 
     import uvicorn

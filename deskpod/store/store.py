@@ -98,6 +98,10 @@ class Store:
             raise self._not_found(format_ref(model, tag))
         return self._load(path)
 
+    def has(self, name: str) -> bool:
+        model, tag = parse_name(name)
+        return self._manifest_path(model, tag).is_file()
+
     def ensure(self, name: str, progress: bool = True) -> Manifest:
         """get(), pulling first when `name` is a catalog model that is not stored yet."""
         from deskpod.store.pull import catalog_key
