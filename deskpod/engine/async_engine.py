@@ -21,7 +21,7 @@ from deskpod.engine.llm import resolve_model_file
 from deskpod.engine.loader import load_model
 from deskpod.engine.runner import TokenLogprob
 from deskpod.engine.sampler import SamplingParams
-from deskpod.errors import GenerationFailed
+from deskpod.errors import GenerationFailed, InvalidRequest
 
 __all__ = ["AsyncLLM", "RequestOutput", "TokenLogprob"]
 log = logging.getLogger(__name__)
@@ -56,16 +56,20 @@ class AsyncLLM:
         path = resolve_model_file(name_or_path)
         return cls(lambda: LLMEngine(load_model(path, config, name=name_or_path), config), name_or_path)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        return self.engine.chat_prompt(messages)  # reads only the tokenizer: safe beside a running step
+    def chat_prompt(self, messages: list[dict], **options) -> list[int]:
+        """Tokenizer.apply_chat_template: reads only the tokenizer, safe beside a running step."""
+        return self.engine.chat_prompt(messages, **options)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       after: str | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs as the request advances; closing the iterator early aborts the request. Errors in
-        taking the request (QueueFull, InvalidRequest...) are raised where the first output would be."""
+        taking the request (QueueFull, InvalidRequest...) are raised where the first output would be.
+        `after`: a request with the same prompt whose computed blocks this one shares (LLMEngine.add_request)."""
         request_id = request_id or f"req-{next(self._ids)}"
+        # a structured output's grammar is compiled here, in a worker thread: never on the engine's
+        constraint = await asyncio.to_thread(self.engine.structured.constraint, params.structured) if params.structured else None
         queue: asyncio.Queue = asyncio.Queue()
-        self._send(("add", request_id, list(prompt_ids), params, asyncio.get_running_loop(), queue))
+        self._send(("add", request_id, list(prompt_ids), params, after, constraint, asyncio.get_running_loop(), queue))
         finished = False
         try:
             while not finished:
@@ -125,7 +129,7 @@ class AsyncLLM:
                 continue
             self._stats = self.engine.stats()  # before delivering: a finished request sees itself counted out
             for out in outputs:
-                failure = GenerationFailed(f"generation failed for this request: {out.error}") if out.error else None
+                failure = _failure(out) if out.error else None
                 self._deliver(out.request_id, failure or out)
                 if out.finish_reason is not None:
                     self._streams.pop(out.request_id, None)
@@ -137,10 +141,10 @@ class AsyncLLM:
                 self._streams.pop(request_id, None)
                 self.engine.abort(request_id)
                 continue
-            prompt_ids, params, loop, queue = rest
+            prompt_ids, params, after, constraint, loop, queue = rest
             self._streams[request_id] = (loop, queue)
             try:
-                self.engine.add_request(prompt_ids, params, request_id)
+                self.engine.add_request(prompt_ids, params, request_id, after, constraint)
             except Exception as e:  # QueueFull, InvalidRequest...: the caller raises it
                 self._deliver(request_id, e)
                 self._streams.pop(request_id, None)
@@ -159,3 +163,10 @@ class AsyncLLM:
         if stream is not None:
             loop, queue = stream
             loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+def _failure(out: RequestOutput) -> Exception:
+    """The exception a failed request's reader gets: the refusal of its settings (400), or the engine's failure."""
+    if out.input_fault:
+        return InvalidRequest(out.error)
+    return GenerationFailed(f"generation failed for this request: {out.error}")

@@ -74,10 +74,11 @@ class AttentionBatch:
 
     @classmethod
     def build(cls, sequences: list[tuple[int, int, list[int], bool]], block_size: int) -> AttentionBatch:
-        """sequences: (num_tokens, start position, block table, wants logits) for each, in batch order."""
+        """sequences: (num_tokens, start position, block table, how many of its last rows want logits) for
+        each, in batch order."""
         positions, slots, decode_rows, decode_tables, decode_lens, prefills, logit_rows = [], [], [], [], [], [], []
         row = 0
-        for n, start, table, wants_logits in sequences:
+        for n, start, table, num_logits in sequences:
             pos = range(start, start + n)
             positions.extend(pos)
             slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
@@ -89,8 +90,7 @@ class AttentionBatch:
                 decode_lens.append(end)
             else:
                 prefills.append(PrefillChunk(slice(row, row + n), torch.tensor(used), start, end))
-            if wants_logits:
-                logit_rows.append(row + n - 1)
+            logit_rows.extend(range(row + n - int(num_logits), row + n))
             row += n
         width = max((len(t) for t in decode_tables), default=0)
         return cls(

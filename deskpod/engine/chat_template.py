@@ -75,10 +75,13 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    **variables,
 ) -> str:
-    """The prompt text for `messages` (a list of {"role", "content"} dicts)."""
+    """The prompt text for `messages` (a list of {"role", "content"} dicts); `variables` are more of the
+    template's inputs, as transformers passes them (tools, documents, enable_thinking...)."""
     try:
         return _compile(template or CHATML).render(
+            **variables,
             messages=messages,
             bos_token=bos_token,
             eos_token=eos_token,
@@ -88,3 +91,17 @@ def render_chat(
         raise
     except Exception as e:  # a template can fail on any input; say so instead of crashing the caller
         raise ChatTemplateError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+
+
+PROBE_TOOL = {"type": "function", "function": {"name": "deskpod_probe_tool", "description": "probe",
+                                               "parameters": {"type": "object", "properties": {}}}}
+
+
+@lru_cache(maxsize=16)
+def renders_tools(template: str) -> bool:
+    """Whether the template shows the model the tools it is given (many render only the messages)."""
+    try:
+        text = render_chat(template, [{"role": "user", "content": "hi"}], tools=[PROBE_TOOL])
+    except ChatTemplateError:
+        return False
+    return PROBE_TOOL["function"]["name"] in text

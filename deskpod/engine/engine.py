@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deskpod.engine.config import EngineConfig
 from deskpod.engine.loader import LoadedModel, kv_dtype_bytes, model_shape
 from deskpod.engine.request import Request, RequestStatus
 from deskpod.engine.runner import ModelRunner, TokenLogprob
-from deskpod.engine.sampler import SamplingParams
+from deskpod.engine.sampler import Sampler, SamplingParams
+from deskpod.engine.structured import GrammarConstraint, StructuredOutputs
 from deskpod.engine.scheduler import Scheduler, SchedulerConfig
 from deskpod.engine.text import TextStream
 from deskpod.errors import DeskpodError, InvalidRequest, PromptTooLong
@@ -45,6 +47,8 @@ class RequestOutput:
     arrival_time: float
     first_token_time: float | None
     error: str | None = None  # why the engine failed on this request (finish_reason "error"); the others go on
+    input_fault: bool = False  # the error is the request's own settings' (deskpod refused them), not a bug
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token: one per prompt token after the first
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class _Tracked:
     first_token: float | None = None
     delta: str = ""
     eos: bool = False
+    constraint: GrammarConstraint | None = None  # its structured output, which ends it when complete
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # gathered over the prompt's chunks
 
 
 def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
@@ -97,22 +103,31 @@ class LLMEngine:
                                 config.max_waiting, config.block_size, num_blocks)
         self.scheduler = Scheduler(sched, self._stop_check)
         self.runner = ModelRunner(loaded, num_blocks, config)
+        self.structured = StructuredOutputs(self.tokenizer, loaded.spec.vocab_size)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._prompt_tokens = self._generated_tokens = 0
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages)
+    def chat_prompt(self, messages: list[dict], **options) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, **options)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    after: str | None = None, constraint: GrammarConstraint | None = None) -> str:
+        """Queue a request; `after`: the id of a request with the same prompt (one of `n` choices), whose
+        prompt blocks this one then shares instead of computing them again; `constraint`: its structured
+        output's state, when the caller built it already (off the engine's thread)."""
         check_prompt(len(prompt_ids), self.context)
-        vocab = self.loaded.spec.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        check_token_ids({"prompt": prompt_ids, **params.token_ids()}, self.loaded.spec.vocab_size)
         request_id = request_id or f"req-{next(self._ids)}"
-        self.scheduler.add(Request(request_id, list(prompt_ids), params))  # QueueFull when the queue is full
-        self._tracked[request_id] = _Tracked(params, TextStream(self.tokenizer, params.stop))
+        if params.structured and constraint is None:
+            constraint = self.structured.constraint(params.structured)  # InvalidRequest for a bad grammar
+        end_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.eog_ids)
+        request = Request(request_id, list(prompt_ids), params)
+        request.cache_prefix = params.prompt_logprobs is None  # a cached prefix would skip the logits it needs
+        self.scheduler.add(request, after=after)  # QueueFull when the queue is full
+        self.runner.add(request_id, Sampler(params, prompt_ids, end_ids, constraint))
+        text = TextStream(self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
+        self._tracked[request_id] = _Tracked(params, text, constraint=constraint)
         self._prompt_tokens += len(prompt_ids)
         return request_id
 
@@ -127,10 +142,13 @@ class LLMEngine:
         out = self.scheduler.schedule()
         result = self.runner.execute(out)
         failed = [self._failed(request_id, why) for request_id, why in result.failed.items()]
+        for request_id, entries in result.prompt_logprobs.items():
+            if request_id in self._tracked:
+                self._tracked[request_id].prompt_logprobs += entries
         advanced = self.scheduler.update(out, result.tokens)
         return [f for f in failed if f] + [self._output(r, result.logprobs.get(r.request_id)) for r in advanced]
 
-    def _failed(self, request_id: str, why: str) -> RequestOutput | None:
+    def _failed(self, request_id: str, error: Exception) -> RequestOutput | None:
         """End a request whose share of the step failed (the scheduler forgets it, its blocks are freed)."""
         request, tracked = self.scheduler.requests.get(request_id), self._tracked.pop(request_id, None)
         if request is None or tracked is None:
@@ -139,7 +157,9 @@ class LLMEngine:
         return RequestOutput(
             request_id=request_id, token_ids=[], text="", finish_reason="error", logprobs=None,
             num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=len(request.output_token_ids),
-            arrival_time=tracked.arrival, first_token_time=tracked.first_token, error=why,
+            arrival_time=tracked.arrival, first_token_time=tracked.first_token,
+            error=str(error) if isinstance(error, DeskpodError) else f"{type(error).__name__}: {error}",
+            input_fault=isinstance(error, DeskpodError),
         )
 
     def stats(self) -> EngineStats:
@@ -157,11 +177,21 @@ class LLMEngine:
         token, params = request.output_token_ids[-1], tracked.params
         tracked.first_token = tracked.first_token or time.monotonic()
         self._generated_tokens += 1
-        if token in self.tokenizer.eog_ids and not params.ignore_eos:
-            tracked.eos = True
+        can_stop = len(request.output_token_ids) >= params.min_tokens  # (the sampler held end tokens back)
+        # a complete structured output ends the request even under ignore_eos: no token could follow it
+        complete = tracked.constraint is not None and tracked.constraint.finished
+        if token in params.stop_token_ids or (token in self.tokenizer.eog_ids and (complete or not params.ignore_eos)):
+            # an end token is not part of the reply, unless asked for as a stop token's text
+            if token in params.stop_token_ids and params.include_stop_str_in_output:
+                tracked.delta += tracked.text.push(token)
+            else:
+                tracked.eos = True
             tracked.delta += tracked.text.flush()
             return RequestStatus.FINISHED_STOPPED
-        tracked.delta += tracked.text.push(token)
+        tracked.delta += tracked.text.push(token, can_stop)
+        if complete:
+            tracked.delta += tracked.text.flush()
+            return RequestStatus.FINISHED_STOPPED
         if tracked.text.stopped:
             return RequestStatus.FINISHED_STOPPED
         if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.context:
@@ -176,6 +206,7 @@ class LLMEngine:
         delta, tracked.delta = tracked.delta, ""
         if finished:
             del self._tracked[request.request_id]
+        first = len(request.output_token_ids) == 1 and tracked.params.prompt_logprobs is not None
         return RequestOutput(
             request_id=request.request_id, token_ids=token_ids, text=delta,
             finish_reason=FINISH_REASONS[request.status] if finished else None,
@@ -183,7 +214,16 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_token_ids) - tracked.eos,
             arrival_time=tracked.arrival, first_token_time=tracked.first_token,
+            prompt_logprobs=tracked.prompt_logprobs if first else None,
         )
+
+
+def check_token_ids(fields: dict[str, Sequence[int]], vocab_size: int) -> None:
+    """InvalidRequest naming the first field holding an id outside the vocabulary."""
+    for name, ids in fields.items():
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequest(f"{name}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 def check_prompt(n_prompt: int, context: int) -> None:

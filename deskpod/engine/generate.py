@@ -21,6 +21,7 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or "error" (see `error`)
     logprobs: list[TokenLogprob] | None = None  # one per token, when SamplingParams(logprobs=k) asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token after the first (prompt_logprobs=k)
     error: str | None = None  # why the engine failed on this request (the others of a batch are unaffected)
 
     def add(self, out: RequestOutput) -> None:
@@ -30,6 +31,8 @@ class Completion:
         self.finish_reason = out.finish_reason
         if out.logprobs:
             self.logprobs = (self.logprobs or []) + out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
 
 
 def _engine(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, config: EngineConfig) -> LLMEngine:

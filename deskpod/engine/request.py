@@ -46,6 +46,8 @@ class Request:
         self.num_computed_tokens = 0  # tokens whose keys and values are in the KV cache
         self.block_ids: list[int] = []  # the block table: block i holds positions [i*bs, (i+1)*bs)
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, filled by BlockPool
+        self.cache_prefix = True  # may start from cached blocks (not when every prompt token's logits are wanted)
+        self.after: str | None = None  # the request with the same prompt this one waits for (Scheduler.add)
         self._all_token_ids = list(prompt_token_ids)
 
     @property

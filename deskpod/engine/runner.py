@@ -16,6 +16,7 @@ from deskpod.engine.config import EngineConfig
 from deskpod.engine.loader import TORCH_DTYPES, LoadedModel
 from deskpod.engine.sampler import Sampler
 from deskpod.engine.scheduler import ScheduledRequest, SchedulerOutput
+from deskpod.errors import DeskpodError
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,15 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[int, str, float], ...]  # the most likely tokens: (id, text, logprob)
+    rank: int = 1  # 1 + how many tokens were more likely
 
 
 @dataclass(frozen=True)
 class StepResult:
     tokens: dict[str, int]  # request id -> sampled token, for the requests that sampled
     logprobs: dict[str, TokenLogprob]  # for the requests that asked for them
-    failed: dict[str, str] = field(default_factory=dict)  # request id -> why its share of the step failed
+    failed: dict[str, Exception] = field(default_factory=dict)  # request id -> why its share of the step failed
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # prompt tokens computed this step
 
 
 class ModelRunner:
@@ -45,11 +48,17 @@ class ModelRunner:
         self.cache = PagedKVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_blocks, config.block_size,
                                   dtype=TORCH_DTYPES[config.dtype], device=self.device, alloc=torch.empty)
         self.block_size = config.block_size
-        self._samplers: dict[str, Sampler] = {}  # per request: its seeded generator survives preemption
+        self._samplers: dict[str, Sampler] = {}  # per request: its state survives preemption
+        self._prompt_logprobs_done: dict[str, int] = {}  # prompt positions already reported (a preempted
+        # request computes its prompt again)
+
+    def add(self, request_id: str, sampler: Sampler) -> None:
+        self._samplers[request_id] = sampler
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         for request_id in out.finished_ids:
             self._samplers.pop(request_id, None)
+            self._prompt_logprobs_done.pop(request_id, None)
         if not out.scheduled:
             return StepResult({}, {})
         try:
@@ -57,40 +66,65 @@ class ModelRunner:
         except Exception as e:  # noqa: BLE001 - whatever broke, find whose share it was
             if len(out.scheduled) == 1:
                 log.exception("forward pass failed for request %s", out.scheduled[0].request_id)
-                return StepResult({}, {}, {out.scheduled[0].request_id: _reason(e)})
+                return StepResult({}, {}, {out.scheduled[0].request_id: e})
             log.warning("forward pass of %d requests failed (%s); running them one at a time", len(out.scheduled), e)
             return _merge([self.execute(SchedulerOutput((s,))) for s in out.scheduled])
 
     def _run(self, scheduled: tuple[ScheduledRequest, ...]) -> StepResult:
         ids = torch.tensor([t for s in scheduled for t in s.token_ids], device=self.device)
-        batch = AttentionBatch.build([(len(s.token_ids), s.start, list(s.block_table), s.sample) for s in scheduled],
+        rows = [self._logit_rows(s) for s in scheduled]
+        batch = AttentionBatch.build([(len(s.token_ids), s.start, list(s.block_table), n) for s, n in zip(scheduled, rows)],
                                      self.block_size).to(self.device)
-        logits = self.model.forward_batch(ids, batch, self.cache).float()  # one row per sampling request, in order
-        result = StepResult({}, {})
-        for row, s in zip(logits.cpu(), (s for s in scheduled if s.sample)):
+        logits = self.model.forward_batch(ids, batch, self.cache).float().cpu()  # the wanted rows, in batch order
+        result, first = StepResult({}, {}), 0
+        for s, n in zip(scheduled, rows):
+            mine, first = logits[first : first + n], first + n
             try:
-                self._sample(s, row, result)
+                if n > int(s.sample):
+                    self._prompt_logprobs(s, mine, result)
+                if s.sample:
+                    self._sample(s, mine[-1], result)
             except Exception as e:  # noqa: BLE001 - this request's sampling only
-                log.exception("sampling failed for request %s", s.request_id)
-                result.failed[s.request_id] = _reason(e)
+                if not isinstance(e, DeskpodError):  # a refusal of the request's own settings is not a bug
+                    log.exception("sampling failed for request %s", s.request_id)
+                result.failed[s.request_id] = e
         return result
 
+    def _logit_rows(self, s: ScheduledRequest) -> int:
+        """How many of the chunk's last rows need logits: the last when it samples, every row of a prompt chunk
+        when the request wants its prompt's logprobs."""
+        sampler, last_prompt = self._samplers[s.request_id], len(self._samplers[s.request_id].prompt_ids) - 1
+        if sampler.params.prompt_logprobs is None or self._prompt_logprobs_done.get(s.request_id, 0) >= last_prompt:
+            return int(s.sample)
+        # not all reported yet, so no token was sampled: the chunk lies within the prompt
+        return max(0, min(s.start + len(s.token_ids), last_prompt) - s.start) + int(s.sample)
+
+    def _prompt_logprobs(self, s: ScheduledRequest, logits: torch.Tensor, result: StepResult) -> None:
+        """Row j predicts the prompt token at position start + j + 1."""
+        sampler = self._samplers[s.request_id]
+        done, top = self._prompt_logprobs_done.get(s.request_id, 0), sampler.params.prompt_logprobs
+        entries = []
+        for j in range(len(logits) - int(s.sample)):
+            position = s.start + j + 1
+            if position > done:
+                entries.append(self._logprob(logits[j], sampler.prompt_ids[position], top))
+        if entries:
+            self._prompt_logprobs_done[s.request_id] = s.start + len(logits) - int(s.sample)
+            result.prompt_logprobs[s.request_id] = entries
+
     def _sample(self, s: ScheduledRequest, row: torch.Tensor, result: StepResult) -> None:
-        sampler = self._samplers.get(s.request_id) or self._samplers.setdefault(s.request_id, Sampler(s.params))
+        sampler = self._samplers[s.request_id]
         result.tokens[s.request_id] = token = sampler(row)
-        if s.params.logprobs is not None:
-            result.logprobs[s.request_id] = self._logprob(row, token, s.params.logprobs)
+        if sampler.params.logprobs is not None:
+            result.logprobs[s.request_id] = self._logprob(row, token, sampler.params.logprobs)
 
     def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
         logp = torch.log_softmax(logits, dim=-1)
         best = torch.topk(logp, top) if top else None
         text = self.tokenizer.token_text
         ranked = tuple((int(i), text(int(i)), float(v)) for v, i in zip(*best)) if best else ()
-        return TokenLogprob(token, text(token), float(logp[token]), ranked)
-
-
-def _reason(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"
+        rank = 1 + int((logp > logp[token]).sum())
+        return TokenLogprob(token, text(token), float(logp[token]), ranked, rank)
 
 
 def _merge(results: list[StepResult]) -> StepResult:
@@ -99,4 +133,5 @@ def _merge(results: list[StepResult]) -> StepResult:
         merged.tokens.update(r.tokens)
         merged.logprobs.update(r.logprobs)
         merged.failed.update(r.failed)
+        merged.prompt_logprobs.update(r.prompt_logprobs)
     return merged

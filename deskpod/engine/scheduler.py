@@ -99,8 +99,9 @@ class Scheduler:
         self._num_arrivals = 0
         self._finished_ids: list[str] = []
 
-    def add(self, request: Request) -> None:
-        """Queue a new request; QueueFull if `max_waiting` are already waiting."""
+    def add(self, request: Request, after: str | None = None) -> None:
+        """Queue a new request; QueueFull if `max_waiting` are already waiting. `after`: a live request with
+        the same prompt; this one waits for its prompt to be computed, then shares its cached blocks."""
         if request.request_id in self.requests:
             raise ValueError(f"request {request.request_id!r} is already queued")
         if len(self.waiting) >= self.config.max_waiting:
@@ -111,6 +112,7 @@ class Scheduler:
             )
         self._num_arrivals += 1
         request.arrival, request.status = self._num_arrivals, RequestStatus.WAITING
+        request.after = after
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -155,7 +157,9 @@ class Scheduler:
     def _schedule_waiting(self, step: _Step) -> None:
         while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached = self.pool.cached_prefix(request)
+            if self._prompt_pending(request):
+                return  # its twin is computing the prompt: next step those blocks are cached
+            cached = self.pool.cached_prefix(request) if request.cache_prefix else []
             num_new = min(request.num_tokens - len(cached) * self.config.block_size, step.budget)
             if not self.pool.allocate_for(request, num_new, cached):
                 return  # first come, first served: nobody overtakes the head of the queue
@@ -163,6 +167,10 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)  # it arrived after every running request: they were admitted first
             step.add(request, num_new)
+
+    def _prompt_pending(self, request: Request) -> bool:
+        leader = self.requests.get(request.after) if request.after else None
+        return leader is not None and leader.num_computed_tokens < leader.num_prompt_tokens
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -11,20 +11,28 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
-        self._detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...], include_stop: bool = False, skip_special: bool = True):
+        """`include_stop`: keep the stop string that ends the text; `skip_special`: leave special tokens out."""
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special)
         self._stops = stops
+        self._include_stop = include_stop
+        self._search_from = 0  # stop strings are looked for from here: text before min_tokens cannot stop
         self._shown = 0
-        self.text = ""  # the final text so far: cut before a stop string once one is seen
+        self.text = ""  # the final text so far: cut before (or after) a stop string once one is seen
         self.stopped = False  # a stop string was generated
 
-    def push(self, token_id: int) -> str:
-        """Add a token; returns the text that can be shown now."""
+    def push(self, token_id: int, can_stop: bool = True) -> str:
+        """Add a token; returns the text that can be shown now. With `can_stop` False (min_tokens not
+        reached), a stop string that ends in the text so far never stops it."""
         self._detok.push(token_id)
         full = self._detok.text
-        hits = [i for i in (full.find(s) for s in self._stops) if i >= 0]
+        if not can_stop:
+            longest = max((len(s) for s in self._stops), default=1)
+            self._search_from = max(0, len(full) - longest + 1)
+        hits = [(i, len(s)) for s in self._stops if (i := full.find(s, self._search_from)) >= 0] if can_stop else []
         if hits:
-            self.stopped, self.text = True, full[: min(hits)]
+            start, length = min(hits)
+            self.stopped, self.text = True, full[: start + length * self._include_stop]
             return self.flush()
         self.text = full
         visible = len(full) - held_back(full, self._stops)

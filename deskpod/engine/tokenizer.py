@@ -3,6 +3,7 @@ Hugging Face folder with the `tokenizers` library; chat templates; streaming det
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from deskpod.engine.chat_template import CHATML, render_chat
-from deskpod.errors import CorruptModel, DeskpodError, InvalidRequest, UnsupportedModel
+from deskpod.errors import CorruptModel, DeskpodError, InvalidRequest, PromptTooLong, UnsupportedModel
 from deskpod.formats.gguf import GGUFFile
 from deskpod.formats.gguf_tokenizer import END_OF_TURN, SpecialTokens, Vocabulary, vocabulary_from_gguf
 
@@ -73,7 +74,17 @@ class Tokenizer:
         """A template of its own, or ChatML's tokens in its vocabulary (then ChatML is the template)."""
         return bool(self.chat_template) or all(self._hf.token_to_id(t) is not None for t in CHATML_TOKENS)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """No token stands for more characters than this (its vocabulary string is at least as long as its
+        text): a text longer than limit * this cannot fit `limit` tokens."""
+        return max((len(t) for t in self._hf.get_vocab(with_added_tokens=True)), default=1)
+
+    def encode(self, text: str, add_bos: bool | None = None, limit: int | None = None) -> list[int]:
+        """`limit`: a context size; a text that cannot fit it is refused (PromptTooLong) before tokenizing it."""
+        if limit is not None and len(text) > limit * self.max_token_chars:
+            raise PromptTooLong(f"the text has {len(text):,} characters, more than {limit:,} tokens of this model can "
+                                "hold: shorten it")
         if (lone := SURROGATE.search(text)) is not None:
             raise InvalidRequest(f"the text holds a lone surrogate (U+{ord(lone.group()):04X} at character {lone.start()}), "
                                  "which is not Unicode text: encode it as UTF-8 properly")
@@ -83,23 +94,45 @@ class Tokenizer:
             ids = [self.special.bos_id] + ids
         return ids
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """The prompt ids for a conversation, ready for the assistant's reply (the model's template, rendered
-        in the sandbox); NoChatTemplate for a model that has none."""
-        if not self.has_chat_template:
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, template: str | None = None,
+                            add_bos: bool | None = None, limit: int | None = None, **variables) -> list[int]:
+        """The prompt ids for a conversation (the model's template, or `template`, rendered in the sandbox);
+        NoChatTemplate for a model that has none. `continue_final_message`: the prompt ends inside the last
+        (assistant) message, for the model to go on with it; `variables`: more of the template's inputs
+        (tools, enable_thinking...); `add_bos`: None adds the BOS as llama.cpp does for a chat (when the
+        model asks for one and the template did not write it), True whenever the template did not write
+        it, False never."""
+        if template is None and not self.has_chat_template:
             raise NoChatTemplate(
                 "this model has no chat template (it is a base model, not a chat model): send it raw text "
                 "(/v1/completions, or `deskpod run --raw`)"
             )
-        template = self.chat_template or CHATML
-        text = render_chat(template, messages, bos_token=self.special.bos_text, eos_token=self.special.eos_text)
-        return self.encode(text)
+        text = render_chat(template or self.chat_template or CHATML, messages, bos_token=self.special.bos_text,
+                           eos_token=self.special.eos_text, add_generation_prompt=add_generation_prompt, **variables)
+        if continue_final_message:
+            text = _cut_after(text, messages[-1].get("content") or "")
+        return self.encode(text, add_bos=add_bos, limit=limit)
+
+    def special_texts(self) -> set[str]:
+        """The texts of the tokens a decode with skip_special leaves out."""
+        return {t.content for t in self._hf.get_added_tokens_decoder().values() if t.special}
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._hf.decode(ids, skip_special_tokens=skip_special)
 
     def token_text(self, token_id: int) -> str:
         return self._hf.decode([token_id], skip_special_tokens=False)
+
+
+def _cut_after(text: str, final: str) -> str:
+    """The rendered conversation up to the end of its final message's text (transformers' rule for
+    continue_final_message): whatever the template writes after it (end of turn...) is cut."""
+    at = text.rfind(final.strip()) if final.strip() else -1
+    if at < 0:
+        raise InvalidRequest("continue_final_message: the chat template does not show the last message's text as "
+                             "sent, so the prompt cannot end inside it")
+    return text[: at + len(final.strip())]
 
 
 def _json_or_empty(path: Path) -> dict:
@@ -125,8 +158,9 @@ class IncrementalDetokenizer:
     Decoding each token alone breaks UTF-8 characters spread over several byte-level tokens, so we decode a
     short window and emit only the part that is complete (vLLM's prefix/read offset scheme)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
         self._tok = tokenizer
+        self._skip_special = skip_special
         self._ids: list[int] = []
         self._prefix = 0  # start of the window we decode
         self._read = 0  # end of the text already emitted, as an index into ids
@@ -134,8 +168,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        new_text = self._tok.decode(self._ids[self._prefix :])
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip_special)
+        new_text = self._tok.decode(self._ids[self._prefix :], self._skip_special)
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""  # an incomplete character: wait for the next token
         delta = new_text[len(prefix_text) :]

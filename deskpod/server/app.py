@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from deskpod import __version__
 from deskpod.server.api_router import health_router, metrics_router
 from deskpod.server.auth import require_api_key
 from deskpod.server.config import ServerConfig
+from deskpod.server.docs import API_DESCRIPTION, install_docs
 from deskpod.server.errors import install_error_handlers
 from deskpod.server.kserve import generate as kserve_generate
 from deskpod.server.kserve import http_router as kserve_http
@@ -23,6 +25,7 @@ from deskpod.server.kserve.llm import LLMModels
 from deskpod.server.kserve.metrics import TritonCollector
 from deskpod.server.kserve.serving import KServeServing, Limits
 from deskpod.server.metrics import RequestCounter, ServerMetrics
+from deskpod.server.middleware import BodyLimit, RequestId
 from deskpod.server.openai.chat.api_router import router as chat_router
 from deskpod.server.openai.chat.serving import OpenAIServingChat
 from deskpod.server.openai.completions.api_router import router as completions_router
@@ -31,6 +34,8 @@ from deskpod.server.openai.embeddings.api_router import router as embeddings_rou
 from deskpod.server.openai.embeddings.serving import OpenAIServingEmbedding
 from deskpod.server.openai.models.api_router import router as models_router
 from deskpod.server.openai.models.serving import OpenAIServingModels
+from deskpod.server.openai.tokenize.api_router import router as tokenize_router
+from deskpod.server.openai.tokenize.serving import OpenAIServingTokenization
 from deskpod.server.registry import ModelRegistry
 
 if TYPE_CHECKING:
@@ -43,6 +48,7 @@ KEYED_ROUTERS = (
     chat_router,
     completions_router,
     embeddings_router,
+    tokenize_router,
     metrics_router,
     kserve_http.router,
     kserve_generate.router,
@@ -65,6 +71,7 @@ def install(
     app.state.serving_chat = OpenAIServingChat(registry, metrics)
     app.state.serving_completion = OpenAIServingCompletion(registry, metrics)
     app.state.serving_embedding = OpenAIServingEmbedding(registry, metrics)
+    app.state.serving_tokenization = OpenAIServingTokenization(registry)
     app.state.kserve = KServeServing(repository, LLMModels(registry, metrics), limits or Limits())
 
 
@@ -91,14 +98,19 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
             if repository is not None:
                 await asyncio.to_thread(repository.close)
 
-    # no /docs or /openapi.json: they would be the only routes outside the API key
-    app = FastAPI(
-        title="deskpod", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
-    )
+    # /openapi.json and /docs need no key, like /health: they describe deskpod's API, not the models or data
+    app = FastAPI(title="deskpod", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", description=API_DESCRIPTION)
     app.state.api_key = config.api_key
     install(app, registry, repository, Limits(config.max_request_bytes))
     install_error_handlers(app)
+    install_docs(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id"])
+    app.add_middleware(RequestId)
     for router in KEYED_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_api_key)])
     for router in OPEN_ROUTERS:

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from deskpod.engine.config import EngineConfig
+from deskpod.engine.config import WEIGHT_MODES, EngineConfig
 from deskpod.errors import DeskpodError
 from deskpod.server.config import (
     DEFAULT_GRPC_PORT,
@@ -51,7 +51,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--max-request-mb",
         type=float,
         default=DEFAULT_MAX_REQUEST_MB,
-        help="largest KServe v2 request body or gRPC message accepted, in MB (default: %(default)g)",
+        help="largest request body (/v1, /v2) or gRPC message accepted, in MB (default: %(default)g)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        metavar="ORIGIN",
+        nargs="+",
+        default=(),
+        help="let web pages from these origins call the API (CORS), e.g. http://localhost:3000, or '*'",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -66,13 +73,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default: %(default)s)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default: %(default)s)")
     p.add_argument("--ctx", type=int, default=None, help="most tokens per request, prompt and reply (default: the model's)")
+    p.add_argument("--weights", choices=WEIGHT_MODES, default="compact",
+                   help="keep quantized weights in their stored blocks (default), or expand them to float32: slower, "
+                        "and every reply independent of what else runs beside it")
     p.set_defaults(func=serve)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     engine = EngineConfig(memory_fraction=args.memory_fraction, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-                          max_waiting=args.max_waiting, context=args.ctx)
+                          max_waiting=args.max_waiting, context=args.ctx, weights=args.weights)
     repository = args.model_repository
     grpc_port = args.grpc_port if args.grpc_port is not None else (DEFAULT_GRPC_PORT if repository else None)
     return ServerConfig(
@@ -85,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_repository=repository,
         grpc_port=None if args.no_grpc else grpc_port,
         max_request_mb=args.max_request_mb,
+        allowed_origins=tuple(args.allowed_origins),
     )
 
 

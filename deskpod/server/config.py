@@ -20,7 +20,7 @@ class ServerConfig:
 
     `model_repository`: a Triton-style repository served over KServe v2 beside the store models (which may
     then be none); `grpc_port`: where the v2 gRPC service listens, on `host` (None: no gRPC);
-    `max_request_mb`: the largest v2 request body or gRPC message accepted (413 / RESOURCE_EXHAUSTED)."""
+    `max_request_mb`: the largest request body (/v1 and /v2) or gRPC message accepted (413 / RESOURCE_EXHAUSTED)."""
 
     models: tuple[str, ...] = (DEFAULT_MODEL,)
     host: str = "127.0.0.1"
@@ -31,6 +31,7 @@ class ServerConfig:
     model_repository: str | None = None
     grpc_port: int | None = None
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB
+    allowed_origins: tuple[str, ...] = ()  # CORS: web pages from these origins may call the API ("*": any)
 
     def __post_init__(self) -> None:
         if not self.models and self.model_repository is None:

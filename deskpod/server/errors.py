@@ -12,15 +12,44 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from deskpod.engine.sampler import InvalidSamplingParams
 from deskpod.engine.scheduler import QueueFull
 from deskpod.errors import DeskpodError, GenerationFailed, InvalidRequest, ModelNotFound, PromptTooLong
+from deskpod.server.openai.fields import FieldError
 
 log = logging.getLogger("deskpod.server")
 
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error on /v1 (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+ERROR_MEANINGS = {
+    400: "A request field is missing or wrong: `param` names it, `message` says what to fix",
+    401: "A missing or wrong API key",
+    404: "No such model (the message lists what is served)",
+    413: "The request body is larger than `deskpod serve --max-request-mb`",
+    429: "The model's queue is full: retry after the Retry-After header's seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI documentation of the errors a route answers with."""
+    return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
 
 
 @dataclass
@@ -68,6 +97,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     """The first problem pydantic found, as `param` (dotted field path) and a sentence."""
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):  # raised by a model validator on behalf of one field
+        loc = [*loc, cause.field]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")

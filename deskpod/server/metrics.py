@@ -14,6 +14,12 @@ deskpod_kv_cache_blocks_total{model} / deskpod_kv_cache_blocks_free{model}
 deskpod_num_preemptions_total{model}
 deskpod_embedding_input_tokens_total{model}
 
+The same figures under vLLM's names too, labelled `model_name`, so that a dashboard made for vLLM reads
+deskpod: vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc (and its older name
+vllm:gpu_cache_usage_perc), vllm:prompt_tokens_total, vllm:generation_tokens_total,
+vllm:num_preemptions_total, vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds (and the
+older vllm:time_per_output_token_seconds), vllm:e2e_request_latency_seconds, vllm:request_success_total.
+
 With a model repository, Triton's nv_inference_* series too (deskpod.server.kserve.metrics.TritonCollector,
 registered in the same registry by the app).
 """
@@ -48,6 +54,15 @@ ENGINE_STATS = {
     "prompt_tokens_total": ("deskpod_prompt_tokens", "Prompt tokens admitted", True),
     "generation_tokens_total": ("deskpod_generation_tokens", "Tokens generated", True),
 }
+# engine stat -> vLLM's names for it
+VLLM_STATS = {
+    "num_waiting": ["vllm:num_requests_waiting"],
+    "num_running": ["vllm:num_requests_running"],
+    "kv_usage": ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
+    "num_preemptions": ["vllm:num_preemptions"],
+    "prompt_tokens_total": ["vllm:prompt_tokens"],
+    "generation_tokens_total": ["vllm:generation_tokens"],
+}
 
 
 class EngineCollector(Collector):
@@ -57,15 +72,19 @@ class EngineCollector(Collector):
         self.engines = engines
 
     def collect(self) -> Iterator[Metric]:
-        families = {
-            stat: (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["model"])
+        families = [
+            (stat, (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["model"]))
             for stat, (name, doc, counter) in ENGINE_STATS.items()
-        }
+        ]
+        for stat, names in VLLM_STATS.items():
+            _, doc, counter = ENGINE_STATS[stat]
+            kind = CounterMetricFamily if counter else GaugeMetricFamily
+            families += [(stat, kind(name, doc, labels=["model_name"])) for name in names]
         for model, engine in self.engines():
             stats = engine.stats()
-            for stat, family in families.items():
+            for stat, family in families:
                 family.add_metric([model], float(getattr(stats, stat)))
-        yield from families.values()
+        yield from (family for _, family in families)
 
 
 class ServerMetrics:
@@ -86,6 +105,15 @@ class ServerMetrics:
             "deskpod_requests_aborted", "Requests cancelled before they finished", ["model"], registry=r
         )
         self.embedding_tokens = Counter("deskpod_embedding_input_tokens", "Tokens embedded", ["model"], registry=r)
+        # the same observations under vLLM's names
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", ["model_name"],
+                                   buckets=TTFT_BUCKETS, registry=r)
+        self.vllm_itl = [Histogram(name, "Time between tokens", ["model_name"], buckets=ITL_BUCKETS, registry=r)
+                         for name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")]
+        self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token", ["model_name"],
+                                  buckets=E2E_BUCKETS, registry=r)
+        self.vllm_success = Counter("vllm:request_success", "Requests finished", ["model_name", "finished_reason"],
+                                    registry=r)
         r.register(EngineCollector(engines))
 
     def timer(self, model: str) -> RequestTimer:
@@ -104,15 +132,22 @@ class RequestTimer:
 
     def output(self, out: RequestOutput) -> None:
         now = time.monotonic()
+        m, model = self.m, self.model
         if self.last is None:  # the first output: its first token (perhaps an end-of-sequence one) is sampled
-            self.m.ttft.labels(self.model).observe(max((out.first_token_time or now) - out.arrival_time, 0.0))
+            ttft = max((out.first_token_time or now) - out.arrival_time, 0.0)
+            m.ttft.labels(model).observe(ttft)
+            m.vllm_ttft.labels(model).observe(ttft)
         elif out.token_ids:
             gap = (now - self.last) / len(out.token_ids)
             for _ in out.token_ids:
-                self.m.itl.labels(self.model).observe(gap)
+                for histogram in (m.itl, *m.vllm_itl):
+                    histogram.labels(model).observe(gap)
         self.last = now
         if out.finish_reason is not None:
-            self.m.e2e.labels(self.model).observe(max(now - out.arrival_time, 0.0))
+            e2e = max(now - out.arrival_time, 0.0)
+            m.e2e.labels(model).observe(e2e)
+            m.vllm_e2e.labels(model).observe(e2e)
+            m.vllm_success.labels(model, out.finish_reason).inc()
 
     def aborted(self) -> None:
         self.m.aborted.labels(self.model).inc()

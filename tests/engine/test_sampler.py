@@ -97,3 +97,13 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 def test_top_k_and_top_p_together():
     # top_k=4 renormalizes to 8/15, 4/15, 2/15, 1/15; top_p=0.7 then keeps the best two (12/15 >= 0.7)
     assert set(draws(SamplingParams(top_k=4, top_p=0.7, seed=0), 300)) == set(ORDER[:2])
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_best_token():
+    assert set(draws(SamplingParams(top_p=5e-324, seed=0), 20)) == {ORDER[0]}
+
+
+def test_a_repetition_penalty_near_zero_makes_a_seen_positive_logit_certain():
+    # 0.5 / 5e-324 is +inf in float32: its limit, the largest float, not a NaN in the softmax
+    sampler = Sampler(SamplingParams(repetition_penalty=5e-324, seed=0), prompt_ids=[2])
+    assert {sampler(torch.tensor([1.0, 2.0, 0.5])) for _ in range(10)} == {2}

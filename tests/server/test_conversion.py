@@ -52,6 +52,10 @@ async def _aiter(items: list) -> AsyncIterator:
         yield item
 
 
+def _indexed(outputs: list) -> AsyncIterator:
+    return _aiter([(0, out) for out in outputs])
+
+
 def _collect(agen: AsyncIterator) -> list:
     async def run() -> list:
         return [x async for x in agen]
@@ -63,7 +67,7 @@ def test_chat_full_response_joins_text_logprobs_and_counts_usage() -> None:
     request = ChatCompletionRequest(
         model="smollm2", messages=[{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=2
     )
-    body = chat_serving.full_response(request, "chatcmpl-1", OUTPUTS)
+    body = chat_serving.full_response(request, "chatcmpl-1", [OUTPUTS])
     choice = body.choices[0]
     assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", "Hello", "stop")
     assert body.usage.model_dump() == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
@@ -78,7 +82,7 @@ def test_chat_chunks_role_first_then_deltas_then_usage() -> None:
     request = ChatCompletionRequest(
         model="m", messages=[{"role": "user", "content": "Hi"}], stream=True, stream_options={"include_usage": True}
     )
-    chunks = _collect(chat_serving.chunks(request, "c", _aiter(OUTPUTS)))
+    chunks = _collect(chat_serving.chunks(request, "c", _indexed(OUTPUTS), 1))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].delta.content for c in chunks[1:3]] == ["Hel", "lo"]
     assert chunks[3].choices[0].finish_reason == "stop" and chunks[3].choices[0].delta.content is None
@@ -88,7 +92,7 @@ def test_chat_chunks_role_first_then_deltas_then_usage() -> None:
 
 def test_chat_chunks_without_usage() -> None:
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}], stream=True)
-    chunks = _collect(chat_serving.chunks(request, "c", _aiter(OUTPUTS)))
+    chunks = _collect(chat_serving.chunks(request, "c", _indexed(OUTPUTS), 1))
     assert len(chunks) == 4 and chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -96,7 +100,7 @@ def test_chat_without_logprobs_has_none() -> None:
     assert chat_logprobs(None) is None
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}])
     plain = [output("Hi", 1), output("", 1, "length", tokens=0)]
-    assert chat_serving.full_response(request, "c", plain).choices[0].logprobs is None
+    assert chat_serving.full_response(request, "c", [plain]).choices[0].logprobs is None
 
 
 def test_completion_logprobs_legacy_shape() -> None:
@@ -109,10 +113,11 @@ def test_completion_logprobs_legacy_shape() -> None:
 
 def test_completion_response_and_stream() -> None:
     request = CompletionRequest(model="m", prompt="x", logprobs=1, stream=True, stream_options={"include_usage": True})
-    body = completion_serving.full_response(request, "cmpl-1", OUTPUTS)
+    no_echo = completion_serving.Echo([""], ["x"], False)
+    body = completion_serving.full_response(request, "cmpl-1", [OUTPUTS], 1, no_echo)
     assert (body.choices[0].text, body.choices[0].finish_reason, body.usage.completion_tokens) == ("Hello", "stop", 2)
     assert body.choices[0].logprobs.tokens == ["Hel", "lo"]
-    chunks = _collect(completion_serving.chunks(request, "cmpl-1", _aiter(OUTPUTS)))
+    chunks = _collect(completion_serving.chunks(request, "cmpl-1", _indexed(OUTPUTS), 1, 1, no_echo))
     assert [c.choices[0].text for c in chunks[:3]] == ["Hel", "lo", ""]
     assert chunks[1].choices[0].logprobs.text_offset == [3]  # counted over the whole completion
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 5
@@ -164,10 +169,12 @@ def test_validation_errors_become_400_naming_the_field() -> None:
     api = validation_error(_request_error(temperature=9))
     assert (api.status, api.param, api.type) == (400, "temperature", "invalid_request_error")
     assert api.message.startswith("temperature: ") and "2" in api.message
-    api = validation_error(_request_error(n=3))
-    assert api.param == "n" and api.message == "n: only n=1 is supported: send one request per completion"
+    api = validation_error(_request_error(n=0))
+    assert api.param == "n" and api.message.startswith("n: ")
     body = api.response().body
     assert b'"param":"n"' in body and b'"code":"invalid_value"' in body
+    api = validation_error(_request_error(use_beam_search=True))  # refused by a model validator, for the field
+    assert api.param == "use_beam_search" and "not supported" in api.message
 
 
 def test_logprob_floor_is_finite() -> None:

@@ -72,7 +72,9 @@ def test_content_parts_and_developer_role_reach_the_template_as_text() -> None:
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"best_of": 3}, "best_of"),  # other than n
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
@@ -83,23 +85,101 @@ def test_content_parts_and_developer_role_reach_the_template_as_text() -> None:
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop": [str(i) for i in range(17)]}, "stop"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces allowed"}}]}, "tools"),
+        ({"logit_bias": {"x": 5}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}], "continue_final_message": True, "add_generation_prompt": False},
+         "continue_final_message"),  # the last message is not the assistant's
+        # fields other servers define that deskpod does not implement: refused by name
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"audio": {"voice": "alloy"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"mirostat": 2}, "mirostat"),
+        ({"typical_p": 0.9}, "typical_p"),
+        ({"logits_processors": ["x.y"]}, "logits_processors"),
     ],
 )
 def test_bad_chat_fields_are_refused_by_name(fields: dict, field: str) -> None:
+    assert refused_param(**fields).split(".")[0] == field  # a dotted path into the field, where pydantic gives one
+
+
+def refused_param(**fields) -> str | None:
+    """The `param` the server's 400 names for a chat request with these fields."""
+    from fastapi.exceptions import RequestValidationError
+
+    from deskpod.server.errors import validation_error
+
+    body = {"model": "smollm2", "messages": HI, **fields}
     with pytest.raises(ValidationError) as info:
-        chat(**fields)
-    assert info.value.errors()[0]["loc"][0] == field
+        ChatCompletionRequest(**body)
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
+    return validation_error(RequestValidationError(errors)).param
 
 
-def test_harmless_defaults_of_unsupported_fields_pass() -> None:
-    chat(tools=[], frequency_penalty=0, presence_penalty=0.0, echo=False, best_of=1)
+def test_the_defaults_of_unimplemented_fields_pass() -> None:
+    # what clients send when they mean "nothing special"
+    chat(tools=[], frequency_penalty=0, presence_penalty=0.0, echo=False, best_of=1, use_beam_search=False,
+         modalities=["text"], typical_p=1.0, mirostat=0, store=False, service_tier="auto", logits_processors=None)
+
+
+def test_fields_no_server_defines_are_ignored_and_logged(caplog) -> None:
+    with caplog.at_level("WARNING", logger="deskpod.server"):
+        chat(my_own_field=1, another=2)
+    assert "ignored fields no server defines: another, my_own_field" in caplog.text
+
+
+def test_honoured_fields_reach_the_sampling_params() -> None:
+    params = chat(min_p=0.1, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={"7": -100},
+                  min_tokens=3, stop_token_ids=[2], include_stop_str_in_output=True, allowed_token_ids=[1, 2, 7],
+                  skip_special_tokens=False, seed=5).sampling_params(100, None)
+    assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.1, 0.5, -0.5, 1.2)
+    assert params.logit_bias == {7: -100} and params.min_tokens == 3 and params.stop_token_ids == (2,)
+    assert params.include_stop_str_in_output and params.allowed_token_ids == (1, 2, 7) and not params.skip_special_tokens
+    assert chat(seed=5).sampling_params(100, None, choice=2).seed == 7  # each of n choices its own stream
+
+
+def test_llama_server_names_are_honoured() -> None:
+    params = chat(n_predict=9, repeat_penalty=1.1, repeat_last_n=64).sampling_params(100, None)
+    assert (params.max_tokens, params.repetition_penalty, params.penalty_window) == (9, 1.1, 64)
+    assert chat(repeat_penalty=1.3, repeat_last_n=0).sampling_params(100, None).repetition_penalty == 1.0  # 0: off
+    assert chat(json_schema={"type": "object"}).structured().kind == "json_schema"
+    assert chat(grammar='root ::= "a"').structured().kind == "gbnf"
 
 
 @pytest.mark.parametrize(
-    "messages", [[], [{"role": "robot", "content": "x"}], [{"role": "user", "content": [{"type": "image_url"}]}]]
+    ("fields", "kind"),
+    [
+        ({"response_format": {"type": "json_object"}}, "json_object"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, "json_schema"),
+        ({"response_format": {"type": "text"}}, None),
+        ({"guided_json": '{"type": "integer"}'}, "json_schema"),
+        ({"guided_regex": "a+"}, "regex"),
+        ({"guided_choice": ["a", "b"]}, "choice"),
+        ({"guided_grammar": 'root ::= "a"'}, "gbnf"),
+        ({"guided_grammar": 'start: "a"'}, "lark"),
+        ({"structured_outputs": {"regex": "b+"}}, "regex"),
+    ],
+)
+def test_structured_outputs_in_every_dialect(fields: dict, kind: str | None) -> None:
+    spec = chat(**fields).structured()
+    assert (spec.kind if spec else None) == kind
+
+
+def test_one_structured_output_at_a_time() -> None:
+    assert refused_param(guided_regex="a", response_format={"type": "json_object"}) == "guided_regex"
+    with pytest.raises(ValidationError, match="response_format and guided_regex each constrain"):
+        chat(guided_regex="a", response_format={"type": "json_object"})
+
+
+@pytest.mark.parametrize(
+    "messages", [[], [{"role": "robot", "content": "x"}],
+                 [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]]
 )
 def test_bad_messages_are_refused(messages: list) -> None:
     with pytest.raises(ValidationError) as info:
@@ -109,16 +189,17 @@ def test_bad_messages_are_refused(messages: list) -> None:
 
 @pytest.mark.parametrize(
     ("prompt", "want"),
-    [("Hello", "Hello"), ([1, 2, 3], [1, 2, 3]), (["Hello"], "Hello"), ([[4, 5]], [4, 5])],
+    [("Hello", ["Hello"]), ([1, 2, 3], [[1, 2, 3]]), (["Hello"], ["Hello"]), ([[4, 5]], [[4, 5]]),
+     (["a", "b"], ["a", "b"]), ([[1], [2]], [[1], [2]])],
 )
 def test_completion_prompt_forms(prompt: object, want: object) -> None:
     request = CompletionRequest(model="m", prompt=prompt, logprobs=2)
-    assert request.prompt == want
+    assert request.prompts() == want
     assert request.sampling_params(10, request.logprobs).logprobs == 2
 
 
-@pytest.mark.parametrize("prompt", ["", [], ["a", "b"], [[1], [2]]])
-def test_completion_refuses_empty_and_several_prompts(prompt: object) -> None:
+@pytest.mark.parametrize("prompt", ["", [], ["a", ""], [[1], []], ["x"] * 65])
+def test_completion_refuses_empty_and_too_many_prompts(prompt: object) -> None:
     with pytest.raises(ValidationError) as info:
         CompletionRequest(model="m", prompt=prompt)
     assert info.value.errors()[0]["loc"][0] == "prompt"

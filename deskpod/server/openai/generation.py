@@ -54,16 +54,20 @@ class Generation:
         """Submit the request and wait for its first output; `prompt_field` is the field that a refused
         prompt (too long, a token outside the vocabulary) is blamed on."""
         generation = cls(engine, request_id, engine.generate(prompt_ids, params, request_id), timer)
-        try:
-            generation._pending = await generation._next()
-        except DeskpodError as e:  # refused before it was queued: nothing to abort
-            generation.finished = True
-            await generation.close()
-            raise from_engine_error(e, prompt_field if isinstance(e, InvalidRequest) else None) from e
-        except BaseException:
-            await generation.close()
-            raise
+        await generation.first(prompt_field)
         return generation
+
+    async def first(self, prompt_field: str) -> None:
+        """Wait for the first output (submitting the request); the engine's refusal as an APIError."""
+        try:
+            self._pending = await self._next()
+        except DeskpodError as e:  # refused before it was queued: nothing to abort
+            self.finished = True
+            await self.close()
+            raise from_engine_error(e, _blamed(e, prompt_field)) from e
+        except BaseException:
+            await self.close()
+            raise
 
     async def _next(self) -> RequestOutput:
         out = await anext(self._outputs)
@@ -93,6 +97,88 @@ class Generation:
         await self._outputs.aclose()  # type: ignore[attr-defined]
 
 
+def _blamed(error: DeskpodError, prompt_field: str) -> str | None:
+    """The request field an engine refusal is about: the one it names, else the prompt's."""
+    if not isinstance(error, InvalidRequest):
+        return None
+    named = str(error).split(":", 1)[0]
+    return named if named in TOKEN_ID_FIELDS else prompt_field
+
+
+TOKEN_ID_FIELDS = ("stop_token_ids", "logit_bias", "allowed_token_ids")
+
+
+class Choices:
+    """The engine requests behind one API request: each prompt `n` times. They are submitted together (the
+    n copies of a prompt share its computed KV blocks), read as one stream of (choice index, output), and
+    all aborted if the client goes or one of them is refused."""
+
+    def __init__(self, generations: list[Generation]):
+        self.generations = generations
+
+    @classmethod
+    async def start(cls, engine: AsyncLLM, prompts: list[list[int]], n: int, params: Callable[[int, int], SamplingParams],
+                    request_id: str, timer: Callable[[], RequestTimer], prompt_field: str) -> Choices:
+        """`params(prompt index, choice index)`: each choice's settings (a seed differs per choice)."""
+        generations = []
+        for p, ids in enumerate(prompts):
+            leader = None
+            for j in range(n):
+                index = p * n + j
+                rid = request_id if len(prompts) * n == 1 else f"{request_id}-{index}"
+                generations.append(Generation(engine, rid, engine.generate(ids, params(p, index), rid, after=leader), timer()))
+                leader = leader or rid
+        choices = cls(generations)
+        firsts = await asyncio.gather(*(g.first(prompt_field) for g in generations), return_exceptions=True)
+        failure = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failure is not None:
+            await choices.close()
+            raise failure
+        return choices
+
+    async def collect(self) -> list[list[RequestOutput]]:
+        """Each choice's outputs, by index."""
+        return list(await asyncio.gather(*(g.collect() for g in self.generations)))
+
+    async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) as they come; closing it aborts whatever is still running."""
+        if len(self.generations) == 1:
+            async for out in self.generations[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, generation: Generation) -> None:
+            try:
+                async for out in generation:
+                    queue.put_nowait((index, out))
+            except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
+                queue.put_nowait((index, e))
+            finally:
+                queue.put_nowait((index, done))
+
+        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(self.generations)]
+        try:
+            running = len(tasks)
+            while running:
+                index, item = await queue.get()
+                if item is done:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self.close()
+
+    async def close(self) -> None:
+        for generation in self.generations:
+            await generation.close()
+
+
 def sse(payload: Any) -> str:
     """One server-sent event; `payload` is a pydantic model, a dict, or the final "[DONE]"."""
     if isinstance(payload, str):
@@ -101,22 +187,24 @@ def sse(payload: Any) -> str:
     return f"data: {text}\n\n"
 
 
-async def sse_stream(generation: Generation, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+async def sse_stream(generation: Generation | Choices, events: AsyncIterator[Any]) -> AsyncIterator[str]:
     """The events as SSE, then [DONE]; an engine failure mid-stream becomes an error event, not a cut."""
     try:
         async for event in events:
             yield sse(event)
+    except InvalidRequest as e:  # the request's own settings, refused once generating (an impossible mask...)
+        yield sse(error_body(str(e), "invalid_request_error"))
     except Exception as e:  # the status line is sent: all we can do is say it in the stream
-        log.exception("request %s failed while streaming", generation.request_id)
+        log.exception("a request failed while streaming")
         yield sse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"))
     yield sse("[DONE]")
 
 
 class GenerationStreamingResponse(StreamingResponse):
-    """A StreamingResponse that aborts its generation however it ends, even if the client left before
+    """A StreamingResponse that aborts its generations however it ends, even if the client left before
     the first byte (Starlette then never starts the body iterator, so only this can clean up)."""
 
-    def __init__(self, generation: Generation, events: AsyncIterator[Any]):
+    def __init__(self, generation: Generation | Choices, events: AsyncIterator[Any]):
         super().__init__(
             sse_stream(generation, events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )

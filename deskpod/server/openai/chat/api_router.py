@@ -5,17 +5,24 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from deskpod.server.openai.chat.protocol import ChatCompletionRequest
+from deskpod.server.docs import sse_events
+from deskpod.server.errors import error_responses
+from deskpod.server.openai.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
 from deskpod.server.openai.chat.serving import OpenAIServingChat
 from deskpod.server.openai.generation import cancel_on_disconnect
 
 router = APIRouter()
+GENERATION_RESPONSES: dict[int | str, dict] = {
+    200: {"model": ChatCompletionResponse, "description": "The reply; with `stream: true`, server-sent events of chunks",
+          "content": {"text/event-stream": {"schema": sse_events("ChatCompletionChunk")}}},
+    **error_responses(400, 401, 404, 413, 429),
+}
 
 
 def serving(raw: Request) -> OpenAIServingChat:
     return raw.app.state.serving_chat
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
     return await cancel_on_disconnect(raw, lambda: serving(raw).create(request))
