@@ -9,10 +9,11 @@ import logging
 import sys
 
 from deskpod import __version__
+from deskpod.engine.config import DEVICE_HELP
 from deskpod.errors import DeskpodError
 
 # Modules that add their own subcommands with register(subparsers); imported only when present.
-COMMAND_MODULES = ("deskpod.store.cli", "deskpod.plan.cli", "deskpod.server.cli", "deskpod.quant.cli")
+COMMAND_MODULES = ("deskpod.store.cli", "deskpod.plan.cli", "deskpod.server.cli", "deskpod.quant.cli", "deskpod.deploy.cli")
 
 # Ollama and llama.cpp's defaults for interactive use: a little randomness, truncated tails.
 CLI_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
@@ -28,6 +29,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--weights", choices=("compact", "float32"), default="compact", help="keep GGUF blocks compact (default) or expand to float32")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def _sampling(args):
@@ -46,7 +48,9 @@ def _sampling(args):
 def _load(args):
     from deskpod.engine.llm import LLM
 
-    return LLM(args.model, weights=args.weights, context=args.ctx, threads=args.threads)
+    from deskpod.engine.config import resolve_device
+
+    return LLM(args.model, weights=args.weights, context=args.ctx, threads=args.threads, device=resolve_device(args.device))
 
 
 def cmd_run(args) -> int:

@@ -70,13 +70,25 @@ def test_bad_sampling_value_fails_before_loading():
         (["run", "--help"], ["--raw", "--json", "--temperature", "--max-tokens", "--seed", "--stop"]),
         (["chat", "--help"], ["--system", "--temperature"]),
         (["quantize", "--help"], ["--to", "nvfp4", "mxfp4", "--name"]),
-        (["serve", "--help"], ["--model-repository", "--grpc-port"]),
+        (["serve", "--help"], ["--model-repository", "--grpc-port", "--device"]),
+        (["deploy", "--help"], ["--gpu", "--hardware", "--kserve", "--max-replicas", "--apply"]),
     ],
 )
 def test_help(args, words):
     result = deskpod(*args)
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.startswith("usage: deskpod") and all(w in result.stdout for w in words)
+
+
+@pytest.mark.parametrize(("device", "words"), [("gpu", "--device must be auto, cpu, cuda or cuda:N"),
+                                               ("cuda:7", "--device cuda:7: torch")])
+def test_a_device_torch_cannot_use_is_refused_before_loading(device, words):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    line = assert_one_line_error(deskpod("run", "no-such-model", "hi", "--device", device))
+    assert words in line
 
 
 def test_help_imports_no_torch():

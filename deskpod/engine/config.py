@@ -4,6 +4,7 @@ engine, and how much memory its KV cache may take. Light (no torch): `deskpod --
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from deskpod.errors import DeskpodError
@@ -12,6 +13,26 @@ from deskpod.errors import DeskpodError
 # expands every weight (the reference the correctness tests compare with).
 WEIGHT_MODES = ("compact", "float32")
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DEVICE_HELP = "cpu, cuda or cuda:N; auto: the first CUDA GPU torch sees, else the CPU (default: %(default)s)"
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → "cuda" when torch sees a GPU, else "cpu"; a CUDA device torch cannot see is refused by name."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise DeskpodError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device == "cpu":
+        return device
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return "cuda" if visible else "cpu"
+    index = int(device.partition(":")[2] or 0)
+    if index >= visible:
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise DeskpodError(f"--device {device}: torch {torch.__version__} ({build}) sees {visible} CUDA device(s)")
+    return device
 
 
 @dataclass(frozen=True)
@@ -32,6 +53,7 @@ class EngineConfig:
         checks = [
             (self.weights in WEIGHT_MODES, f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (bool(re.fullmatch(r"cpu|cuda(:\d+)?", self.device)), f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}"),
             (self.context is None or self.context >= 2, f"the context must be at least 2 tokens, got {self.context}"),
             (self.max_num_seqs >= 1 and self.max_waiting >= 1, "--max-num-seqs and --max-waiting must be at least 1"),

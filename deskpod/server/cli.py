@@ -8,7 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from deskpod.engine.config import WEIGHT_MODES, EngineConfig
+from deskpod.engine.config import DEVICE_HELP, WEIGHT_MODES, EngineConfig, resolve_device
 from deskpod.errors import DeskpodError
 from deskpod.server.config import (
     DEFAULT_GRPC_PORT,
@@ -76,13 +76,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=WEIGHT_MODES, default="compact",
                    help="keep quantized weights in their stored blocks (default), or expand them to float32: slower, "
                         "and every reply independent of what else runs beside it")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=serve)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     engine = EngineConfig(memory_fraction=args.memory_fraction, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-                          max_waiting=args.max_waiting, context=args.ctx, weights=args.weights)
+                          max_waiting=args.max_waiting, context=args.ctx, weights=args.weights,
+                          device=resolve_device(args.device))
     repository = args.model_repository
     grpc_port = args.grpc_port if args.grpc_port is not None else (DEFAULT_GRPC_PORT if repository else None)
     return ServerConfig(

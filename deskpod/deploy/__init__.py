@@ -1,0 +1,1 @@
+"""`deskpod deploy`: Kubernetes manifests for a model, sized by the planner (config → sizing → manifests)."""
