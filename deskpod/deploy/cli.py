@@ -16,8 +16,9 @@ from deskpod.errors import DeskpodError
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "deploy", help="Kubernetes manifests for a model, sized by the planner (--apply hands them to kubectl)",
-        description="Render the manifests that run MODEL on Kubernetes: a StatefulSet (one box per replica) or a "
-                    "LeaderWorkerSet (linked boxes), its Service and ServiceMonitor, autoscaling on the queue "
+        description="Render the manifests that run MODEL on Kubernetes, in an existing namespace: a StatefulSet "
+                    "(one box per replica) or a LeaderWorkerSet (linked boxes), its Service, NetworkPolicy and "
+                    "ServiceMonitor, autoscaling on the queue "
                     "depth, or a KServe ServingRuntime + InferenceService. Memory, GPUs, boxes, context and KV "
                     "cache come from `deskpod plan` for the model on --hardware. The pods read their API key "
                     "from the Secret NAME-api-key (key api-key); linked boxes their link token from "
@@ -41,11 +42,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prometheus-url", default=DeployConfig.prometheus_url, help="where KEDA asks (default: %(default)s)")
     p.add_argument("--kserve", action="store_true", help="a KServe ServingRuntime + InferenceService instead")
     p.add_argument("--storage-class", help="for the store's volumes (default: the cluster's default)")
+    p.add_argument("--no-monitor", action="store_true", help="no ServiceMonitor / PodMonitor (a cluster without the "
+                   "Prometheus Operator)")
+    p.add_argument("--monitor-label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label the cluster's Prometheus selects monitors by, e.g. release=kube-prometheus-stack")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--output", "-o", type=Path, help="write the manifests to this file instead of printing them")
     out.add_argument("--apply", action="store_true", help="kubectl apply them (to kubectl's current context)")
     p.set_defaults(func=deploy)
     return p
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    bad = [p for p in pairs if "=" not in p or not p.partition("=")[0]]
+    if bad:
+        raise DeskpodError(f"--monitor-label wants KEY=VALUE, got {', '.join(map(repr, bad))}")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -59,7 +71,7 @@ def deploy(args: argparse.Namespace) -> int:
         gpu=args.gpu, hardware=args.hardware, precision=args.precision, context=args.context, batch=args.batch,
         replicas=args.replicas, max_replicas=args.max_replicas, autoscaler=args.autoscaler,
         queue_per_replica=args.queue_per_replica, prometheus_url=args.prometheus_url, kserve=args.kserve,
-        storage_class=args.storage_class,
+        storage_class=args.storage_class, monitor=not args.no_monitor, monitor_labels=_labels(args.monitor_label),
     )
     sizing = size(config)
     if sizing.nodes > 1 and config.kserve:

@@ -4,14 +4,17 @@ make sense). Light: no torch, no Kubernetes client."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from deskpod import __version__
 from deskpod.errors import DeskpodError
 
 AUTOSCALERS = ("keda", "hpa")
-# RFC 1123 labels: what a Service, StatefulSet or namespace may be called
+# RFC 1123 labels: what a namespace may be called; a Service's name starts with a letter, and a StatefulSet's
+# leaves 11 characters for the controller-revision-hash label's suffix
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+MAX_NAME = 52
+DNS_NAME = re.compile(rf"[a-z]([-a-z0-9]{{0,{MAX_NAME - 2}}}[a-z0-9])?")
 DEFAULT_IMAGE = "docker.io/deskpod/deskpod"
 
 
@@ -34,11 +37,13 @@ class DeployConfig:
     kserve: bool = False  # a KServe ServingRuntime + InferenceService instead of the plain workload
     api_key_secret: str | None = None  # default: <name>-api-key, key "api-key"
     storage_class: str | None = None
+    monitor: bool = True  # a ServiceMonitor / PodMonitor (needs the Prometheus Operator's CRDs)
+    monitor_labels: dict = field(default_factory=dict)  # what the cluster's Prometheus selects monitors by
 
     def __post_init__(self) -> None:
         checks = [
-            (bool(DNS_LABEL.fullmatch(self.name)), f"--name {self.name!r}: Kubernetes wants lowercase letters, "
-                                                    "digits and '-', at most 63, starting and ending alphanumeric"),
+            (bool(DNS_NAME.fullmatch(self.name)), f"--name {self.name!r}: Kubernetes wants lowercase letters, "
+                                                   f"digits and '-', at most {MAX_NAME}, starting with a letter"),
             (bool(DNS_LABEL.fullmatch(self.namespace)), f"--namespace {self.namespace!r} is not a valid namespace name"),
             (self.replicas >= 1, f"--replicas must be at least 1, got {self.replicas}"),
             (self.max_replicas is None or self.max_replicas >= self.replicas,
@@ -66,5 +71,6 @@ class DeployConfig:
 
 def default_name(model: str) -> str:
     """A workload name from a model name: 'qwen2.5-coder-0.5b' → 'qwen2-5-coder-0-5b'."""
-    name = re.sub(r"[^a-z0-9-]+", "-", model.lower().rsplit("/", 1)[-1]).strip("-")[:63].strip("-")
-    return name or "deskpod"
+    name = re.sub(r"[^a-z0-9-]+", "-", model.lower().rsplit("/", 1)[-1]).strip("-")
+    name = name if name[:1].isalpha() else f"deskpod-{name}"
+    return name[:MAX_NAME].strip("-") or "deskpod"

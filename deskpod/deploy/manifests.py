@@ -3,8 +3,8 @@
 - one box per replica: a StatefulSet (each pod its own store volume) and its Service;
 - a model that needs linked boxes: a LeaderWorkerSet, the head serving and the workers joining it;
 - with --kserve: a KServe ServingRuntime (deskpod as the runtime) and an InferenceService using it;
-- a Prometheus ServiceMonitor for /metrics, and with --max-replicas autoscaling on the queue depth (a KEDA
-  ScaledObject, or an HPA through the Prometheus metrics adapter).
+- a Prometheus ServiceMonitor (PodMonitor for KServe) for /metrics with the key, and with --max-replicas
+  autoscaling on the queue depth (a KEDA ScaledObject, or an HPA through the Prometheus metrics adapter).
 
 The pods run the image's entrypoint (`deskpod serve --host 0.0.0.0 --port 8000`) with the model and the
 planner's context and KV cache as arguments; the API key comes from a Secret the user creates; the probes ask
@@ -19,6 +19,7 @@ from deskpod.deploy.sizing import Sizing
 HTTP_PORT, GRPC_PORT, LINK_PORT = 8000, 8001, 29500
 STORE = "/models"
 UID = 10001  # the image's user (above the host's own users' range)
+CPU_LIMIT = 8  # cores per pod: decode is bound by memory bandwidth, which a few cores saturate
 QUEUE_METRIC = "deskpod_num_requests_waiting"
 # What the GPU Operator sets up: the runtime class of the NVIDIA container runtime, the label its GPU feature
 # discovery puts on GPU nodes, and the taint GPU node pools commonly carry.
@@ -33,14 +34,19 @@ def kserve_pods(config: DeployConfig) -> dict:
 
 
 def render(config: DeployConfig, sizing: Sizing) -> list[dict]:
-    objects = [namespace(config)]
+    """The objects, in the order they can be applied. The namespace is the user's (kubectl create namespace):
+    deleting these manifests must not take it, and its other tenants, along."""
     if config.kserve:
-        objects += [serving_runtime(config, sizing), inference_service(config, sizing), network_policy(config, sizing)]
-    else:
-        workload = leader_worker_set(config, sizing) if sizing.nodes > 1 else stateful_set(config, sizing)
-        objects += [workload, service(config, sizing), network_policy(config, sizing), service_monitor(config)]
-        if config.autoscaling:
-            objects.append(scaled_object(config, workload) if config.autoscaler == "keda" else hpa(config, workload))
+        objects = [serving_runtime(config, sizing), inference_service(config, sizing), network_policy(config, sizing)]
+        if config.monitor:
+            objects.append(pod_monitor(config))
+        return objects
+    workload = leader_worker_set(config, sizing) if sizing.nodes > 1 else stateful_set(config, sizing)
+    objects = [workload, service(config, sizing), network_policy(config, sizing)]
+    if config.monitor:
+        objects.append(service_monitor(config))
+    if config.autoscaling:
+        objects.append(scaled_object(config, workload) if config.autoscaler == "keda" else hpa(config, workload))
     return objects
 
 
@@ -74,7 +80,7 @@ def _probe(path: str, period: int, failures: int) -> dict:
 def container(config: DeployConfig, sizing: Sizing, args: list[str], command: list[str] | None = None,
               name: str = "deskpod", env: list[dict] = ()) -> dict:
     memory = f"{sizing.memory_mib}Mi"
-    limits = {"cpu": "8", "memory": memory, **({"nvidia.com/gpu": str(sizing.gpus)} if sizing.gpus else {})}
+    limits = {"cpu": str(CPU_LIMIT), "memory": memory, **({"nvidia.com/gpu": str(sizing.gpus)} if sizing.gpus else {})}
     return {
         "name": name,
         "image": config.image_ref,
@@ -82,6 +88,9 @@ def container(config: DeployConfig, sizing: Sizing, args: list[str], command: li
         **({"command": command} if command else {}),
         "args": args,
         "env": [{"name": "DESKPOD_API_KEY", "valueFrom": {"secretKeyRef": {"name": config.secret_name, "key": "api-key"}}},
+                # torch starts a thread per core of the node, not of the pod's CPU limit: oversubscribed,
+                # throttled by the quota, decode would stall
+                {"name": "OMP_NUM_THREADS", "value": str(CPU_LIMIT)},
                 *env],
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                   {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}],
@@ -112,6 +121,11 @@ def pod_spec(config: DeployConfig, containers: list[dict], store_volume: bool = 
     return spec
 
 
+def _replicas(config: DeployConfig) -> dict:
+    """Left to the autoscaler when there is one: a `replicas` here would reset its count at every apply."""
+    return {} if config.autoscaling else {"replicas": config.replicas}
+
+
 def store_claim(config: DeployConfig, sizing: Sizing) -> dict:
     return {"metadata": {"name": "models", "labels": _labels(config)},
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{sizing.storage_gib}Gi"}},
@@ -121,17 +135,13 @@ def store_claim(config: DeployConfig, sizing: Sizing) -> dict:
 # -- objects --------------------------------------------------------------------------------------
 
 
-def namespace(config: DeployConfig) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": config.namespace, "labels": _labels(config)}}
-
-
 def stateful_set(config: DeployConfig, sizing: Sizing) -> dict:
     pod = pod_spec(config, [container(config, sizing, serve_args(config, sizing))])
     return {
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(config),
         "spec": {
             "serviceName": config.name,
-            "replicas": config.replicas,
+            **_replicas(config),
             "selector": {"matchLabels": _selector(config)},
             "template": {"metadata": {"labels": _labels(config)}, "spec": pod},
             "volumeClaimTemplates": [store_claim(config, sizing)],
@@ -164,8 +174,9 @@ def leader_worker_set(config: DeployConfig, sizing: Sizing) -> dict:
     return {
         "apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet", "metadata": _meta(config),
         "spec": {
-            "replicas": config.replicas,
-            "startupPolicy": "LeaderReady",  # workers start once the head listens on its link port
+            **_replicas(config),
+            # the workers start with the head, not once it is ready: it becomes ready only after they join
+            "startupPolicy": "LeaderCreated",
             "leaderWorkerTemplate": {
                 "size": sizing.nodes,
                 "restartPolicy": "RecreateGroupOnPodRestart",  # one box lost: the whole group starts again
@@ -207,7 +218,7 @@ def network_policy(config: DeployConfig, sizing: Sizing) -> dict:
 def service_monitor(config: DeployConfig) -> dict:
     """Prometheus scrapes /metrics with the API key (the route needs it)."""
     return {
-        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": _meta(config),
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": _monitor_meta(config),
         "spec": {
             "selector": {"matchLabels": _selector(config)},
             "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s",
@@ -217,7 +228,29 @@ def service_monitor(config: DeployConfig) -> dict:
     }
 
 
+def pod_monitor(config: DeployConfig) -> dict:
+    """KServe makes the pods and their Service: Prometheus finds the pods by KServe's label, with the key."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": _monitor_meta(config),
+        "spec": {
+            "selector": {"matchLabels": kserve_pods(config)},
+            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s",
+                                     "authorization": {"type": "Bearer",
+                                                       "credentials": {"name": config.secret_name, "key": "api-key"}}}],
+        },
+    }
+
+
+def _monitor_meta(config: DeployConfig) -> dict:
+    """With the labels the user's Prometheus selects monitors by (kube-prometheus-stack: release=<its name>)."""
+    meta = _meta(config)
+    meta["labels"] = {**meta["labels"], **config.monitor_labels}
+    return meta
+
+
 def _queue_query(config: DeployConfig) -> str:
+    if config.kserve:  # the pods of the InferenceService, as the PodMonitor labels their series
+        return f'sum({QUEUE_METRIC}{{namespace="{config.namespace}", pod=~"{config.name}-predictor-.*"}})'
     return f'sum({QUEUE_METRIC}{{namespace="{config.namespace}", service="{config.name}"}})'
 
 
@@ -229,7 +262,8 @@ def scaled_object(config: DeployConfig, workload: dict) -> dict:
             "scaleTargetRef": {"apiVersion": workload["apiVersion"], "kind": workload["kind"], "name": config.name},
             "minReplicaCount": config.replicas,
             "maxReplicaCount": config.max_replicas,
-            "cooldownPeriod": 300,  # a replica takes minutes to load a model: do not drop one at a lull
+            # a replica takes minutes to pull and load a model: do not drop one at a five-minute lull
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}},
             "triggers": [{"type": "prometheus", "metadata": {
                 "serverAddress": config.prometheus_url, "query": _queue_query(config),
                 "threshold": str(config.queue_per_replica)}}],
@@ -272,12 +306,7 @@ def serving_runtime(config: DeployConfig, sizing: Sizing) -> dict:
 
 
 def inference_service(config: DeployConfig, sizing: Sizing) -> dict:
-    annotations = {
-        "serving.kserve.io/deploymentMode": "RawDeployment",
-        "serving.kserve.io/enable-prometheus-scraping": "true",
-        "prometheus.kserve.io/port": str(HTTP_PORT),
-        "prometheus.kserve.io/path": "/metrics",
-    }
+    annotations = {"serving.kserve.io/deploymentMode": "RawDeployment"}  # metrics: the PodMonitor, with the key
     predictor: dict = {
         "model": {"modelFormat": {"name": "deskpod"}, "runtime": f"{config.name}-runtime", "protocolVersion": "v2"},
         "minReplicas": config.replicas,
@@ -292,7 +321,7 @@ def inference_service(config: DeployConfig, sizing: Sizing) -> dict:
         annotations["serving.kserve.io/autoscalerClass"] = "keda"
         predictor["autoScaling"] = {"metrics": [{"type": "External", "external": {
             "metric": {"backend": "prometheus", "serverAddress": config.prometheus_url,
-                       "query": f'sum({QUEUE_METRIC}{{namespace="{config.namespace}"}})'},
+                       "query": _queue_query(config)},
             "target": {"type": "Value", "value": str(config.queue_per_replica)}}}]}
     return {
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",

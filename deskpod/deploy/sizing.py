@@ -5,7 +5,7 @@ allocates), boxes per replica, GPUs, and the store's volume."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from deskpod.deploy.config import DeployConfig
 from deskpod.engine.config import DTYPE_BYTES, EngineConfig
@@ -34,19 +34,27 @@ def size(config: DeployConfig) -> Sizing:
     from deskpod.plan.planner import make_plan
     from deskpod.plan.source import resolve
 
+    source = resolve(config.model)
+
+    def plan_on(hardware):
+        # the KV cache in the element type the server keeps it in (EngineConfig's dtype), not the planner's default
+        return make_plan(source, hardware, precision=config.precision, context=config.context, batch=config.batch,
+                         kv_dtype_bytes=DTYPE_BYTES[EngineConfig().dtype])
+
     hardware = get_hardware(config.hardware)
-    # the KV cache in the element type the server keeps it in (EngineConfig's dtype), not the planner's default
-    plan = make_plan(resolve(config.model), hardware, precision=config.precision, context=config.context,
-                     batch=config.batch, kv_dtype_bytes=DTYPE_BYTES[EngineConfig().dtype])
+    plan = plan_on(hardware)
     if plan.nodes_needed == 0:
         raise DeskpodError(f"{config.model} at {plan.precision} does not fit on any number of {hardware.name} boxes "
                            "deskpod can link: choose a lower --precision, a shorter --context or a larger --hardware")
-    nodes = max(hardware.nodes, plan.nodes_needed)
-    if nodes > hardware.nodes:
+    if plan.nodes_needed > hardware.nodes:
         linked = f"{hardware.name}-x{plan.nodes_needed}"
         hint = f"--hardware {linked}" if linked in HARDWARE else "a profile of linked boxes (a --hardware file with nodes)"
         raise DeskpodError(f"{config.model} at {plan.precision} needs {plan.nodes_needed} {hardware.name} boxes, the "
                            f"profile has {hardware.nodes}: choose {hint}, or a lower --precision")
+    if plan.nodes_needed < hardware.nodes:  # fits on fewer of the profile's boxes: link no more than needed
+        hardware = replace(hardware, nodes=plan.nodes_needed)
+        plan = plan_on(hardware)
+    nodes = plan.nodes_needed
     memory = plan.memory
     # the pod's memory: the plan's total and some slack, but never more than the box has to give
     memory_bytes = min(memory.total * HEADROOM, hardware.usable_bytes)

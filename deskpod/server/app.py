@@ -16,6 +16,9 @@ from deskpod import __version__
 from deskpod.server.api_router import health_router, metrics_router
 from deskpod.server.auth import require_api_key
 from deskpod.server.config import ServerConfig
+from deskpod.server.dashboard.api_router import page_router as dashboard_page_router
+from deskpod.server.dashboard.api_router import router as dashboard_router
+from deskpod.server.dashboard.serving import DashboardServing
 from deskpod.server.docs import API_DESCRIPTION, install_docs
 from deskpod.server.errors import install_error_handlers
 from deskpod.server.kserve import generate as kserve_generate
@@ -25,7 +28,7 @@ from deskpod.server.kserve.llm import LLMModels
 from deskpod.server.kserve.metrics import TritonCollector
 from deskpod.server.kserve.serving import KServeServing, Limits
 from deskpod.server.metrics import RequestCounter, ServerMetrics
-from deskpod.server.middleware import BodyLimit, RequestId
+from deskpod.server.middleware import BodyLimit, CrossSiteGuard, RequestId
 from deskpod.server.openai.chat.api_router import router as chat_router
 from deskpod.server.openai.chat.serving import OpenAIServingChat
 from deskpod.server.openai.completions.api_router import router as completions_router
@@ -52,8 +55,10 @@ KEYED_ROUTERS = (
     metrics_router,
     kserve_http.router,
     kserve_generate.router,
+    dashboard_router,
 )
-OPEN_ROUTERS = (health_router, kserve_http.health_router)  # probes: no API key
+# probes, and the dashboard's page (it holds no data; it asks for the key)
+OPEN_ROUTERS = (health_router, kserve_http.health_router, dashboard_page_router)
 GRPC_GRACE_S = 5
 
 
@@ -73,6 +78,7 @@ def install(
     app.state.serving_embedding = OpenAIServingEmbedding(registry, metrics)
     app.state.serving_tokenization = OpenAIServingTokenization(registry)
     app.state.kserve = KServeServing(repository, LLMModels(registry, metrics), limits or Limits())
+    app.state.dashboard = DashboardServing(registry, repository)
 
 
 def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelRepository | None = None) -> FastAPI:
@@ -107,6 +113,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
     install_docs(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
+    app.add_middleware(CrossSiteGuard, allowed_origins=config.allowed_origins)
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"])

@@ -78,7 +78,29 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "and every reply independent of what else runs beside it")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=serve)
+    register_dashboard(subparsers)
     return p
+
+
+def register_dashboard(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("dashboard", help="open the dashboard of a running `deskpod serve` in the browser")
+    p.add_argument("--url", default="http://127.0.0.1:8000/", help="the server's address (default: %(default)s)")
+    p.set_defaults(func=open_dashboard)
+    return p
+
+
+def open_dashboard(args: argparse.Namespace) -> int:
+    import urllib.request
+    import webbrowser
+
+    try:
+        urllib.request.urlopen(args.url.rstrip("/") + "/health", timeout=5).close()
+    except OSError as e:
+        raise DeskpodError(f"no deskpod server answers at {args.url} ({e}): start one with `deskpod serve`") from e
+    print(f"the dashboard: {args.url}")
+    if not webbrowser.open(args.url):
+        print("(no browser could be started here: open that address yourself)", file=sys.stderr)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -1,4 +1,5 @@
-"""ASGI middleware around every route: a request id on every response, a body-size limit on /v1."""
+"""ASGI middleware around every route: a request id on every response, a body-size limit on /v1, and no
+state-changing request from another site's page."""
 
 from __future__ import annotations
 
@@ -70,8 +71,39 @@ class BodyLimit:
     async def _refuse(self, send: Send, size: int) -> None:
         message = (f"the request body is {size:,} bytes, more than the {self.max_bytes:,} this server takes "
                    "(deskpod serve --max-request-mb)")
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _error(send, 413, message, "request_too_large")
+
+
+class CrossSiteGuard:
+    """A browser's request that changes something (POST, PUT, DELETE...) from a page of another origin is
+    refused, unless --allowed-origins names that origin: without an API key, a page on any site could
+    otherwise make the browser pull, remove or unload models here. Clients that are not browsers send no
+    Origin and pass."""
+
+    SAFE = {"GET", "HEAD", "OPTIONS"}
+
+    def __init__(self, app: ASGIApp, allowed_origins: tuple[str, ...] = ()):
+        self.app, self.allowed = app, set(allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in self.SAFE or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and origin != "null" and origin not in self.allowed:
+            host = headers.get(b"host", b"").decode("latin-1")
+            if origin.partition("://")[2] != host:
+                message = (f"a request from a page of {origin} may not change anything here: serve with "
+                           "--allowed-origins to let that site's pages in")
+                return await _error(send, 403, message, "cross_site_request")
+        elif origin == "null" or headers.get(b"sec-fetch-site") == b"cross-site":
+            return await _error(send, 403, "a cross-site request may not change anything here", "cross_site_request")
+        await self.app(scope, receive, send)
+
+
+async def _error(send: Send, status: int, message: str, code: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

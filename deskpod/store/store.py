@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from deskpod.config import deskpod_home
 from deskpod.errors import CorruptModel, ModelNotFound, UnsupportedModel
 from deskpod.store.atomic import flocked, fsync_dir, sha256_file, write_atomic
-from deskpod.store.catalog import CATALOG
+from deskpod.store.catalog import CATALOG, PullProgress
 from deskpod.store.manifest import Manifest
 from deskpod.store.names import format_ref, parse_name
 
@@ -54,13 +54,14 @@ class Store:
 
     # --- public API ------------------------------------------------------------------------------
 
-    def pull(self, source: str, name: str | None = None, progress: bool = True, origin: str | None = None,
+    def pull(self, source: str, name: str | None = None, progress: PullProgress = True, origin: str | None = None,
              check: Callable[[ModelMeta], None] | None = None) -> Manifest:
         """Store a catalog model or a local .gguf / .onnx / Hugging Face folder under `name` (or its own name).
 
         Returns at once when the model is already stored from the same source and its blobs are intact.
         `origin` replaces the source the manifest records (a model made in a scratch folder names what made it).
-        `check(meta)` may refuse the model by its metadata before anything is stored.
+        `check(meta)` may refuse the model by its metadata before anything is stored. `progress`: bars on the
+        terminal (True), nothing (False), or a callable told (what, bytes done, bytes in all or None).
         """
         from deskpod.store.pull import resolve_source  # imports formats, which may import the store
 

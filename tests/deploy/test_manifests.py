@@ -118,7 +118,7 @@ def test_a_misspelt_field_would_be_caught():
 
 def test_one_box_is_a_stateful_set_sized_by_the_planner():
     objects = by_kind(rendered(model="smollm2"))
-    assert set(objects) == {"Namespace", "StatefulSet", "Service", "NetworkPolicy", "ServiceMonitor"}
+    assert set(objects) == {"StatefulSet", "Service", "NetworkPolicy", "ServiceMonitor"}
     pod = objects["StatefulSet"]["spec"]["template"]["spec"]
     [server] = pod["containers"]
     config = DeployConfig(model="smollm2", name="smollm2")
@@ -162,6 +162,8 @@ def test_autoscaling_follows_the_queue_depth_metric_the_server_exports():
 
     assert metric == ENGINE_STATS["num_waiting"][0] and query.startswith(f"sum({metric}{{")
     assert (keda["spec"]["minReplicaCount"], keda["spec"]["maxReplicaCount"]) == (1, 4)
+    # the autoscaler owns the count: a re-apply must not reset it
+    assert "replicas" not in by_kind(rendered(model="smollm2", max_replicas=4))["StatefulSet"]["spec"]
 
 
 def test_what_cannot_fit_is_refused_with_what_would():
@@ -176,7 +178,7 @@ def test_deploy_cli_prints_yaml_and_what_the_pods_need(tmp_path):
     done = subprocess.run([sys.executable, "-m", "deskpod.cli", "deploy", "smollm2", "--gpu"], capture_output=True,
                           text=True, env=env, check=True)
     kinds = [doc["kind"] for doc in yaml.safe_load_all(done.stdout)]
-    assert kinds == ["Namespace", "StatefulSet", "Service", "NetworkPolicy", "ServiceMonitor"]
+    assert kinds == ["StatefulSet", "Service", "NetworkPolicy", "ServiceMonitor"]
     assert "create secret generic smollm2-api-key" in done.stderr
 
 
@@ -246,3 +248,29 @@ def test_checkov_finds_nothing_left_open(variant, checkov, tmp_path):
     pods_checked = {c["resource"] for r in results for c in r["passed_checks"]
                     if c["resource"].split(".")[0] in ("StatefulSet", "Pod")}
     assert pods_checked, "checkov scanned no pod"  # the scan really read the workloads
+
+
+def test_a_small_model_on_a_linked_profile_takes_one_box():
+    objects = by_kind(rendered(model="smollm2", hardware="digits-x2"))
+    assert "StatefulSet" in objects and "LeaderWorkerSet" not in objects
+
+
+def test_kserve_is_scraped_with_the_key_and_scaled_on_its_own_queue():
+    objects = by_kind(rendered(model="smollm2", kserve=True, max_replicas=3))
+    monitor = objects["PodMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": "smollm2"}
+    assert monitor["podMetricsEndpoints"][0]["authorization"]["credentials"]["name"] == "smollm2-api-key"
+    query = objects["InferenceService"]["spec"]["predictor"]["autoScaling"]["metrics"][0]["external"]["metric"]["query"]
+    assert 'pod=~"smollm2-predictor-.*"' in query
+
+
+def test_monitors_are_optional_and_carry_the_cluster_s_labels():
+    assert "ServiceMonitor" not in by_kind(rendered(model="smollm2", monitor=False))
+    monitor = by_kind(rendered(model="smollm2", monitor_labels={"release": "kube-prometheus-stack"}))["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_names_kubernetes_would_refuse_are_refused_here():
+    for name in ("9lives", "x" * 53, "Upper"):
+        with pytest.raises(DeskpodError, match="--name"):
+            DeployConfig(model="smollm2", name=name)

@@ -148,12 +148,17 @@ def load_prebuilt(name: str):
     folder, manifest = found
     for target in runnable(TARGETS.get(platform.machine(), ()), cpu_flags()):
         file = manifest["targets"].get(target.name, {}).get(name)
-        if file:
-            dotted = module_name(name, target)
+        if not file:
+            continue
+        dotted = module_name(name, target)
+        try:
             loader = importlib.machinery.ExtensionFileLoader(dotted, str(folder / file))
             spec = importlib.util.spec_from_file_location(dotted, folder / file, loader=loader)
             module = importlib.util.module_from_spec(spec)
             loader.exec_module(module)
-            log.info("deskpod: %s kernels: the prebuilt %s build", name, target.name)
-            return module
+        except (ImportError, OSError) as e:  # a missing or damaged file: the next level down may do
+            log.warning("deskpod: the prebuilt %s build of the %s kernels does not load (%s)", target.name, name, e)
+            continue
+        log.info("deskpod: %s kernels: the prebuilt %s build", name, target.name)
+        return module
     return None

@@ -32,7 +32,7 @@ def prebuild(out: Path, targets: list[Target], kernels: tuple[str, ...] = KERNEL
             one = [sys.executable, "-m", "deskpod.quant.kernels.prebuild", "--compile-one", name, target.name, str(build_dir)]
             done = subprocess.run(one, capture_output=True, text=True)
             built = sorted(build_dir.glob("*.so"))
-            if done.returncode != 0 or not built:
+            if not built:  # (a build that compiled but could not be imported here, on a CPU below its level, is kept)
                 print(f"{target.name} {name}: not built: {(done.stderr or done.stdout).strip()[-500:]}", file=sys.stderr)
                 continue
             file = out / f"{module_name(name, target)}.so"
