@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,29 +88,35 @@ class GGUFFile:
         for name, info in self._tensors.items():
             yield TensorInfo(name, info.ggml_type, info.shape, info.n_bytes, math.prod(info.shape))
 
-    def raw(self, name: str) -> RawTensor:
+    def raw(self, name: str, expert: int | None = None) -> RawTensor:
         """The tensor as stored, read into memory of its own: values for plain float types, bytes [rows,
         row_bytes] for block types. (Read, not mapped: the model keeps these bytes, and pages of a mapping
-        would count a second time in the process's resident memory while loading.)"""
+        would count a second time in the process's resident memory while loading.) `expert`: only that
+        slice of a stacked [experts, rows, cols] tensor is read."""
         info = self._tensor(name)
+        offset, n_bytes, shape = info.offset, info.n_bytes, info.shape
+        if expert is not None:
+            n_bytes //= shape[0]
+            offset, shape = offset + expert * n_bytes, shape[1:]
         with open(self.path, "rb") as f:
-            f.seek(info.offset)
-            data = np.fromfile(f, dtype=np.uint8, count=info.n_bytes)
-        if data.size != info.n_bytes:
-            raise CorruptModel(f"{self.label}: tensor {name!r} could not be read whole ({data.size} of {info.n_bytes} bytes)")
-        rows = int(np.prod(info.shape[:-1]))
+            f.seek(offset)
+            data = np.fromfile(f, dtype=np.uint8, count=n_bytes)
+        if data.size != n_bytes:
+            raise CorruptModel(f"{self.label}: tensor {name!r} could not be read whole ({data.size} of {n_bytes} bytes)")
+        rows = int(np.prod(shape[:-1]))
         if info.ggml_type in PLAIN_TYPES:
-            data = data.view(PLAIN_TYPES[info.ggml_type]).reshape(info.shape)
+            data = data.view(PLAIN_TYPES[info.ggml_type]).reshape(shape)
         else:
             data = data.reshape(rows, -1)
-        return RawTensor(name, info.ggml_type, info.shape, data)
+        return RawTensor(name, info.ggml_type, shape, data)
 
-    def dequantize(self, name: str) -> np.ndarray:
-        """The tensor as float32, in PyTorch dimension order (the `gguf` package's reference dequantization)."""
+    def dequantize(self, name: str, expert: int | None = None) -> np.ndarray:
+        """The tensor (or one expert's slice) as float32, in PyTorch dimension order (the `gguf` package's
+        reference dequantization)."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        raw = self.raw(name)
+        raw = self.raw(name, expert)
         try:
             values = dequantize(raw.data, GGMLQuantizationType[raw.ggml_type])
         except NotImplementedError:
@@ -234,23 +240,33 @@ def rotate_half_order(rows: int, heads: int) -> np.ndarray:
 @dataclass(frozen=True, eq=False, kw_only=True)
 class GGUFFloatTensor(StoredTensor):
     file: GGUFFile
+    stored_name: str = ""  # the file's name for it, when it differs (an expert's slice of a stacked tensor)
+    expert: int | None = None
+
+    @property
+    def file_name(self) -> str:
+        return self.name if self.expert is None else f"{self.stored_name}[{self.expert}]"
 
     def float(self):
         import torch
 
-        values = np.ascontiguousarray(self._ordered(self.file.dequantize(self.name)))
+        values = np.ascontiguousarray(self._ordered(self.file.dequantize(self.stored_name or self.name, self.expert)))
         return torch.from_numpy(values if values.flags.writeable else values.copy())  # never a view of the file
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class GGUFBlockTensor(BlockTensor):
     file: GGUFFile
+    stored_name: str = ""
+    expert: int | None = None
+
+    file_name = GGUFFloatTensor.file_name
 
     def float(self):
         return GGUFFloatTensor.float(self)  # type: ignore[arg-type]  # the same reading
 
     def blocks(self) -> np.ndarray:
-        return self._ordered(self.file.raw(self.name).data)
+        return self._ordered(self.file.raw(self.stored_name or self.name, self.expert).data)
 
 
 class GGUFWeights(WeightSource):
@@ -266,6 +282,7 @@ class GGUFWeights(WeightSource):
         except SpecError as e:
             raise spec_error(label, "the GGUF metadata", e) from None
         tensors = {info.name: _stored(self.gguf, info) for info in self.gguf.tensors()}
+        _split_experts(tensors)
         if spec.architecture in INTERLEAVED_QK:
             _to_rotate_half(tensors, spec, label)
         super().__init__(label, spec, tensors)
@@ -274,6 +291,19 @@ class GGUFWeights(WeightSource):
 def _stored(file: GGUFFile, info: TensorInfo) -> StoredTensor:
     kind = GGUFFloatTensor if info.ggml_type in FLOAT_DTYPES else GGUFBlockTensor
     return kind(info.name, info.shape, info.ggml_type, info.n_bytes, file=file)
+
+
+def _split_experts(tensors: dict[str, StoredTensor]) -> None:
+    """llama.cpp stacks a layer's experts into one [experts, rows, cols] tensor (`blk.i.ffn_gate_exps`); the
+    canonical names are per expert (`blk.i.ffn_gate_exps.e`), each read alone from its slice of the file."""
+    for name, tensor in list(tensors.items()):
+        base, _, kind = name.rpartition(".")
+        if base.endswith("_exps") and len(tensor.shape) == 3:
+            del tensors[name]
+            count = tensor.shape[0]
+            for e in range(count):
+                tensors[f"{base}.{e}.{kind}"] = replace(tensor, name=f"{base}.{e}.{kind}", shape=tensor.shape[1:],
+                                                        nbytes=tensor.nbytes // count, stored_name=name, expert=e)
 
 
 def _to_rotate_half(tensors: dict[str, StoredTensor], spec: ModelSpec, label: str) -> None:

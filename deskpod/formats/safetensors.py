@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,7 +145,18 @@ HF_LAYER_NAMES = {
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
     "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+    # Mixture-of-Experts: the router, and each expert's projections (llama.cpp stacks them: `ffn_gate_exps`,
+    # whose expert e is canonically `ffn_gate_exps.e`)
+    "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
 }
+# expert e's module (inside model.layers.{i}.) -> its canonical name
+HF_EXPERT_NAMES = {
+    "mlp.experts.{e}.gate_proj": "ffn_gate_exps.{e}", "mlp.experts.{e}.up_proj": "ffn_up_exps.{e}",
+    "mlp.experts.{e}.down_proj": "ffn_down_exps.{e}",
+    "block_sparse_moe.experts.{e}.w1": "ffn_gate_exps.{e}", "block_sparse_moe.experts.{e}.w3": "ffn_up_exps.{e}",
+    "block_sparse_moe.experts.{e}.w2": "ffn_down_exps.{e}",
+}
+_EXPERT = re.compile(r"(mlp\.experts|block_sparse_moe\.experts)\.(\d+)\.(\w+)")
 HF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # Gemma's blocks norm four times: its post_attention_layernorm comes after attention, not before the MLP.
 _GEMMA_NAMES = {**HF_LAYER_NAMES, "post_attention_layernorm": "post_attention_norm"}
@@ -172,6 +184,10 @@ def canonical_name(hf_name: str, architecture: str) -> str | None:
     names = HF_ARCH_LAYER_NAMES.get(architecture, HF_LAYER_NAMES)
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in names:
         return f"blk.{parts[2]}.{names[parts[3]]}.{kind}"
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and (expert := _EXPERT.fullmatch(parts[3])):
+        pattern = f"{expert[1]}.{{e}}.{expert[3]}"
+        if pattern in HF_EXPERT_NAMES:
+            return f"blk.{parts[2]}.{HF_EXPERT_NAMES[pattern].format(e=expert[2])}.{kind}"
     return hf_name
 
 
@@ -184,8 +200,15 @@ def hf_module(canonical: str, architecture: str) -> str:
         return top[module]
     parts = module.split(".", 2)
     names = {v: k for k, v in reversed(HF_ARCH_LAYER_NAMES.get(architecture, HF_LAYER_NAMES).items())}
+    if architecture == "mixtral":
+        names["ffn_gate_inp"] = "block_sparse_moe.gate"
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and (expert := re.fullmatch(r"(ffn_\w+_exps)\.(\d+)", parts[2])):
+        prefix = "block_sparse_moe" if architecture == "mixtral" else "mlp"
+        for hf, ours in HF_EXPERT_NAMES.items():
+            if hf.startswith(prefix) and ours == f"{expert[1]}.{{e}}":
+                return f"model.layers.{parts[1]}.{hf.format(e=expert[2])}"
     return module
 
 

@@ -66,6 +66,9 @@ class ModelSpec:
     mlp_bias: bool | None = None
     num_experts: int = 0  # Mixture-of-Experts; 0 = dense
     experts_per_token: int = 0
+    # the router: a softmax over every expert's logit, the top experts_per_token taken, their weights
+    # renormalised to sum to 1 when norm_topk (Mixtral's top-k then softmax is the same as renormalising)
+    norm_topk: bool = True
     shared_expert_size: int = 0
     unknown: tuple[str, ...] = ()  # options the file sets that no reader here understands
     source: str = field(default="", compare=False)  # the file it was read from, for messages
@@ -125,7 +128,7 @@ GGUF_KNOWN = frozenset({
     "rope.scaling.original_context_length", "rope.scaling.finetuned", "rope.scaling.attn_factor",
     "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
     "attn_logit_softcapping", "final_logit_softcapping", "expert_count", "expert_used_count",
-    "expert_feed_forward_length", "expert_shared_feed_forward_length",
+    "expert_feed_forward_length", "expert_shared_feed_forward_length", "expert_weights_norm", "expert_gating_func",
 })
 
 
@@ -134,6 +137,7 @@ class GGUFConvention:
     """What llama.cpp hard-codes for an architecture instead of writing it into the file."""
 
     activation: str = "silu"
+    norm_topk: bool = True  # llama.cpp's norm_w for its MoE layers, when the file has no expert_weights_norm
     sliding_pattern: int = 0  # every n-th layer is global, the others local (0: `attention.sliding_window` applies to all)
     local_theta: float | None = None  # RoPE base of local layers
     query_scale: Callable[[dict[str, int]], float] | None = None  # from the shape
@@ -146,6 +150,7 @@ def _gemma3_query_scale(shape: dict[str, int]) -> float:
 
 
 GGUF_CONVENTIONS: dict[str, GGUFConvention] = {
+    "olmoe": GGUFConvention(norm_topk=False),
     "gemma3": GGUFConvention("gelu_tanh", sliding_pattern=6, local_theta=10000.0, query_scale=_gemma3_query_scale),
     # the same rule for Gemma 2, whose 27B has 46 layers
     "gemma2": GGUFConvention("gelu_tanh", sliding_pattern=2,
@@ -172,6 +177,8 @@ def spec_from_gguf(metadata: Mapping[str, Any], has_output: bool, source: str = 
     for key in ("attention.value_length", "rope.dimension_count"):  # a value head or a rotary part of its own
         if value(key, int, head_dim) != head_dim:
             unknown.append(prefix + key)
+    if value("expert_gating_func", int, 1) != 1:  # 1: softmax; llama.cpp's others (sigmoid, ...) are not run here
+        unknown.append(prefix + "expert_gating_func")
     value.check()
     return ModelSpec(
         architecture=arch,
@@ -195,6 +202,7 @@ def spec_from_gguf(metadata: Mapping[str, Any], has_output: bool, source: str = 
         tied_embeddings=not has_output,
         num_experts=value("expert_count", int, 0),
         experts_per_token=value("expert_used_count", int, 0),
+        norm_topk=bool(value("expert_weights_norm", bool, convention.norm_topk)),
         shared_expert_size=value("expert_shared_feed_forward_length", int, 0),
         unknown=tuple(unknown),
         source=source,
@@ -268,6 +276,9 @@ HF_HARMLESS = frozenset({
 HF_HARMLESS_SUFFIXES = ("dropout", "dropout_prob", "pdrop")  # training-time only
 # transformers' names for the MLP activation -> ours
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# The model types whose transformers classes have experts (elsewhere an expert count means nothing to them).
+HF_MOE_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3",
+                          "phimoe", "granitemoe", "jamba", "dbrx"})
 # Architectures whose config, by default, makes every n-th layer global and the others local.
 HF_SLIDING_PATTERNS = {"gemma3_text": 6, "gemma3": 6, "gemma2": 2}
 
@@ -296,6 +307,14 @@ def spec_from_hf_config(config: Mapping[str, Any], source: str = "") -> ModelSpe
     if cfg.get("pretraining_tp", 1) not in (1, None):  # a training-time split, but transformers honours it
         unknown.append("pretraining_tp")
     experts = value("num_local_experts", int, 0) or value("num_experts", int, 0)
+    if experts and arch not in HF_MOE_TYPES:  # transformers' dense classes ignore these keys; so must a reader
+        unknown += [k for k in ("num_local_experts", "num_experts") if cfg.get(k)]
+        experts = 0
+    # Qwen-MoE's dense layers among the sparse ones are not built here: refused by name when the config has any
+    if cfg.get("mlp_only_layers"):
+        unknown.append("mlp_only_layers")
+    if cfg.get("decoder_sparse_step") not in (None, 1):
+        unknown.append("decoder_sparse_step")
     for key in ("vocab_size", "intermediate_size"):
         value(key, int)
     value.check()
@@ -323,6 +342,8 @@ def spec_from_hf_config(config: Mapping[str, Any], source: str = "") -> ModelSpe
         mlp_bias=bool(cfg["mlp_bias"]) if "mlp_bias" in cfg else None,
         num_experts=experts,
         experts_per_token=value("num_experts_per_tok", int, 0) or value("experts_per_token", int, 0),
+        # Mixtral's config has no such key: its top-k-then-softmax is a renormalisation
+        norm_topk=bool(cfg.get("norm_topk_prob", arch == "mixtral")),
         shared_expert_size=value("shared_expert_intermediate_size", int, 0),
         unknown=tuple(unknown),
         source=source,
@@ -445,6 +466,8 @@ HF_MODEL_TYPES = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM"), "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "gemma3_text": ("gemma3_text", "Gemma3ForCausalLM"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+    "mixtral": ("mixtral", "MixtralForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 _HF_ACTIVATION_NAMES = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
@@ -452,7 +475,8 @@ _HF_ACTIVATION_NAMES = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 def spec_to_hf_config(spec: ModelSpec) -> dict[str, Any]:
     """config.json (transformers 4 layout, which 5 reads too) describing `spec`; spec_from_hf_config of it
     gives `spec` back. KeyError for an architecture transformers has no config for."""
-    model_type, cls = HF_MODEL_TYPES[spec.architecture]
+    # a GGUF calls Mixtral "llama" (with experts)
+    model_type, cls = HF_MODEL_TYPES["mixtral" if spec.architecture == "llama" and spec.num_experts else spec.architecture]
     activation = _HF_ACTIVATION_NAMES[spec.activation]
     config: dict[str, Any] = {
         "architectures": [cls], "model_type": model_type, "vocab_size": spec.vocab_size,
@@ -472,6 +496,12 @@ def spec_to_hf_config(spec: ModelSpec) -> dict[str, Any]:
                 "query_pre_attn_scalar": spec.query_scale, "attn_logit_softcapping": spec.attn_softcap or None,
                 "final_logit_softcapping": spec.final_softcap or None}
     config.update({k: v for k, v in optional.items() if v is not None})
+    if spec.num_experts:
+        experts_key = "num_local_experts" if model_type == "mixtral" else "num_experts"
+        config.update({experts_key: spec.num_experts, "num_experts_per_tok": spec.experts_per_token,
+                       "norm_topk_prob": spec.norm_topk})
+        if model_type != "mixtral":  # Qwen-MoE: the experts' width apart from the (here unused) dense one
+            config["moe_intermediate_size"] = spec.intermediate_size
     return config
 
 

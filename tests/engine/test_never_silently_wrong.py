@@ -1,5 +1,5 @@
 """Inputs deskpod once accepted and ran wrong, each now either right or refused by name (never ignored):
-transformers 5's rope_parameters, bias tensors, RoPE scalings, a Mistral GGUF's window, a Mixtral GGUF, and
+transformers 5's rope_parameters, bias tensors, RoPE scalings, a Mistral GGUF's window, an MoE GGUF's gating, and
 any option, tensor or feature an architecture does not implement."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_bias_tensors_and_the_config_must_agree(folders, tmp_path):
     ({"attn_logit_softcapping": 50.0}, r"attention logit softcapping \(50\)"),
     ({"hidden_act": "relu2"}, "MLP activation 'relu2'"),
     ({"partial_rotary_factor": 0.5}, "the option 'partial_rotary_factor'"),
-    ({"num_local_experts": 8, "num_experts_per_tok": 2}, r"Mixture-of-Experts \(8 experts, 2 per token\)"),
+    ({"num_local_experts": 8, "num_experts_per_tok": 2}, "the option 'num_local_experts'"),  # Llama has no experts
 ])
 def test_an_option_the_architecture_does_not_implement_is_refused_by_name(folders, tmp_path, change, named):
     folder = edited(folders["llama"], tmp_path, lambda c: c.update(change))
@@ -104,9 +104,10 @@ def test_a_tensor_no_layer_takes_is_refused_by_name(folders, tmp_path):
         load(folder)
 
 
-def test_a_mixtral_gguf_is_refused_as_mixture_of_experts(tmp_path):
-    with pytest.raises(UnsupportedModel, match=r"^mixtral: .*Mixture-of-Experts \(4 experts, 2 per token\)"):
-        load(write_mixtral_gguf(tmp_path / "mixtral.gguf"), name="mixtral")
+def test_a_mixture_of_experts_gguf_with_another_gating_is_refused_by_name(tmp_path):
+    load(write_mixtral_gguf(tmp_path / "mixtral.gguf"), name="mixtral")  # softmax routing: runs
+    with pytest.raises(UnsupportedModel, match=r"^sigmoid-moe: .*the option 'llama.expert_gating_func'"):
+        load(write_mixtral_gguf(tmp_path / "sigmoid.gguf", gating=2), name="sigmoid-moe")
 
 
 def test_an_unknown_gguf_key_is_refused_by_name(tmp_path, folders):

@@ -66,9 +66,9 @@ def test_pull_refuses_a_model_nothing_in_deskpod_runs(home: Path, tmp_path: Path
 
     from deskpod.errors import UnsupportedModel
 
-    path = write_mixtral_gguf(tmp_path / "mixtral.gguf")
+    path = write_mixtral_gguf(tmp_path / "mixtral.gguf", gating=2)  # sigmoid routing: not run here
     monkeypatch.chdir(tmp_path)  # the error names the model as typed
-    with pytest.raises(UnsupportedModel, match=r"^./mixtral.gguf: .*Mixture-of-Experts.*Nothing was stored.*--force"):
+    with pytest.raises(UnsupportedModel, match=r"^./mixtral.gguf: .*expert_gating_func.*Nothing was stored.*--force"):
         run("pull", "./mixtral.gguf")
     assert Store().list() == []
     assert run("pull", str(path), "--force", "--json") == 0  # stored anyway when asked

@@ -11,6 +11,7 @@ them far beyond the 1e-4 the tests allow.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
 WINDOW = 12  # the sliding window of the cases that have one: prompts of 40 tokens run well past it
+MOE = {"num_experts": 8, "num_experts_per_tok": 2}
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class Case:
 
     @property
     def gguf_arch(self) -> str:
-        return {"mistral": "llama", "gemma3_text": "gemma3"}.get(self.model_type, self.model_type)
+        return {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(
+            self.model_type, self.model_type)
 
 
 def _rope(kind: str, **params) -> dict:
@@ -66,6 +69,12 @@ CASES = {c.name: c for c in (
          gguf=False),
     Case("gemma2", "gemma2", {"sliding_window": WINDOW, "head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True,
                               "attn_logit_softcapping": 1.5, "final_logit_softcapping": 2.0}),
+    # Mixture-of-Experts: 8 experts, 2 per token, so that prompts reach every expert and most go unchosen
+    Case("qwen3-moe", "qwen3_moe", {"head_dim": 32, **MOE, "moe_intermediate_size": 64, "norm_topk_prob": True}),
+    # llama.cpp always renormalises Qwen3-MoE's top-k weights (as Qwen3-30B-A3B's config asks): safetensors only
+    Case("qwen3-moe-unnormalised", "qwen3_moe", {"head_dim": 32, **MOE, "moe_intermediate_size": 64,
+                                                 "norm_topk_prob": False}, gguf=False),
+    Case("mixtral", "mixtral", {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}),
 )}
 
 
@@ -109,7 +118,8 @@ def hf_logits(folder: Path, sequences: list[list[int]]) -> list[torch.Tensor]:
 Q = gguf.GGMLQuantizationType
 # Mixed block types for the compact path (every row here is a multiple of 32 wide, not of 256)
 MIXED_TYPES = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q5_0, "attn_output": Q.Q5_1,
-               "ffn_gate": Q.Q8_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q4_0, "token_embd": Q.Q8_0, "output": Q.Q5_0}
+               "ffn_gate": Q.Q8_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q4_0, "token_embd": Q.Q8_0, "output": Q.Q5_0,
+               "ffn_gate_exps": Q.Q8_0, "ffn_up_exps": Q.Q5_1, "ffn_down_exps": Q.Q4_0}
 
 
 def write_gguf(case: Case, folder: Path, path: Path, quantized: bool = False) -> Path:
@@ -123,10 +133,10 @@ def write_gguf(case: Case, folder: Path, path: Path, quantized: bool = False) ->
     _tokenizer(w, folder, config["vocab_size"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
     with safe_open(folder / "model.safetensors", "pt") as f:
-        for hf_name in f.keys():
+        for hf_name, tensor in _stacked_experts(f):
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             assert name is not None, f"llama.cpp has no {arch} name for {hf_name}"
-            values = _as_llama_cpp_stores(f.get_tensor(hf_name).float(), name, arch, config)
+            values = _as_llama_cpp_stores(tensor.float(), name, arch, config)
             _add(w, name, values.numpy(), quantized)
     if config.get("rope_parameters", {}).get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_factors(folder))
@@ -135,6 +145,20 @@ def write_gguf(case: Case, folder: Path, path: Path, quantized: bool = False) ->
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _stacked_experts(f):
+    """(name, tensor) of a checkpoint, each layer's experts stacked into one [experts, rows, cols] tensor under
+    the name without the expert's number, as llama.cpp's converter stores them."""
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for hf_name in f.keys():
+        match = re.fullmatch(r"(.*\.experts)\.(\d+)\.(.*)", hf_name)
+        if match is None:
+            yield hf_name, f.get_tensor(hf_name)
+        else:
+            experts.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = f.get_tensor(hf_name)
+    for name, parts in experts.items():
+        yield name, torch.stack([parts[e] for e in sorted(parts)])
 
 
 def _metadata(w: gguf.GGUFWriter, config: dict, arch: str) -> None:
@@ -163,6 +187,12 @@ def _metadata(w: gguf.GGUFWriter, config: dict, arch: str) -> None:
         w.add_rope_scaling_orig_ctx_len(full["original_max_position_embeddings"])
     if config.get("sliding_window"):
         w.add_sliding_window(config["sliding_window"])
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(config["num_experts_per_tok"])
+        if config.get("moe_intermediate_size"):
+            w.add_expert_feed_forward_length(config["moe_intermediate_size"])
     for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
                      ("final_logit_softcapping", w.add_final_logit_softcapping)):
         if config.get(key):
@@ -196,7 +226,7 @@ def _as_llama_cpp_stores(t: torch.Tensor, name: str, arch: str, config: dict) ->
 
 def _add(w: gguf.GGUFWriter, name: str, values: np.ndarray, quantized: bool) -> None:
     kind = name.split(".")[-2]
-    qtype = MIXED_TYPES.get(kind) if quantized and values.ndim == 2 else None
+    qtype = MIXED_TYPES.get(kind) if quantized and values.ndim >= 2 else None
     if qtype is None:
         w.add_tensor(name, values.astype(np.float32))
     else:
@@ -222,9 +252,12 @@ def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(len(SPECIAL), VOCAB, size=length - 3 * i).tolist() for i in range(count)]
 
 
-def write_mixtral_gguf(path: Path) -> Path:
-    """A Mixtral as llama.cpp writes it: architecture "llama", expert_count, stacked experts per layer."""
+def write_mixtral_gguf(path: Path, gating: int | None = None) -> Path:
+    """A Mixtral as llama.cpp writes it: architecture "llama", expert_count, stacked experts per layer (zeros);
+    `gating`: an expert_gating_func (llama.cpp: 1 softmax, 2 sigmoid)."""
     w = gguf.GGUFWriter(str(path), "llama")
+    if gating is not None:
+        w.add_uint32("llama.expert_gating_func", gating)
     for add, value in ((w.add_context_length, 64), (w.add_embedding_length, 32), (w.add_block_count, 1),
                        (w.add_feed_forward_length, 64), (w.add_head_count, 4), (w.add_head_count_kv, 2),
                        (w.add_expert_count, 4), (w.add_expert_used_count, 2)):

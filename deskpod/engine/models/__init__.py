@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 
 # file name -> the names files give that architecture (GGUF writes Mistral as "llama"; config.json says "mistral")
 FILES: dict[str, tuple[str, ...]] = {
-    "llama": ("llama", "mistral"),
+    "llama": ("llama", "mistral", "mixtral"),  # GGUF writes Mixtral as "llama" with experts too
     "qwen2": ("qwen2",),
-    "qwen3": ("qwen3",),
+    "qwen3": ("qwen3", "qwen3_moe", "qwen3moe"),
     "gemma3": ("gemma3", "gemma3_text"),
     "gemma2": ("gemma2",),
 }

@@ -12,6 +12,7 @@ import torch
 
 from deskpod.engine.models.layers import (
     MLP,
+    MoE,
     Attention,
     AttentionOptions,
     Block,
@@ -98,17 +99,30 @@ class ModelBuilder:
         )
         return Attention(options, wqkv, wo, self.rotary(s.rope_of(i)), *norms)
 
-    def mlp(self, i: int) -> MLP:
+    def mlp(self, i: int, expert: int | None = None) -> MLP:
+        """Layer i's gated MLP, or its expert `expert`'s (`ffn_gate_exps.<expert>`...)."""
         s, p = self.spec, f"blk.{i}."
-        gate_up = self.linear([p + "ffn_gate", p + "ffn_up"], (2 * s.intermediate_size, s.hidden_size), bias=s.mlp_bias)
-        down = self.linear([p + "ffn_down"], (s.hidden_size, s.intermediate_size), bias=s.mlp_bias)
-        return MLP(gate_up, down, s.intermediate_size, s.activation)
+        gate, up, down = ("ffn_gate", "ffn_up", "ffn_down") if expert is None else \
+            (f"ffn_gate_exps.{expert}", f"ffn_up_exps.{expert}", f"ffn_down_exps.{expert}")
+        gate_up = self.linear([p + gate, p + up], (2 * s.intermediate_size, s.hidden_size), bias=s.mlp_bias)
+        w_down = self.linear([p + down], (s.hidden_size, s.intermediate_size), bias=s.mlp_bias)
+        return MLP(gate_up, w_down, s.intermediate_size, s.activation)
+
+    def moe(self, i: int) -> MoE:
+        s = self.spec
+        router = self.linear([f"blk.{i}.ffn_gate_inp"], (s.num_experts, s.hidden_size), bias=False)
+        experts = [self.mlp(i, e) for e in range(s.num_experts)]
+        return MoE(router, experts, s.experts_per_token, s.norm_topk)
+
+    def feed_forward(self, i: int) -> MLP | MoE:
+        return self.moe(i) if self.spec.num_experts else self.mlp(i)
 
     def block(self, i: int, qk_norm: bool = False, sandwich: bool = False) -> Block:
         """A pre-norm block (attn_norm, ffn_norm); `sandwich` adds Gemma's norms after attention and the MLP."""
         p = f"blk.{i}."
         post = (self.norm(p + "post_attention_norm"), self.norm(p + "post_ffw_norm")) if sandwich else (None, None)
-        return Block(self.norm(p + "attn_norm"), self.attention(i, qk_norm), self.norm(p + "ffn_norm"), self.mlp(i), *post)
+        return Block(self.norm(p + "attn_norm"), self.attention(i, qk_norm), self.norm(p + "ffn_norm"),
+                     self.feed_forward(i), *post)
 
     def decoder(self, blocks: list[Block], embed_scale: float = 1.0) -> DecoderLM:
         s = self.spec

@@ -204,10 +204,55 @@ class MLP(nn.Module):
         return self.w_down(self.act(gate) * up)
 
 
+class MoE(nn.Module):
+    """Mixture-of-Experts: a router picks `top_k` of the experts (gated MLPs) for each token, and the token's
+    output is their outputs weighted by the router's probabilities. Tokens are grouped by expert, so each
+    chosen expert runs once over its tokens and an expert no token chose is never read — a decode step reads
+    only top_k experts' weights per token."""
+
+    def __init__(self, router: Linear, experts: list[MLP], top_k: int, norm_topk: bool):
+        super().__init__()
+        self.router, self.experts = router, nn.ModuleList(experts)
+        self.top_k, self.norm_topk = top_k, norm_topk
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [tokens, top_k], experts [tokens, top_k]): softmax over every expert, the top k kept,
+        renormalised when the model says so (as transformers computes it, in float32)."""
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.route(x)
+        if x.shape[0] == 1:  # one token (single-stream decode): its experts in turn, no grouping to do
+            out = None
+            for weight, expert in zip(weights[0].tolist(), chosen[0].tolist()):
+                y = self.experts[expert](x) * weight
+                out = y if out is None else out + y
+            return out.reshape(shape)
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)
+        tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
+        scale = weights.flatten()[order].unsqueeze(-1)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                mine = tokens[start:start + count]
+                out.index_add_(0, mine, self.experts[expert](x[mine]) * scale[start:start + count])
+                start += count
+        return out.reshape(shape)
+
+
 class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)); Gemma also norms each sub-layer's output ("sandwich")."""
 
-    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP,
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP | MoE,
                  attn_post_norm: RMSNorm | None = None, mlp_post_norm: RMSNorm | None = None):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp

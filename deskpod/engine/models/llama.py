@@ -1,6 +1,6 @@
-"""Llama and the models shaped like it — Llama 2/3.x, Mistral (sliding window), SmolLM2 — as Hugging Face's
-LlamaForCausalLM / MistralForCausalLM compute them: pre-norm blocks of grouped-query attention (biases
-where the checkpoint has them) and a SwiGLU MLP."""
+"""Llama and the models shaped like it — Llama 2/3.x, Mistral (sliding window), SmolLM2, Mixtral — as Hugging
+Face's LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM compute them: pre-norm blocks of
+grouped-query attention (biases where the checkpoint has them) and a SwiGLU MLP, or Mixtral's experts."""
 
 from __future__ import annotations
 
@@ -13,4 +13,4 @@ def build(b):
     return b.decoder([b.block(i) for i in range(b.spec.num_layers)])
 
 
-ARCHITECTURE = Architecture("llama", ROPE_SCALINGS | {"sliding_window"}, build)
+ARCHITECTURE = Architecture("llama", ROPE_SCALINGS | {"sliding_window", "moe"}, build)

@@ -1,5 +1,6 @@
-"""Qwen3 (dense): Llama's blocks with an RMSNorm over each head's queries and keys before RoPE, and a
-head_dim of its own (128, whatever the width)."""
+"""Qwen3, dense and Mixture-of-Experts (Qwen3-30B-A3B, 235B-A22B): Llama's blocks with an RMSNorm over each
+head's queries and keys before RoPE, a head_dim of its own (128, whatever the width), and for the MoE models
+a router over the experts in place of the MLP."""
 
 from __future__ import annotations
 
@@ -11,4 +12,4 @@ def build(b):
     return b.decoder([b.block(i, qk_norm=True) for i in range(b.spec.num_layers)])
 
 
-ARCHITECTURE = Architecture("qwen3", ROPE_SCALINGS | {"sliding_window"}, build)
+ARCHITECTURE = Architecture("qwen3", ROPE_SCALINGS | {"sliding_window", "moe"}, build)
