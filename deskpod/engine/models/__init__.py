@@ -25,6 +25,7 @@ FILES: dict[str, tuple[str, ...]] = {
     "qwen3": ("qwen3", "qwen3_moe", "qwen3moe"),
     "gemma3": ("gemma3", "gemma3_text"),
     "gemma2": ("gemma2",),
+    "olmoe": ("olmoe",),
 }
 REGISTRY: dict[str, str] = {name: file for file, names in FILES.items() for name in names}
 

@@ -81,23 +81,29 @@ class ModelBuilder:
             raise UnsupportedModel(f"{self.source.label}: rope_freqs and RoPE scaling {rope.kind!r} together")
         return self.vector("rope_freqs.weight", self.spec.head_dim // 2).float().cpu()
 
-    def attention(self, i: int, qk_norm: bool = False) -> Attention:
+    def attention(self, i: int, qk_norm: bool | str = False) -> Attention:
+        """Layer i's attention; `qk_norm`: True for an RMSNorm over each head's queries and keys, "whole" for
+        one over the whole q and k projections (OLMoE)."""
         s, p = self.spec, f"blk.{i}."
         q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         orders = [pair_order(q_rows, s.num_heads), pair_order(kv_rows, s.num_kv_heads), None]
         wqkv = self.linear([p + "attn_q", p + "attn_k", p + "attn_v"], (q_rows + 2 * kv_rows, s.hidden_size), orders,
                            s.attention_bias)
         wo = self.linear([p + "attn_output"], (s.hidden_size, q_rows), bias=s.attention_bias)
-        head_order = pair_order(s.head_dim, 1)
-        norms = (self.norm(p + "attn_q_norm", s.head_dim, head_order), self.norm(p + "attn_k_norm", s.head_dim, head_order)) \
-            if qk_norm else (None, None)
+        if qk_norm == "whole":  # the norms' weights follow the projections' rows into pair order
+            norms = (self.norm(p + "attn_q_norm", q_rows, orders[0]), self.norm(p + "attn_k_norm", kv_rows, orders[1]))
+        elif qk_norm:
+            head_order = pair_order(s.head_dim, 1)
+            norms = (self.norm(p + "attn_q_norm", s.head_dim, head_order), self.norm(p + "attn_k_norm", s.head_dim, head_order))
+        else:
+            norms = (None, None)
         options = AttentionOptions(
             s.num_heads, s.num_kv_heads, s.head_dim,
             scale=(s.query_scale or s.head_dim) ** -0.5,
             window=s.sliding_window if s.layer_types[i] == SLIDING else 0,
             softcap=s.attn_softcap,
         )
-        return Attention(options, wqkv, wo, self.rotary(s.rope_of(i)), *norms)
+        return Attention(options, wqkv, wo, self.rotary(s.rope_of(i)), *norms, norm_whole=qk_norm == "whole")
 
     def mlp(self, i: int, expert: int | None = None) -> MLP:
         """Layer i's gated MLP, or its expert `expert`'s (`ffn_gate_exps.<expert>`...)."""
@@ -117,7 +123,7 @@ class ModelBuilder:
     def feed_forward(self, i: int) -> MLP | MoE:
         return self.moe(i) if self.spec.num_experts else self.mlp(i)
 
-    def block(self, i: int, qk_norm: bool = False, sandwich: bool = False) -> Block:
+    def block(self, i: int, qk_norm: bool | str = False, sandwich: bool = False) -> Block:
         """A pre-norm block (attn_norm, ffn_norm); `sandwich` adds Gemma's norms after attention and the MLP."""
         p = f"blk.{i}."
         post = (self.norm(p + "post_attention_norm"), self.norm(p + "post_ffw_norm")) if sandwich else (None, None)

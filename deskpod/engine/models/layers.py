@@ -149,13 +149,14 @@ class AttentionOptions:
 
 class Attention(nn.Module):
     """Grouped-query attention over the paged KV cache: fused q/k/v projection (biases optional), optional
-    per-head q/k RMSNorm before RoPE, a sliding window, logit softcapping."""
+    q/k RMSNorm before RoPE — per head (Qwen3, Gemma 3), or over the whole projection (OLMoE) when
+    `norm_whole` —, a sliding window, logit softcapping."""
 
     def __init__(self, options: AttentionOptions, wqkv: Linear, wo: Linear, rotary: int,
-                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, norm_whole: bool = False):
         super().__init__()
         self.options, self.wqkv, self.wo, self.rotary = options, wqkv, wo, rotary
-        self.q_norm, self.k_norm = q_norm, k_norm
+        self.q_norm, self.k_norm, self.norm_whole = q_norm, k_norm, norm_whole
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, rots: Sequence[torch.Tensor], kv) -> torch.Tensor:
         # x: [T, hidden]; queries and keys are rotated together: they sit side by side in wqkv's output
@@ -163,7 +164,10 @@ class Attention(nn.Module):
         T, H, KV, D = x.shape[0], o.num_heads, o.num_kv_heads, o.head_dim
         qkv = self.wqkv(x).view(T, H + 2 * KV, D)
         qk = qkv[:, : H + KV]
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.norm_whole:
+            q = self.q_norm(qk[:, :H].reshape(T, H * D)).view(T, H, D)
+            qk = torch.cat([q, self.k_norm(qk[:, H:].reshape(T, KV * D)).view(T, KV, D)], dim=1)
+        elif self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H].contiguous()), self.k_norm(qk[:, H:].contiguous())], dim=1)
         qk = Rotary.apply(qk, rots[self.rotary])
         k_cache, v_cache = kv
