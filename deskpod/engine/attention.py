@@ -112,17 +112,29 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, heads, head_dim], one query per sequence -> [B, heads, head_dim]. With a window, each query sees
-    only the last `window` keys of its sequence (itself included); softcap: scores -> c · tanh(scores / c)."""
-    kernels = cpu_ops() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    only the last `window` keys of its sequence (itself included); softcap: scores -> c · tanh(scores / c);
+    sinks [heads]: a learned logit per head that joins the softmax's denominator and attends to nothing
+    (gpt-oss)."""
+    kernels = cpu_ops() if q.device.type == "cpu" and q.dtype == torch.float32 and sinks is None else None
     if kernels is not None:  # reads keys in place, block by block: no gathered copy of the context
         return kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
                                               window, softcap)
-    return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
+    return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks)
 
 
-def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, softcap=0.0):
+def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dimension; with sinks (shaped to broadcast as one more column), the sink's share
+    of the probability is dropped after the softmax."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    column = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+
+
+def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, softcap=0.0, sinks=None):
     """The same in plain PyTorch (any device): gather each sequence's blocks, mask what it must not see."""
     B, H, D = q.shape
     kv_heads = k_cache.shape[2]
@@ -137,7 +149,9 @@ def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, 
         beyond |= key_pos < context_lens[:, None] - window
     scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     values = values.masked_fill(beyond[:, :, None, None], 0.0)  # never-written slots may hold NaN
-    return torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1).to(values.dtype), values).reshape(B, H, D)
+    head_sinks = None if sinks is None else sinks.view(1, kv_heads, H // kv_heads, 1)
+    probs = _softmax_with_sinks(scores, head_sinks)
+    return torch.einsum("bkgs,bskd->bkgd", probs.to(values.dtype), values).reshape(B, H, D)
 
 
 def _softcapped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -145,7 +159,7 @@ def _softcapped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PrefillChunk,
-                      scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                      scale: float, window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, heads, head_dim], the chunk's queries (causal within the sequence, within `window` keys of each
     query when there is one) -> [T, heads, head_dim]."""
     T, H, D = q.shape
@@ -158,5 +172,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     qg = q.view(T, kv_heads, group, D).permute(1, 2, 0, 3).reshape(kv_heads, group * T, D)
     scores = torch.baddbmm(qg.new_zeros(1, 1, 1), qg, keys.transpose(1, 2), beta=0, alpha=scale)
     scores = _softcapped(scores, softcap).masked_fill(chunk.hidden(first, window).repeat(group, 1), float("-inf"))
-    out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [kv_heads, group * T, D]
+    head_sinks = None if sinks is None else sinks.view(kv_heads, group, 1, 1).expand(kv_heads, group, T, 1).reshape(kv_heads, group * T, 1)
+    out = torch.bmm(_softmax_with_sinks(scores, head_sinks), values)  # [kv_heads, group * T, D]
     return out.view(kv_heads, group, T, D).permute(2, 0, 1, 3).reshape(T, H, D)

@@ -34,7 +34,8 @@ from deskpod.quant.linear import WeightOptions, resident_bytes
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Unused tensors whose names say what they are: the feature the message names.
-UNUSED_FEATURES = {"_exps.": "Mixture-of-Experts experts", "_shexp.": "a shared expert", "ffn_gate_inp.": "a MoE router"}
+UNUSED_FEATURES = {"_exps.": "Mixture-of-Experts experts", "_shexp.": "a shared expert", "ffn_gate_inp.": "a MoE router",
+                   "attn_sinks.": "attention sinks"}
 
 
 @dataclass
@@ -126,7 +127,8 @@ def check_all_used(source: WeightSource, architecture: str) -> None:
         return
     features = {text for name in unused for key, text in UNUSED_FEATURES.items() if key in name}
     what = f" ({', '.join(sorted(features))})" if features else ""
-    shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+    names = [source.info(name).file_name for name in unused]  # as the file calls them
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     raise UnsupportedModel(
         f"{source.label}: {len(unused)} tensor{'s' * (len(unused) > 1)} of this {source.spec.architecture} model "
         f"{'are' if len(unused) > 1 else 'is'} not used by deskpod's {architecture} implementation{what}: {shown}. "

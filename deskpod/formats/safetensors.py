@@ -147,7 +147,7 @@ HF_LAYER_NAMES = {
     "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
     # Mixture-of-Experts: the router, and each expert's projections (llama.cpp stacks them: `ffn_gate_exps`,
     # whose expert e is canonically `ffn_gate_exps.e`)
-    "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp", "mlp.router": "ffn_gate_inp",
 }
 # expert e's module (inside model.layers.{i}.) -> its canonical name
 HF_EXPERT_NAMES = {
@@ -182,6 +182,8 @@ def canonical_name(hf_name: str, architecture: str) -> str | None:
         return f"{HF_GLOBAL_NAMES[module]}.{kind}"
     parts = module.split(".", 3)
     names = HF_ARCH_LAYER_NAMES.get(architecture, HF_LAYER_NAMES)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] == "self_attn" and kind == "sinks":
+        return f"blk.{parts[2]}.attn_sinks.weight"  # gpt-oss: a parameter of the module, not a .weight
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in names:
         return f"blk.{parts[2]}.{names[parts[3]]}.{kind}"
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and (expert := _EXPERT.fullmatch(parts[3])):
@@ -227,6 +229,29 @@ class SafetensorsFloatTensor(StoredTensor):
         return t + self.offset if self.offset else t
 
 
+# gpt-oss's fused experts: model.layers.{i}.mlp.experts.{gate_up_proj,down_proj}[_bias]
+_FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class FusedExpertTensor(StoredTensor):
+    """One expert's projection out of a fused [experts, in, out] tensor: its columns `columns`, transposed."""
+
+    folder: SafetensorsFolder
+    stored_name: str
+    expert: int
+    columns: slice
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.stored_name}[{self.expert}]"
+
+    def float(self):
+        part = self.folder.get(self.stored_name)[self.expert].float()
+        part = part[..., self.columns]
+        return self._ordered(part if part.dim() == 1 else part.T.contiguous())
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class SafetensorsSchemeTensor(SchemeTensor):
     folder: SafetensorsFolder
@@ -269,6 +294,10 @@ class SafetensorsWeights(WeightSource):
         offset = 1.0 if architecture in NORM_OFFSET_ARCHS else 0.0
         tensors: dict[str, StoredTensor] = {}
         for hf_name, entry in self.folder.entries.items():
+            fused = _FUSED_EXPERTS.fullmatch(hf_name)
+            if fused and entry.dtype in FLOAT_DTYPES:
+                tensors.update(self._fused_experts(fused, entry))
+                continue
             name = canonical_name(hf_name, architecture)
             if name is None or hf_name.rpartition(".")[2] in SCHEME_PARTS:
                 continue
@@ -282,6 +311,23 @@ class SafetensorsWeights(WeightSource):
                 tensors[name] = SafetensorsFloatTensor(name, entry.shape, entry.dtype, entry.n_bytes, folder=self.folder,
                                                        stored_name=hf_name, offset=norm)
         return tensors
+
+    def _fused_experts(self, match: re.Match, entry: TensorEntry) -> dict[str, StoredTensor]:
+        """gpt-oss's experts, stored fused and transposed ([experts, in, out]) with gate and up interleaved
+        (columns 0, 2, 4... gate; 1, 3, 5... up): per expert, the canonical [out, in] gate, up and down."""
+        layer, kind, bias = match[1], match[2], match[3]
+        experts = entry.shape[0]
+        parts = {"gate_up_proj": [("ffn_gate_exps", slice(0, None, 2)), ("ffn_up_exps", slice(1, None, 2))],
+                 "down_proj": [("ffn_down_exps", slice(None))]}[kind]
+        found = {}
+        for e in range(experts):
+            for canonical, columns in parts:
+                name = f"blk.{layer}.{canonical}.{e}.{'bias' if bias else 'weight'}"
+                width = len(range(entry.shape[-1])[columns])
+                shape = (width,) if bias else (width, entry.shape[1])
+                found[name] = FusedExpertTensor(name, shape, entry.dtype, entry.n_bytes // experts // len(parts),
+                                                folder=self.folder, stored_name=match[0], expert=e, columns=columns)
+        return found
 
     def _scheme_tensor(self, hf_name: str, name: str, entry: TensorEntry) -> StoredTensor:
         module = hf_name.removesuffix(".weight")

@@ -70,6 +70,8 @@ class ModelSpec:
     # renormalised to sum to 1 when norm_topk (Mixtral's top-k then softmax is the same as renormalising)
     norm_topk: bool = True
     shared_expert_size: int = 0
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in each softmax's denominator
+    swiglu: tuple[float, float] | None = None  # gpt-oss's clamped SwiGLU (alpha, limit), with up + 1
     unknown: tuple[str, ...] = ()  # options the file sets that no reader here understands
     source: str = field(default="", compare=False)  # the file it was read from, for messages
 
@@ -83,6 +85,9 @@ class ModelSpec:
         if not self.layer_types:
             kind = SLIDING if self.sliding_window else FULL
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise SpecError(f"{self.experts_per_token} experts per token of {self.num_experts}: a Mixture-of-Experts "
+                            "model must pick between 1 and all of its experts")
         if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {FULL, SLIDING}:
             raise SpecError(f"layer types {list(self.layer_types)[:8]}... do not give one of {FULL!r} or {SLIDING!r} "
                             f"to each of the {self.num_layers} layers")
@@ -111,6 +116,8 @@ class ModelSpec:
             (self.final_softcap, "final_softcap", f"final logit softcapping ({self.final_softcap:g})"),
             (self.num_experts, "moe", f"Mixture-of-Experts ({self.num_experts} experts, {self.experts_per_token} per token)"),
             (self.shared_expert_size, "shared_expert", "a shared expert"),
+            (self.attention_sinks, "attention_sinks", "attention sinks"),
+            (self.swiglu, "clamped_swiglu", "gpt-oss's clamped SwiGLU"),
         ]
         found.update({key: text for active, key, text in checks if active})
         found.update({f"option:{name}": f"the option {name!r}" for name in self.unknown})
@@ -264,7 +271,7 @@ HF_HARMLESS = frozenset({
     "vocab_size", "rms_norm_eps", "num_experts", "num_local_experts", "num_experts_per_tok",
     "moe_intermediate_size", "shared_expert_intermediate_size", "router_aux_loss_coef", "output_router_logits",
     "router_jitter_noise", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "use_mrope",
-    "experts_per_token", "original_max_position_embeddings", "partial_rotary_factor",
+    "experts_per_token", "original_max_position_embeddings", "partial_rotary_factor", "swiglu_alpha", "swiglu_limit",
     # hubs' and tools' bookkeeping, and the generation defaults old configs carried
     "is_llama_config", "transformers.js_config", "unsloth_version", "keys_to_ignore_at_inference", "auto_map",
     "finetuning_task", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "bad_words_ids", "begin_suppress_tokens",
@@ -342,8 +349,11 @@ def spec_from_hf_config(config: Mapping[str, Any], source: str = "") -> ModelSpe
         mlp_bias=bool(cfg["mlp_bias"]) if "mlp_bias" in cfg else None,
         num_experts=experts,
         experts_per_token=value("num_experts_per_tok", int, 0) or value("experts_per_token", int, 0),
-        # Mixtral's config has no such key: its top-k-then-softmax is a renormalisation
-        norm_topk=bool(cfg.get("norm_topk_prob", arch == "mixtral")),
+        # Mixtral's and gpt-oss's configs have no such key: their top-k-then-softmax is a renormalisation
+        # (transformers' Mixtral renormalises whatever its config says)
+        norm_topk=arch in ("mixtral", "gpt_oss") or bool(cfg.get("norm_topk_prob", False)),
+        attention_sinks=arch == "gpt_oss",
+        swiglu=(value("swiglu_alpha", float, 1.702), value("swiglu_limit", float, 7.0)) if arch == "gpt_oss" else None,
         shared_expert_size=value("shared_expert_intermediate_size", int, 0),
         unknown=tuple(unknown),
         source=source,
@@ -468,7 +478,7 @@ HF_MODEL_TYPES = {
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "mixtral": ("mixtral", "MixtralForCausalLM"),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
-    "olmoe": ("olmoe", "OlmoeForCausalLM"),
+    "olmoe": ("olmoe", "OlmoeForCausalLM"), "gpt_oss": ("gpt_oss", "GptOssForCausalLM"),
 }
 _HF_ACTIVATION_NAMES = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
@@ -498,11 +508,13 @@ def spec_to_hf_config(spec: ModelSpec) -> dict[str, Any]:
                 "final_logit_softcapping": spec.final_softcap or None}
     config.update({k: v for k, v in optional.items() if v is not None})
     if spec.num_experts:
-        experts_key = "num_local_experts" if model_type == "mixtral" else "num_experts"
+        experts_key = "num_local_experts" if model_type in ("mixtral", "gpt_oss") else "num_experts"
         config.update({experts_key: spec.num_experts, "num_experts_per_tok": spec.experts_per_token,
                        "norm_topk_prob": spec.norm_topk})
-        if model_type != "mixtral":  # Qwen-MoE: the experts' width apart from the (here unused) dense one
+        if model_type not in ("mixtral", "gpt_oss"):  # Qwen-MoE: the experts' width apart from the dense one
             config["moe_intermediate_size"] = spec.intermediate_size
+    if spec.swiglu:
+        config["swiglu_alpha"], config["swiglu_limit"] = spec.swiglu
     return config
 
 

@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from deskpod import __version__
 from deskpod.server.api_router import health_router, metrics_router
 from deskpod.server.auth import require_api_key
-from deskpod.server.config import ServerConfig
+from deskpod.server.config import ServerConfig, is_loopback
 from deskpod.server.dashboard.api_router import page_router as dashboard_page_router
 from deskpod.server.dashboard.api_router import router as dashboard_router
 from deskpod.server.dashboard.serving import DashboardServing
@@ -113,7 +113,8 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
     install_docs(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
-    app.add_middleware(CrossSiteGuard, allowed_origins=config.allowed_origins)
+    app.add_middleware(CrossSiteGuard, allowed_origins=config.allowed_origins,
+                       loopback_only=is_loopback(config.host))
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"])

@@ -74,31 +74,48 @@ class BodyLimit:
         await _error(send, 413, message, "request_too_large")
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
+
+
 class CrossSiteGuard:
-    """A browser's request that changes something (POST, PUT, DELETE...) from a page of another origin is
-    refused, unless --allowed-origins names that origin: without an API key, a page on any site could
-    otherwise make the browser pull, remove or unload models here. Clients that are not browsers send no
-    Origin and pass."""
+    """Two defences for a server that browsers can reach:
+    - a request that changes something (POST, PUT, DELETE...) from a page of another origin is refused, unless
+      --allowed-origins names that origin: without an API key, a page on any site could otherwise make the
+      browser pull, remove or unload models here. Clients that are not browsers send no Origin and pass.
+    - a server bound to loopback answers only requests addressed to a loopback name: a site whose name a DNS
+      rebinding points at 127.0.0.1 is then same-origin in the browser, but its Host header gives it away."""
 
     SAFE = {"GET", "HEAD", "OPTIONS"}
 
-    def __init__(self, app: ASGIApp, allowed_origins: tuple[str, ...] = ()):
-        self.app, self.allowed = app, set(allowed_origins)
+    def __init__(self, app: ASGIApp, allowed_origins: tuple[str, ...] = (), loopback_only: bool = False):
+        self.app, self.allowed, self.loopback_only = app, set(allowed_origins), loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in self.SAFE or "*" in self.allowed:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.loopback_only and host and _hostname(host) not in LOOPBACK_NAMES:
+            return await _error(send, 403, f"this server listens on loopback and answers only requests to "
+                                           f"localhost or 127.0.0.1, not to {host!r}", "host_not_allowed")
+        if scope["method"] in self.SAFE or "*" in self.allowed:
+            return await self.app(scope, receive, send)
         origin = headers.get(b"origin", b"").decode("latin-1")
-        if origin and origin != "null" and origin not in self.allowed:
-            host = headers.get(b"host", b"").decode("latin-1")
-            if origin.partition("://")[2] != host:
+        if origin:
+            if origin not in self.allowed and (origin == "null" or origin.partition("://")[2] != host):
                 message = (f"a request from a page of {origin} may not change anything here: serve with "
                            "--allowed-origins to let that site's pages in")
                 return await _error(send, 403, message, "cross_site_request")
-        elif origin == "null" or headers.get(b"sec-fetch-site") == b"cross-site":
+        elif headers.get(b"sec-fetch-site") == b"cross-site":
             return await _error(send, 403, "a cross-site request may not change anything here", "cross_site_request")
         await self.app(scope, receive, send)
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port (IPv6 literals keep their brackets)."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 async def _error(send: Send, status: int, message: str, code: str) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -95,38 +93,18 @@ CATALOG: dict[str, CatalogEntry] = {
 PullProgress = Union[bool, Callable[[str, int, Optional[int]], None]]
 
 
-@contextmanager
-def _watching(folder: Path, report: Callable[[str, int, int | None], None] | None, what: str) -> Iterator[None]:
-    """Report the bytes in `folder` (where pip downloads) every few tenths of a second while the block runs."""
-    if report is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.3):
-            report(what, sum(f.stat().st_size for f in folder.glob("*") if f.is_file()), None)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    report(what, 0, None)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def download_wheels(requirements: tuple[str, ...], dest: Path, progress: PullProgress) -> dict[str, Path]:
     """Download exactly these wheels (no dependencies, nothing installed) with pip; requirement -> wheel.
 
-    pip prints its own progress bar when `progress` is True; a callable `progress` is told the bytes
-    downloaded so far (pip's total is not known beforehand); otherwise pip's output is kept for the error.
+    pip prints its own progress bar when `progress` is True; a callable `progress` is told that the download
+    runs (pip reports no bytes to a caller: it downloads into a folder of its own and copies the wheels at the
+    end); otherwise pip's output is kept for the error.
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest)]
     to_terminal = progress is True
-    with _watching(dest, progress if callable(progress) else None, f"downloading {', '.join(requirements)}"):
-        result = subprocess.run([*cmd, *requirements], capture_output=not to_terminal, text=True, check=False)
+    if callable(progress):
+        progress(f"downloading {', '.join(requirements)} with pip", 0, None)
+    result = subprocess.run([*cmd, *requirements], capture_output=not to_terminal, text=True, check=False)
     if result.returncode != 0:
         detail = (result.stderr or "").strip()[-2000:] if not to_terminal else "see pip's output above"
         raise DownloadFailed(f"pip could not download {', '.join(requirements)}: {detail}")

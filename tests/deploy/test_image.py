@@ -162,9 +162,9 @@ def _free_port() -> int:
 
 def test_the_image_answers_a_chat_request(container):
     name, url = container
-    client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
-    reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Say hello."}],
-                                           max_tokens=8, temperature=0)
+    with OpenAI(base_url=f"{url}/v1", api_key=KEY) as client:
+        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Say hello."}],
+                                               max_tokens=8, temperature=0)
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
     assert httpx.get(f"{url}/v1/models").status_code == 401  # bound to 0.0.0.0 inside: the key is required
 

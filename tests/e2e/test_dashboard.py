@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,10 +160,15 @@ def test_a_script_in_a_completion_stays_text(page):
 def test_a_pull_shows_progress_and_the_model_appears(page, dashboard, tmp_path):
     p = page.open("models")
     p.locator("#store-table", has_text="smollm2").wait_for()
+    p.evaluate("""() => { window.pullTexts = []; new MutationObserver(() => window.pullTexts.push(
+        document.querySelector('#pull-text').textContent)).observe(document.querySelector('#pull-text'),
+        {childList: true, characterData: true, subtree: true}); }""")
     p.fill("#pull-name", "minilm")
     p.click("#pull-form button")
-    p.wait_for_function("document.querySelector('#pull-text').textContent.includes('MB')")  # bytes counted
     p.locator("#pull-text", has_text="pulled minilm").wait_for(timeout=120_000)
+    texts = p.evaluate("window.pullTexts")
+    assert any(t.startswith("downloading ") and t.endswith("with pip...") for t in texts), texts  # no size known
+    assert any(re.search(r"extracting .*: [\d.]+ MB of [\d.]+ MB", t) for t in texts), texts  # bytes counted
     assert p.locator("#pull-bar").get_attribute("value") == "1"
     p.locator("#store-table", has_text="minilm").wait_for()
     assert Store(dashboard.home).has("minilm")
@@ -214,11 +220,10 @@ def test_the_charts_move_under_load(page, dashboard, tmp_path):
     p = page.open("live")
     p.wait_for_function("document.querySelector('#live-tps').textContent !== '–'")
     before = p.evaluate("document.querySelector('#chart-tps').toDataURL()")
-    client = OpenAI(base_url=f"{dashboard.url}/v1", api_key=KEY)
-
     def load() -> None:
-        for _ in range(3):
-            client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=48, temperature=0)
+        with OpenAI(base_url=f"{dashboard.url}/v1", api_key=KEY) as client:
+            for _ in range(3):
+                client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=48, temperature=0)
 
     workers = [threading.Thread(target=load) for _ in range(2)]
     for worker in workers:
@@ -244,6 +249,20 @@ def test_the_page_fits_a_phone_and_keeps_its_content_security_policy(browser, da
         assert width[0] <= width[1] + 1, (view, width)
     context.close()
     assert page.problems == []  # no CSP violation, no error: the page runs under its own policy
+
+
+def test_the_dashboard_pulls_catalog_models_only(dashboard):
+    refused = httpx.post(f"{dashboard.url}/api/dashboard/store/pull", json={"name": "/etc/passwd"},
+                         headers={"Authorization": f"Bearer {KEY}"})
+    assert refused.status_code == 400 and "catalog" in refused.json()["error"]["message"]
+
+
+def test_a_rebound_name_gets_nothing_from_a_loopback_server(dashboard):
+    # DNS rebinding: evil.example now resolves to 127.0.0.1, and the browser sends its own name as Host
+    answer = httpx.get(f"{dashboard.url}/api/dashboard/models", headers={"Host": "evil.example:80",
+                                                                          "Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 403 and "loopback" in answer.json()["error"]["message"]
+    assert httpx.get(f"{dashboard.url}/health", headers={"Host": "localhost"}).status_code == 200
 
 
 def test_another_site_cannot_change_anything(dashboard):

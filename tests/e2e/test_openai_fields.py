@@ -23,7 +23,7 @@ import pydantic
 import pytest
 
 from deskpod.engine.llm import LLM
-from deskpod.engine.sampler import SamplingParams, StructuredOutput
+from deskpod.engine.sampler import SamplingParams
 from deskpod.server.openai.fields import NOT_IMPLEMENTED
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -451,6 +451,13 @@ def test_cors_for_the_allowed_origin_only(small_server):
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://app.test"
     other = httpx.options(f"{small_server.url}/v1/chat/completions", headers={"Origin": "http://evil.test", **preflight})
     assert "access-control-allow-origin" not in other.headers
+    # the request itself, as a browser sends it from that page (another site): let in for the allowed origin only
+    body = {"model": "smollm2", "prompt": "Hi", "max_tokens": 1}
+    browser = {"Sec-Fetch-Site": "cross-site"}
+    let_in = httpx.post(f"{small_server.url}/v1/completions", json=body, headers={"Origin": "http://app.test", **browser})
+    assert let_in.status_code == 200 and let_in.headers["access-control-allow-origin"] == "http://app.test"
+    refused = httpx.post(f"{small_server.url}/v1/completions", json=body, headers={"Origin": "http://evil.test", **browser})
+    assert refused.status_code == 403
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(small_server):

@@ -23,30 +23,38 @@ def moe_gguf(tmp_path_factory):
     return write_gguf(CASES["qwen3-moe"], folder, folder.parent / "qwen3-moe-q.gguf", quantized=True)
 
 
-def expert_calls(model) -> list[list[int]]:
-    """Per MoE layer, the number of tokens each expert computed in the last forward pass (hooks)."""
+def expert_calls(model) -> tuple[list[list[int]], list[list[int]]]:
+    """Per MoE layer and expert: the tokens computed, and the calls made (hooks; reset by the caller)."""
     layers = [m for m in model.modules() if isinstance(m, MoE)]
-    counts = [[0] * len(layer.experts) for layer in layers]
+    tokens = [[0] * len(layer.experts) for layer in layers]
+    calls = [[0] * len(layer.experts) for layer in layers]
+
+    def hook(li: int, e: int):
+        def record(module, args, out):
+            tokens[li][e] += args[0].shape[0]
+            calls[li][e] += 1
+        return record
+
     for li, layer in enumerate(layers):
         for e, expert in enumerate(layer.experts):
-            expert.register_forward_hook(lambda mod, args, out, li=li, e=e: counts[li].__setitem__(e, counts[li][e] + args[0].shape[0]))
-    return counts
+            expert.register_forward_hook(hook(li, e))
+    return tokens, calls
 
 
 def test_decode_reads_only_the_chosen_experts_and_prefill_runs_each_once(moe_gguf):
     loaded = load(moe_gguf)
     engine = LLMEngine(loaded, EngineConfig(kv_cache_gb=0.01, context=128))
-    counts = expert_calls(loaded.model)
+    tokens, calls = expert_calls(loaded.model)
     engine.add_request(prompts(1, 30)[0], SamplingParams(temperature=0, max_tokens=3))
     engine.step()  # the prefill: 30 tokens
     top_k = loaded.spec.experts_per_token
-    for layer in counts:
-        assert sum(layer) == 30 * top_k  # every token went to top_k experts ...
-        assert max(layer) <= 30  # ... each expert computing its tokens in one call, none twice
-    for layer in counts:
-        layer[:] = [0] * len(layer)
+    for layer_tokens, layer_calls in zip(tokens, calls):
+        assert sum(layer_tokens) == 30 * top_k  # every token went to top_k experts ...
+        assert max(layer_calls) == 1  # ... each chosen expert computing all its tokens in one call
+    for counts in (*tokens, *calls):
+        counts[:] = [0] * len(counts)
     engine.step()  # one decode token
-    for layer in counts:
+    for layer in tokens:
         assert sum(layer) == top_k and sum(1 for c in layer if c) == top_k  # 2 of 8 experts read
 
 
@@ -67,3 +75,27 @@ def test_the_planner_counts_the_experts_the_engine_holds(moe_gguf):
     assert shape.active_params < shape.total_params  # 2 of 8 experts per token
     held = loaded.weight_bytes()
     assert abs(plan.weights.total - held) / held < 0.10, (plan.weights.total, held)
+
+
+def test_a_token_alone_and_in_a_batch_gets_the_same_experts_and_output():
+    """Eight experts a token out of sixteen: the grouped path (a batch) and the one-token path (decode) route
+    and weigh alike (up to the matmuls' own rounding, which depends on how many rows they see)."""
+    import torch
+
+    from deskpod.engine.models.layers import MLP
+    from deskpod.quant.linear import DenseWeight, Linear
+
+    torch.manual_seed(0)
+    hidden, width, count = 16, 8, 16
+
+    def linear(rows, cols):
+        return Linear(DenseWeight(torch.randn(rows, cols)))
+
+    experts = [MLP(linear(2 * width, hidden), linear(hidden, width), width, "silu") for _ in range(count)]
+    moe = MoE(linear(count, hidden), experts, top_k=8, norm_topk=True)
+    x = torch.randn(5, hidden)
+    batched = moe(x)
+    alone = torch.cat([moe(x[i : i + 1]) for i in range(5)])
+    assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-4)
+    assert torch.equal(moe.route(x)[1].sort(-1).values,
+                       torch.cat([moe.route(x[i : i + 1])[1] for i in range(5)]).sort(-1).values)

@@ -76,6 +76,12 @@ CASES = {c.name: c for c in (
                                                  "norm_topk_prob": False}, gguf=False),
     Case("mixtral", "mixtral", {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}),
     Case("olmoe", "olmoe", {**MOE, "norm_topk_prob": False}),
+    # gpt-oss in float (llama.cpp's gpt-oss GGUF keeps its experts in MXFP4, not read yet)
+    Case("gpt-oss", "gpt_oss", {"num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 16, "attention_bias": True,
+                                "sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                                "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}},
+         gguf=False),
 )}
 
 
@@ -98,6 +104,10 @@ def build_hf(case: Case, folder: Path, seed: int = 0) -> Path:
                                                       **case.config})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases transformers starts at zero (gpt-oss's experts'): random, so that they count
+        for name, param in model.named_parameters():
+            if name.endswith("_bias") and not param.any():
+                param.normal_(0, 0.1)
     model.save_pretrained(folder)
     train_tokenizer().save(str(folder / "tokenizer.json"))
     tokenizer_config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}

@@ -103,7 +103,8 @@ class ModelBuilder:
             window=s.sliding_window if s.layer_types[i] == SLIDING else 0,
             softcap=s.attn_softcap,
         )
-        return Attention(options, wqkv, wo, self.rotary(s.rope_of(i)), *norms, norm_whole=qk_norm == "whole")
+        sinks = self.vector(p + "attn_sinks.weight", s.num_heads) if s.attention_sinks else None
+        return Attention(options, wqkv, wo, self.rotary(s.rope_of(i)), *norms, norm_whole=qk_norm == "whole", sinks=sinks)
 
     def mlp(self, i: int, expert: int | None = None) -> MLP:
         """Layer i's gated MLP, or its expert `expert`'s (`ffn_gate_exps.<expert>`...)."""
@@ -112,11 +113,11 @@ class ModelBuilder:
             (f"ffn_gate_exps.{expert}", f"ffn_up_exps.{expert}", f"ffn_down_exps.{expert}")
         gate_up = self.linear([p + gate, p + up], (2 * s.intermediate_size, s.hidden_size), bias=s.mlp_bias)
         w_down = self.linear([p + down], (s.hidden_size, s.intermediate_size), bias=s.mlp_bias)
-        return MLP(gate_up, w_down, s.intermediate_size, s.activation)
+        return MLP(gate_up, w_down, s.intermediate_size, s.activation, s.swiglu)
 
     def moe(self, i: int) -> MoE:
         s = self.spec
-        router = self.linear([f"blk.{i}.ffn_gate_inp"], (s.num_experts, s.hidden_size), bias=False)
+        router = self.linear([f"blk.{i}.ffn_gate_inp"], (s.num_experts, s.hidden_size), bias=None)  # gpt-oss: biased
         experts = [self.mlp(i, e) for e in range(s.num_experts)]
         return MoE(router, experts, s.experts_per_token, s.norm_topk)
 

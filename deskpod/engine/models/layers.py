@@ -153,10 +153,12 @@ class Attention(nn.Module):
     `norm_whole` —, a sliding window, logit softcapping."""
 
     def __init__(self, options: AttentionOptions, wqkv: Linear, wo: Linear, rotary: int,
-                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, norm_whole: bool = False):
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, norm_whole: bool = False,
+                 sinks: torch.Tensor | None = None):
         super().__init__()
         self.options, self.wqkv, self.wo, self.rotary = options, wqkv, wo, rotary
         self.q_norm, self.k_norm, self.norm_whole = q_norm, k_norm, norm_whole
+        self.register_buffer("sinks", sinks)  # gpt-oss: a logit per head in every softmax's denominator
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, rots: Sequence[torch.Tensor], kv) -> torch.Tensor:
         # x: [T, hidden]; queries and keys are rotated together: they sit side by side in wqkv's output
@@ -174,16 +176,19 @@ class Attention(nn.Module):
         store_kv(k_cache, v_cache, batch.slots, qk[:, H:], qkv[:, H + KV :])
         q = qk[:, :H]
         args = (k_cache, v_cache)
+        sinks = self.sinks
         if batch.all_decode:
-            out = decode_attention(q, *args, batch.decode_block_tables, batch.decode_context_lens, o.scale, o.window, o.softcap)
+            out = decode_attention(q, *args, batch.decode_block_tables, batch.decode_context_lens, o.scale, o.window,
+                                   o.softcap, sinks)
         else:
             out = torch.empty_like(q)
             if len(batch.decode_rows):
                 out[batch.decode_rows] = decode_attention(
-                    q[batch.decode_rows], *args, batch.decode_block_tables, batch.decode_context_lens, o.scale, o.window, o.softcap
+                    q[batch.decode_rows], *args, batch.decode_block_tables, batch.decode_context_lens, o.scale, o.window,
+                    o.softcap, sinks,
                 )
             for chunk in batch.prefills:
-                out[chunk.rows] = prefill_attention(q[chunk.rows], *args, chunk, o.scale, o.window, o.softcap)
+                out[chunk.rows] = prefill_attention(q[chunk.rows], *args, chunk, o.scale, o.window, o.softcap, sinks)
         return self.wo(out.reshape(T, H * D))
 
 
@@ -195,16 +200,27 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)), gate and up fused into one projection."""
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's gated unit: both halves clamped, a sigmoid-weighted gate, and up shifted by one."""
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
-    def __init__(self, w_gate_up: Linear, w_down: Linear, intermediate: int, activation: str):
+
+class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up fused into one projection; `swiglu` (alpha, limit): gpt-oss's
+    clamped form instead."""
+
+    def __init__(self, w_gate_up: Linear, w_down: Linear, intermediate: int, activation: str,
+                 swiglu: tuple[float, float] | None = None):
         super().__init__()
         self.w_gate_up, self.w_down, self.intermediate = w_gate_up, w_down, intermediate
-        self.act = ACTIVATIONS[activation]
+        self.act = None if swiglu else ACTIVATIONS[activation]
+        self.swiglu = swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).split(self.intermediate, dim=-1)
+        if self.swiglu is not None:
+            return self.w_down(clamped_swiglu(gate, up, *self.swiglu))
         return self.w_down(self.act(gate) * up)
 
 
@@ -234,7 +250,8 @@ class MoE(nn.Module):
         weights, chosen = self.route(x)
         if x.shape[0] == 1:  # one token (single-stream decode): its experts in turn, no grouping to do
             out = None
-            for weight, expert in zip(weights[0].tolist(), chosen[0].tolist()):
+            # in expert order, as the grouped path adds them: the sum must not depend on the batch
+            for expert, weight in sorted(zip(chosen[0].tolist(), weights[0].tolist())):
                 y = self.experts[expert](x) * weight
                 out = y if out is None else out + y
             return out.reshape(shape)
@@ -245,7 +262,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         out = torch.zeros_like(x)
         start = 0
-        for expert, count in enumerate(counts):
+        for expert, count in enumerate(counts):  # (index_add_ in expert order: the one-token path's order too)
             if count:
                 mine = tokens[start:start + count]
                 out.index_add_(0, mine, self.experts[expert](x[mine]) * scale[start:start + count])

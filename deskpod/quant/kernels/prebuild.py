@@ -18,7 +18,16 @@ from pathlib import Path
 
 import torch
 
-from deskpod.quant.kernels.build import KERNELS, MANIFEST, TARGETS, Target, compile_kernel, cpu_flags, module_name, runnable
+from deskpod.quant.kernels.build import (
+    KERNELS,
+    MANIFEST,
+    TARGETS,
+    Target,
+    compile_kernel,
+    cpu_flags,
+    module_name,
+    runnable,
+)
 
 
 def prebuild(out: Path, targets: list[Target], kernels: tuple[str, ...] = KERNELS) -> dict:

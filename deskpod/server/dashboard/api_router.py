@@ -57,33 +57,34 @@ class PlanRequest(BaseModel):
 
 
 @router.get("/box")
-async def box(request: Request) -> dict:
+def box(request: Request) -> dict:  # plain defs: FastAPI runs them off the event loop
     return _serving(request).box()
 
 
 @router.get("/models")
-async def models(request: Request) -> dict:
+def models(request: Request) -> dict:
     return _serving(request).models()
 
 
 @router.post("/plan")
-async def plan(body: PlanRequest, request: Request) -> list[dict]:
+def plan(body: PlanRequest, request: Request) -> list[dict]:
     return _serving(request).plan(body.model, body.hardware, body.precision, body.context)
 
 
 @router.post("/store/pull")
 async def pull(body: PullRequest, request: Request) -> StreamingResponse:
     """Server-sent events: progress, then the model's manifest or the error."""
+    _serving(request).check_pullable(body.name)  # a 400 before the stream starts
     events = (f"data: {json.dumps(event)}\n\n" async for event in _serving(request).pull(body.name))
     return StreamingResponse(events, media_type="text/event-stream")
 
 
 @router.delete("/store/{name:path}")
-async def remove(name: str, request: Request) -> dict:
+def remove(name: str, request: Request) -> dict:  # may wait on a pull's lock
     _serving(request).remove(name)
     return {"removed": name}
 
 
 @router.post("/store/{name:path}/verify")
-async def verify(name: str, request: Request) -> dict:
+def verify(name: str, request: Request) -> dict:  # hashes every blob
     return {"name": name, "problems": _serving(request).verify(name)}

@@ -4,6 +4,7 @@ holds, CPU and disk; the store, the loaded models and the repository's; pulls wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import time
@@ -17,10 +18,13 @@ from deskpod.server.errors import APIError
 from deskpod.server.registry import LLM, ModelRegistry
 from deskpod.store import Store
 from deskpod.store.catalog import CATALOG
+from deskpod.store.names import format_ref, parse_name
+from deskpod.store.pull import catalog_key
 
 if TYPE_CHECKING:
     from deskpod.backends.repository import ModelRepository
 
+log = logging.getLogger("deskpod.server")
 PULL_REPORTS_PER_S = 8  # progress events a pull sends at most (extraction reports every chunk)
 
 
@@ -114,12 +118,20 @@ class DashboardServing:
                 "precisions": list(SCHEMES)}
 
     def remove(self, name: str) -> None:
-        if name in self.registry.models:
+        served = {format_ref(*parse_name(n)) for n in self.registry.models}
+        if format_ref(*parse_name(name)) in served:
             raise APIError(409, f"{name} is being served: stop the server (or serve without it) before removing it")
         Store().remove(name)
 
     def verify(self, name: str) -> list[str]:
         return Store().verify(name)
+
+    @staticmethod
+    def check_pullable(name: str) -> None:
+        """Catalog models only: a path would let the page import any file the server can read."""
+        if catalog_key(name) is None:
+            raise APIError(400, f"{name!r} is not a catalog model ({', '.join(CATALOG)}): the dashboard pulls from "
+                                "the catalog only; use `deskpod pull PATH` on the box for files")
 
     async def pull(self, name: str) -> AsyncIterator[dict]:
         """Progress events ({"what", "done", "total"}), then {"pulled": manifest} or {"error": message}."""
@@ -138,6 +150,9 @@ class DashboardServing:
                 queue.put_nowait({"pulled": manifest.to_dict()})
             except DeskpodError as e:
                 queue.put_nowait({"error": str(e)})
+            except Exception as e:  # disk full, a damaged download...: the page must hear of it, not wait
+                log.exception("dashboard pull of %s failed", name)
+                queue.put_nowait({"error": f"{type(e).__name__}: {e}"})
 
         task = asyncio.create_task(run())
         try:
@@ -156,6 +171,8 @@ class DashboardServing:
         from deskpod.plan.planner import make_plan
         from deskpod.plan.source import resolve
 
+        if "/" in model or model.startswith(".") or model.endswith((".gguf", ".json")):
+            raise APIError(400, f"{model!r}: the dashboard plans store models, built-in names and sizes, not files")
         source = resolve(model)
         return [make_plan(source, get_hardware(h), precision=precision, context=context).to_json() for h in hardware]
 
@@ -167,7 +184,7 @@ def _gpu() -> list[dict]:
         return []
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # never start CUDA just to report it
         return []
     gpus = []
     for index in range(torch.cuda.device_count()):

@@ -158,11 +158,12 @@ let known = null; // the last /api/dashboard/models answer
 async function refreshModels() {
   known = await getJSON("/api/dashboard/models");
   $("#catalog").replaceChildren(...known.catalog.map((name) => el("option", { value: name })));
+  const ref = (m) => (m.tag && m.tag !== "latest" ? `${m.name}:${m.tag}` : m.name);
   table($("#store-table"), ["name", "format", "architecture", "parameters", "quantization", "size", ""],
-    known.store.map((m) => [m.tag && m.tag !== "latest" ? `${m.name}:${m.tag}` : m.name, m.format, m.architecture,
+    known.store.map((m) => [ref(m), m.format, m.architecture,
       num(m.parameters ? `${(m.parameters / 1e6).toFixed(0)} M` : ""), m.quantization || "", num(mb(m.size)),
-      el("td", {}, el("button", { onclick: () => verify(m.name) }, "Verify"), " ",
-        el("button", { onclick: () => remove(m.name) }, "Remove"))]));
+      el("td", {}, el("button", { onclick: () => verify(ref(m)) }, "Verify"), " ",
+        el("button", { onclick: () => remove(ref(m)) }, "Remove"))]));
   table($("#loaded-table"), ["name", "kind", "context"], known.loaded.map((m) => [m.name, m.kind, num(m.max_context)]));
   $("#repository").hidden = !known.repository.length;
   table($("#repository-table"), ["model", "version", "state", "inferences", ""],
@@ -190,8 +191,8 @@ async function pull(event) {
         bar.max = step.total; bar.value = step.done;
         text.textContent = `${step.what}: ${mb(step.done)} of ${mb(step.total)}`;
       } else {
-        bar.removeAttribute("value");
-        text.textContent = `${step.what}: ${mb(step.done)}`;
+        bar.removeAttribute("value"); // a phase without a known size: the bar runs without a value
+        text.textContent = `${step.what}...`;
       }
     }
     await refreshModels();
@@ -361,13 +362,22 @@ function chatRequest() {
   return body;
 }
 
+function python(value) {
+  // a Python literal of a JSON value (strings as JSON writes them, which Python reads alike)
+  if (value === true || value === false) return value ? "True" : "False";
+  if (value === null) return "None";
+  if (Array.isArray(value)) return `[${value.map(python).join(", ")}]`;
+  if (typeof value === "object") return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${python(v)}`).join(", ")}}`;
+  return JSON.stringify(value);
+}
+
 function showRequest(body) {
   const url = `${location.origin}/v1/chat/completions`;
   const auth = apiKey ? " -H 'Authorization: Bearer $DESKPOD_API_KEY'" : "";
   const quoted = JSON.stringify(body).replaceAll("'", "'\\''");
   $("#chat-curl").textContent = `curl -N ${url}${auth} -H 'Content-Type: application/json' -d '${quoted}'`;
   const { model, messages, stream, ...options } = body;
-  const args = Object.entries(options).map(([k, v]) => `    ${k}=${JSON.stringify(v).replace(/\btrue\b/g, "True")},`);
+  const args = Object.entries(options).map(([k, v]) => `    ${k}=${python(v)},`);
   $("#chat-python").textContent = [
     ...(apiKey ? ["import os", ""] : []),
     "from openai import OpenAI",
@@ -375,7 +385,7 @@ function showRequest(body) {
     `client = OpenAI(base_url="${location.origin}/v1", api_key=${apiKey ? 'os.environ["DESKPOD_API_KEY"]' : '"none"'})`,
     "stream = client.chat.completions.create(",
     `    model=${JSON.stringify(model)},`,
-    `    messages=${JSON.stringify(messages)},`,
+    `    messages=${python(messages)},`,
     ...args,
     "    stream=True,",
     ")",
