@@ -118,10 +118,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     only the last `window` keys of its sequence (itself included); softcap: scores -> c · tanh(scores / c);
     sinks [heads]: a learned logit per head that joins the softmax's denominator and attends to nothing
     (gpt-oss)."""
-    kernels = cpu_ops() if q.device.type == "cpu" and q.dtype == torch.float32 and sinks is None else None
+    kernels = cpu_ops() if q.device.type == "cpu" and q.dtype == torch.float32 else None
     if kernels is not None:  # reads keys in place, block by block: no gathered copy of the context
         return kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
-                                              window, softcap)
+                                              window, softcap, sinks)
     return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks)
 
 

@@ -152,6 +152,11 @@ def test_decode_kernel_matches_reference():
     lens = torch.tensor([20, 1, 48, 16])
     torch.testing.assert_close(decode_attention(q, k, v, tables, lens, 0.125),
                                decode_attention_reference(q, k, v, tables, lens, 0.125), rtol=1e-5, atol=1e-5)
+    sinks = torch.randn(9) * 3  # gpt-oss: each head's sink in the denominator, with a window too
+    with_sinks = decode_attention(q, k, v, tables, lens, 0.125, 8, 0.0, sinks)
+    torch.testing.assert_close(with_sinks, decode_attention_reference(q, k, v, tables, lens, 0.125, 8, 0.0, sinks),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_sinks, decode_attention(q, k, v, tables, lens, 0.125, 8, 0.0))  # they count
 
 
 def test_async_engine_streams_and_aborts(smollm2_float32, prompts, alone):

@@ -30,12 +30,19 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 // Attention of one new query per sequence over its keys in a paged cache, read in place.
 // q: [B, H, D]; caches: [num_blocks, block_size, KV, D]; block_tables: [B, max_blocks]; context_lens: [B].
 // window > 0: a query sees only its sequence's last `window` keys (itself included). softcap > 0: scores are
-// squashed to softcap * tanh(score / softcap) before the softmax (Gemma 2).
+// squashed to softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks [H] (gpt-oss): a logit per
+// head that joins each softmax's denominator and attends to nothing.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale,
-                                     int64_t window, double softcap) {
+                                     int64_t window, double softcap, c10::optional<torch::Tensor> sinks) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "paged_decode_attention: contiguous float32 tensors expected");
+  torch::Tensor sink_values;
+  if (sinks.has_value()) {
+    sink_values = sinks->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(sink_values.numel() == q.size(1), "paged_decode_attention: one sink per head expected");
+  }
+  const float* sp = sinks.has_value() ? sink_values.data_ptr<float>() : nullptr;
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KV = k_cache.size(2), G = H / KV, width = block_tables.size(1);
   auto out = torch::zeros_like(q);
@@ -64,10 +71,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
           scores[g * L + t - first] = cap > 0.f ? cap * std::tanh(s / cap) : s;
         }
       }
-      for (int64_t g = 0; g < G; ++g) {  // softmax over the visible context
+      for (int64_t g = 0; g < G; ++g) {  // softmax over the visible context (and the head's sink)
         float* row = scores.data() + g * L;
-        const float top = *std::max_element(row, row + L);
-        float total = 0.f;
+        const float sink = sp ? sp[h * G + g] : -INFINITY;
+        const float top = std::max(*std::max_element(row, row + L), sink);
+        float total = sp ? std::exp(sink - top) : 0.f;
         for (int64_t t = 0; t < L; ++t) total += (row[t] = std::exp(row[t] - top));
         for (int64_t t = 0; t < L; ++t) row[t] /= total;
       }
@@ -90,5 +98,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
-  m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("window"), py::arg("softcap"),
+        py::arg("sinks") = py::none());
 }
