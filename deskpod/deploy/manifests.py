@@ -87,7 +87,7 @@ def container(config: DeployConfig, sizing: Sizing, args: list[str], command: li
         "imagePullPolicy": "IfNotPresent",
         **({"command": command} if command else {}),
         "args": args,
-        "env": [{"name": "DESKPOD_API_KEY", "valueFrom": {"secretKeyRef": {"name": config.secret_name, "key": "api-key"}}},
+        "env": [{"name": "DESKPOD_API_KEY", "valueFrom": {"secretKeyRef": _api_key(config)}},
                 # torch starts a thread per core of the node, not of the pod's CPU limit: oversubscribed,
                 # throttled by the quota, decode would stall
                 {"name": "OMP_NUM_THREADS", "value": str(CPU_LIMIT)},
@@ -221,9 +221,7 @@ def service_monitor(config: DeployConfig) -> dict:
         "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": _monitor_meta(config),
         "spec": {
             "selector": {"matchLabels": _selector(config)},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s",
-                           "authorization": {"type": "Bearer",
-                                             "credentials": {"name": config.secret_name, "key": "api-key"}}}],
+            "endpoints": [_scrape(config)],
         },
     }
 
@@ -234,11 +232,20 @@ def pod_monitor(config: DeployConfig) -> dict:
         "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": _monitor_meta(config),
         "spec": {
             "selector": {"matchLabels": kserve_pods(config)},
-            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s",
-                                     "authorization": {"type": "Bearer",
-                                                       "credentials": {"name": config.secret_name, "key": "api-key"}}}],
+            "podMetricsEndpoints": [_scrape(config)],
         },
     }
+
+
+def _api_key(config: DeployConfig) -> dict:
+    """The Secret key holding the API key: the pods read it, Prometheus sends it."""
+    return {"name": config.secret_name, "key": "api-key"}
+
+
+def _scrape(config: DeployConfig) -> dict:
+    """A monitor's endpoint: /metrics on the http port, with the key (the route needs it)."""
+    return {"port": "http", "path": "/metrics", "interval": "15s",
+            "authorization": {"type": "Bearer", "credentials": _api_key(config)}}
 
 
 def _monitor_meta(config: DeployConfig) -> dict:

@@ -73,7 +73,7 @@ class Source(Protocol):
 
 def resolve_source(source: str) -> Source:
     """A catalog name unless `source` looks like a path; else an existing file or folder."""
-    if not _looks_like_path(source) and (key := catalog_key(source)):
+    if not looks_like_path(source) and (key := catalog_key(source)):
         return CatalogSource(key, CATALOG[key])
     path = Path(source).expanduser()
     if path.exists():
@@ -95,7 +95,7 @@ def catalog_key(ref: str) -> str | None:
     return key if key in CATALOG else None
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     return "/" in source or "\\" in source or source.startswith(("~", ".")) or Path(source).suffix in SUFFIX_FORMATS
 
 

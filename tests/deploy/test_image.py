@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
+from support.ports import free_port
 
 from deskpod.store import Store
 
@@ -133,7 +134,7 @@ def container(image, smollm2_gguf, tmp_path_factory):
     shutil.copyfile(smollm2_gguf, named)
     Store(home / "models").pull(str(named), name="smollm2", progress=False)
     named.unlink()
-    port = _free_port()
+    port = free_port()
     name = f"deskpod-test-{os.getpid()}"
     started = podman("run", "-d", "--name", name, *limits(), "-p", f"127.0.0.1:{port}:8000",
                      "-v", f"{home / 'models'}:/models:U", "-e", f"DESKPOD_API_KEY={KEY}", image, "smollm2",
@@ -157,14 +158,6 @@ def container(image, smollm2_gguf, tmp_path_factory):
         yield name, url
     finally:
         podman("rm", "-f", name)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_image_answers_a_chat_request(container):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.ports import free_port
 
 API_KEY = "e2e-secret"
 STARTUP_TIMEOUT_S = 600  # the first start on a machine compiles the CPU kernels (about a minute)
@@ -49,12 +49,6 @@ class Server:
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
                 samples[f"{s.name}{{{labels}}}"] = s.value
         return samples
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: list[str], log: Path, api_key: str | None = None) -> Server:

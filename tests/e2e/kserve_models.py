@@ -8,7 +8,6 @@ The ONNX and Python builders are tests/backends' own (backend_models.py).
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.ports import free_port
 from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
@@ -137,12 +137,6 @@ def refused(call) -> InferenceServerException:
 def pair(batch: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return tuple(rng.standard_normal((batch, WIDTH)).astype(np.float32) for _ in range(2))  # type: ignore[return-value]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

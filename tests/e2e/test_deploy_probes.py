@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import httpx
-from conftest import free_port
+from support.ports import free_port
 
 from deskpod.deploy.config import DeployConfig
 from deskpod.deploy.manifests import GRPC_PORT, render

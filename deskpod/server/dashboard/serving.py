@@ -19,7 +19,7 @@ from deskpod.server.registry import LLM, ModelRegistry
 from deskpod.store import Store
 from deskpod.store.catalog import CATALOG
 from deskpod.store.names import format_ref, parse_name
-from deskpod.store.pull import catalog_key
+from deskpod.store.pull import catalog_key, looks_like_path
 
 if TYPE_CHECKING:
     from deskpod.backends.repository import ModelRepository
@@ -171,7 +171,7 @@ class DashboardServing:
         from deskpod.plan.planner import make_plan
         from deskpod.plan.source import resolve
 
-        if "/" in model or model.startswith(".") or model.endswith((".gguf", ".json")):
+        if looks_like_path(model) or model.endswith(".json"):  # (a config.json the planner would read)
             raise APIError(400, f"{model!r}: the dashboard plans store models, built-in names and sizes, not files")
         source = resolve(model)
         return [make_plan(source, get_hardware(h), precision=precision, context=context).to_json() for h in hardware]
