@@ -232,7 +232,9 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # shifted to a maximum of 0 first: a logit at float32's largest (a repetition penalty near 0) divided by a
+        # temperature below 1 would overflow to inf, and the softmax would be NaN; no shift changes the softmax
+        logits = (logits - logits.max()) / p.temperature
         if p.min_p:
             probs = torch.softmax(logits, dim=-1)
             logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))

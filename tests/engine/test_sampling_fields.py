@@ -77,6 +77,12 @@ def test_a_near_zero_repetition_penalty_never_turns_a_masked_token_into_nan():
     assert not out.isnan().any() and sampler(LOGITS) == 1
 
 
+def test_a_near_zero_repetition_penalty_with_a_low_temperature_still_samples():
+    # 4e-45 is a float32 denormal: a seen positive logit becomes float32's largest, and / 0.5 would overflow
+    sampler = Sampler(SamplingParams(temperature=0.5, seed=0, repetition_penalty=4e-45), prompt_ids=[0])
+    assert {sampler(LOGITS) for _ in range(10)} == {0}  # the penalised-to-certain token, every time
+
+
 @pytest.fixture(scope="module")
 def engine_for(smollm2_compact):
     return lambda **kw: LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024, **kw))
