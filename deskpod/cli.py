@@ -13,7 +13,8 @@ from deskpod.engine.config import DEVICE_HELP
 from deskpod.errors import DeskpodError
 
 # Modules that add their own subcommands with register(subparsers); imported only when present.
-COMMAND_MODULES = ("deskpod.store.cli", "deskpod.plan.cli", "deskpod.server.cli", "deskpod.quant.cli", "deskpod.deploy.cli")
+COMMAND_MODULES = ("deskpod.store.cli", "deskpod.plan.cli", "deskpod.server.cli", "deskpod.quant.cli", "deskpod.deploy.cli",
+                   "deskpod.link.cli")
 
 # Ollama and llama.cpp's defaults for interactive use: a little randomness, truncated tails.
 CLI_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}

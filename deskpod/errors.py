@@ -33,6 +33,10 @@ class ModelNotReady(DeskpodError):
     """The model exists but cannot serve now: loading, unloading, or failed to load (the server answers 503)."""
 
 
+class LinkLost(ModelNotReady):
+    """A box of a linked model went away: the requests in flight end with this (503), until it joins again."""
+
+
 class BackendError(DeskpodError):
     """A model's own code failed while executing a request (the server answers 500; other requests go on)."""
 

@@ -21,7 +21,7 @@ from deskpod.engine.llm import resolve_model_file
 from deskpod.engine.loader import load_model
 from deskpod.engine.runner import TokenLogprob
 from deskpod.engine.sampler import SamplingParams
-from deskpod.errors import GenerationFailed, InvalidRequest
+from deskpod.errors import GenerationFailed, InvalidRequest, LinkLost
 
 __all__ = ["AsyncLLM", "RequestOutput", "TokenLogprob"]
 log = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def link(self):
+        """The LinkHead when this model runs across linked boxes (deskpod.link), else None."""
+        return self.engine.link
+
     async def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -123,6 +128,10 @@ class AsyncLLM:
                 continue
             try:
                 outputs = self.engine.step()
+            except LinkLost as e:  # a linked box went away: what was running ends with 503
+                log.error("%s", e)
+                self._fail_running(e)
+                continue
             except Exception as e:  # a bug or a bad batch: fail what was running, keep serving
                 log.exception("engine step failed")
                 self._fail_running(e)
@@ -155,7 +164,9 @@ class AsyncLLM:
         own bookkeeping. What it held cannot be trusted, so its requests end with the error."""
         for request_id in list(self.engine.scheduler.requests):
             self.engine.abort(request_id)
-            self._deliver(request_id, GenerationFailed(f"the engine failed: {type(error).__name__}: {error}"))
+            failure = error if isinstance(error, LinkLost) else \
+                GenerationFailed(f"the engine failed: {type(error).__name__}: {error}")
+            self._deliver(request_id, failure)
             self._streams.pop(request_id, None)
 
     def _deliver(self, request_id: str, item) -> None:

@@ -133,6 +133,12 @@ class BlockPool:
         request.block_ids.clear()
         self._num_hashed.pop(request.request_id, None)
 
+    def forget_cached(self) -> None:
+        """Drop the prefix cache: the blocks' contents can no longer be trusted (a linked box that held part of
+        them went away)."""
+        self._cached.clear()
+        self.hashes = [None] * self.num_blocks
+
     def _hold(self, block_id: int) -> None:
         if self.ref_counts[block_id] == 0:
             del self._free[block_id]

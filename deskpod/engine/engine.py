@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from deskpod.engine.sampler import Sampler, SamplingParams
 from deskpod.engine.structured import GrammarConstraint, StructuredOutputs
 from deskpod.engine.scheduler import Scheduler, SchedulerConfig
 from deskpod.engine.text import TextStream
-from deskpod.errors import DeskpodError, InvalidRequest, PromptTooLong
+from deskpod.errors import DeskpodError, InvalidRequest, LinkLost, PromptTooLong
 from deskpod.plan.capacity import kv_blocks_for
 from deskpod.plan.devices import available_memory_bytes
 
@@ -81,7 +82,9 @@ def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
     """KV blocks from the budget: `kv_cache_gb`, else a share of the memory free now (weights loaded)."""
     free = available_memory_bytes(cuda=config.device.startswith("cuda"))
     budget = config.kv_cache_gb * 1e9 if config.kv_cache_gb else free * (config.memory_fraction or DEFAULT_MEMORY_FRACTION)
-    shape = model_shape(loaded.spec, loaded.label)
+    # this box's layers and KV heads: all of them, or its share of a linked model
+    shape = dataclasses.replace(model_shape(loaded.spec, loaded.label), num_layers=len(loaded.model.blocks),
+                                num_kv_heads=loaded.model.kv_heads)
     blocks = kv_blocks_for(shape, int(budget), config.block_size, kv_dtype_bytes(config))
     context = min(config.context_for(loaded.spec.max_context), loaded.context)
     needed = -(-context // config.block_size)
@@ -95,8 +98,12 @@ def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), num_blocks: int | None = None):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), num_blocks: int | None = None,
+                 link=None):
+        """`link`: the LinkHead of a model served across linked boxes (deskpod.link), whose state decides whether
+        requests are taken."""
         self.loaded, self.config, self.tokenizer = loaded, config, loaded.tokenizer
+        self.link, self._link_generation = link, link.generation if link else 0
         self.context = min(config.context_for(loaded.spec.max_context), loaded.context)
         num_blocks = num_blocks or kv_pool_blocks(loaded, config)
         sched = SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
@@ -116,6 +123,8 @@ class LLMEngine:
         """Queue a request; `after`: the id of a request with the same prompt (one of `n` choices), whose
         prompt blocks this one then shares instead of computing them again; `constraint`: its structured
         output's state, when the caller built it already (off the engine's thread)."""
+        if self.link is not None and self.link.group is None:
+            raise LinkLost(self.link.unavailable_reason())
         check_prompt(len(prompt_ids), self.context)
         check_token_ids({"prompt": prompt_ids, **params.token_ids()}, self.loaded.spec.vocab_size)
         request_id = request_id or f"req-{next(self._ids)}"
@@ -139,6 +148,10 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        if self.link is not None and self.link.generation != self._link_generation:
+            # a box came back with an empty cache: blocks computed before hold none of its layers / heads
+            self.scheduler.pool.forget_cached()
+            self._link_generation = self.link.generation
         out = self.scheduler.schedule()
         result = self.runner.execute(out)
         failed = [self._failed(request_id, why) for request_id, why in result.failed.items()]

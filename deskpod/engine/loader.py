@@ -25,6 +25,7 @@ from deskpod.engine.tokenizer import Tokenizer
 from deskpod.errors import CorruptModel, UnsupportedModel
 from deskpod.formats.spec import ModelSpec
 from deskpod.formats.weights import WeightSource, declared_architecture, open_weights
+from deskpod.link.share import Share
 from deskpod.plan.capacity import MemoryPlan, check_fits
 from deskpod.quant.kernels import cpu_ops
 from deskpod.plan.devices import available_memory_bytes
@@ -66,18 +67,35 @@ def model_shape(spec: ModelSpec, name: str) -> ModelShape:
     return ModelShape.from_spec(spec, name)
 
 
-def planned_weight_bytes(source: WeightSource, config: EngineConfig) -> int:
-    """What the weights will take once loaded with this config, known before reading any of them."""
+def planned_weight_bytes(source: WeightSource, config: EngineConfig, share: Share | None = None) -> int:
+    """What the weights will take once loaded with this config, known before reading any of them; with a
+    `share`, what this box of a link holds."""
     options = weight_options(config)
-    return sum(resident_bytes(t, options) for t in source.tensors())
+    if share is None:
+        return sum(resident_bytes(t, options) for t in source.tensors())
+    return sum(round(resident_bytes(t, options) * share_fraction(share, source.spec, t.name))
+               for t in source.tensors() if share.owns(t.name))
 
 
-def admit(source: WeightSource, config: EngineConfig, context: int) -> MemoryPlan:
+def share_fraction(share: Share, spec: ModelSpec, name: str) -> float:
+    """The part of an owned tensor a box holds: its heads' or columns' under tensor parallel, else all."""
+    if not share.tensor or "norm" in name or "ffn_gate_inp" in name or name.startswith("rope_freqs"):
+        return 1.0
+    if name.startswith(("token_embd.", "output.")):
+        return (share.vocab_end - share.vocab_start) / spec.vocab_size
+    if any(part in name for part in ("ffn_gate", "ffn_up", "ffn_down")):
+        return (share.ffn_end - share.ffn_start) / spec.intermediate_size
+    return (share.kv_end - share.kv_start) / spec.num_kv_heads
+
+
+def admit(source: WeightSource, config: EngineConfig, context: int, share: Share | None = None) -> MemoryPlan:
     """Refuses (DoesNotFit, with the breakdown and the ways out) a model that cannot fit in the memory free
-    right now, with the same functions `deskpod plan` uses."""
+    right now, with the same functions `deskpod plan` uses (for a linked box: its share and KV cache)."""
     shape = model_shape(source.spec, source.label)
     free = available_memory_bytes(cuda=config.device.startswith("cuda"))
-    return check_fits(shape, planned_weight_bytes(source, config), context, free, kv_dtype_bytes=kv_dtype_bytes(config))
+    weights, nodes = planned_weight_bytes(source, config, share), share.world if share else 1
+    # check_fits divides the weights by the number of boxes; this box's share is known exactly
+    return check_fits(shape, weights * nodes, context, free, kv_dtype_bytes=kv_dtype_bytes(config), nodes=nodes)
 
 
 def _gguf_tokenizer(source: WeightSource) -> Tokenizer:
@@ -91,18 +109,20 @@ def _folder_tokenizer(source: WeightSource) -> Tokenizer:
 TOKENIZERS: dict[str, Callable[[WeightSource], Tokenizer]] = {"gguf": _gguf_tokenizer, "safetensors": _folder_tokenizer}
 
 
-def load_model(path: str | Path, config: EngineConfig = EngineConfig(), name: str | None = None) -> LoadedModel:
+def load_model(path: str | Path, config: EngineConfig = EngineConfig(), name: str | None = None,
+               share: Share | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LoadedModel:
     """The model in a .gguf file or a Hugging Face folder, with its tokenizer; refused with DoesNotFit when it
-    cannot fit at the config's context (default: the model's full context). `name` is how errors call it."""
+    cannot fit at the config's context (default: the model's full context). `name` is how errors call it.
+    `share`: only this box's part of the model, for a link (deskpod.link); `reduce` sums tensor-parallel parts."""
     if config.threads:
         torch.set_num_threads(config.threads)
     source = _open(path, name)
     arch = check_runnable(source.spec, source.label)
     context = config.context_for(source.spec.max_context)
-    admit(source, config, context)
+    admit(source, config, context, share)
     tokenizer = TOKENIZERS[source.format](source)
-    model = arch.build(ModelBuilder(source, weight_options(config)))
-    check_all_used(source, arch.name)
+    model = arch.build(ModelBuilder(source, weight_options(config), share, reduce))
+    check_all_used(source, arch.name, share)
     if config.device == "cpu" and config.dtype == "float32":
         cpu_ops()  # built (once per machine) now, not in the middle of the first request
     return LoadedModel(model, tokenizer, source.spec, Path(path), source.label, context)
@@ -120,9 +140,10 @@ def _open(path: str | Path, name: str | None) -> WeightSource:
         raise
 
 
-def check_all_used(source: WeightSource, architecture: str) -> None:
-    """UnsupportedModel naming the tensors the model did not take: parts of the checkpoint deskpod does not run."""
-    unused = source.unused()
+def check_all_used(source: WeightSource, architecture: str, share: Share | None = None) -> None:
+    """UnsupportedModel naming the tensors the model did not take: parts of the checkpoint deskpod does not run.
+    A linked box checks the tensors of its share (each tensor is some box's, so the link checks them all)."""
+    unused = [name for name in source.unused() if share is None or share.owns(name)]
     if not unused:
         return
     features = {text for name in unused for key, text in UNUSED_FEATURES.items() if key in name}

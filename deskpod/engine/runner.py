@@ -16,7 +16,7 @@ from deskpod.engine.config import EngineConfig
 from deskpod.engine.loader import TORCH_DTYPES, LoadedModel
 from deskpod.engine.sampler import Sampler
 from deskpod.engine.scheduler import ScheduledRequest, SchedulerOutput
-from deskpod.errors import DeskpodError
+from deskpod.errors import DeskpodError, LinkLost
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ class ModelRunner:
         self.device = torch.device(config.device)
         # empty, not zeros: a slot is always written before attention reads it, and untouched pages of
         # a large pool cost no memory until sequences reach them
-        self.cache = PagedKVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_blocks, config.block_size,
-                                  dtype=TORCH_DTYPES[config.dtype], device=self.device, alloc=torch.empty)
+        self.cache = PagedKVCache(len(self.model.blocks), self.model.kv_heads, spec.head_dim, num_blocks,
+                                  config.block_size, dtype=TORCH_DTYPES[config.dtype], device=self.device,
+                                  alloc=torch.empty)  # this box's layers and heads: all, unless linked
         self.block_size = config.block_size
         self._samplers: dict[str, Sampler] = {}  # per request: its state survives preemption
         self._prompt_logprobs_done: dict[str, int] = {}  # prompt positions already reported (a preempted
@@ -63,6 +64,8 @@ class ModelRunner:
             return StepResult({}, {})
         try:
             return self._run(out.scheduled)
+        except LinkLost:  # a linked box went away: no request is at fault, none can go on
+            raise
         except Exception as e:  # noqa: BLE001 - whatever broke, find whose share it was
             if len(out.scheduled) == 1:
                 log.exception("forward pass failed for request %s", out.scheduled[0].request_id)

@@ -37,6 +37,7 @@ class StoredTensor(ABC):
     dtype: str  # ggml type ("Q4_K", "F32"), safetensors dtype ("BF16"), or a deskpod scheme ("nvfp4")
     nbytes: int  # as stored
     row_order: np.ndarray | None = None  # rows (dim 0) are read in this order
+    stored_rows: int | None = None  # the rows the file holds, when only some are read (a linked box's share)
 
     @property
     def n_elements(self) -> int:
@@ -55,7 +56,8 @@ class StoredTensor(ABC):
         """The same tensor read with its rows in `order` (composed with any order it already has)."""
         current = self.row_order if self.row_order is not None else np.arange(self.rows)
         composed = current[np.asarray(order)]
-        return replace(self, row_order=None if np.array_equal(composed, np.arange(self.rows)) else composed)
+        every_row = np.arange(self.stored_rows or self.rows)  # the order drops only when all rows are read in order
+        return replace(self, row_order=None if np.array_equal(composed, every_row) else composed)
 
     @abstractmethod
     def float(self) -> torch.Tensor:

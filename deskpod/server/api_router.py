@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from deskpod.server.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -14,8 +16,19 @@ metrics_router = APIRouter()
 
 
 @health_router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}  # answered only once the models are loaded: uvicorn listens after startup
+async def health(raw: Request) -> Response:
+    # answered only once the models are loaded: uvicorn listens after startup
+    degraded = link_problems(raw)
+    if degraded:
+        return JSONResponse({"status": "degraded", "links": degraded}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+def link_problems(raw: Request) -> dict[str, dict]:
+    """The linked models whose link is not whole, by name, with which box is missing and why."""
+    registry = getattr(raw.app.state, "registry", None)
+    links = ((name, engine.link.status()) for name, engine in (registry.llms() if registry else ()) if engine.link)
+    return {name: asdict(status) for name, status in links if status.state != "ok"}
 
 
 @metrics_router.get("/metrics")

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from deskpod.engine.config import DEVICE_HELP, WEIGHT_MODES, EngineConfig, resolve_device
 from deskpod.errors import DeskpodError
+from deskpod.link.cli import add_serve_options as add_link_options
+from deskpod.link.cli import link_config
 from deskpod.server.config import (
     DEFAULT_GRPC_PORT,
     DEFAULT_MAX_REQUEST_MB,
@@ -77,6 +79,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="keep quantized weights in their stored blocks (default), or expand them to float32: slower, "
                         "and every reply independent of what else runs beside it")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the engines (default: all cores)")
+    add_link_options(p)
     p.set_defaults(func=serve)
     register_dashboard(subparsers)
     return p
@@ -106,7 +110,7 @@ def open_dashboard(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     engine = EngineConfig(memory_fraction=args.memory_fraction, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                           max_waiting=args.max_waiting, context=args.ctx, weights=args.weights,
-                          device=resolve_device(args.device))
+                          device=resolve_device(args.device), threads=args.threads)
     repository = args.model_repository
     grpc_port = args.grpc_port if args.grpc_port is not None else (DEFAULT_GRPC_PORT if repository else None)
     return ServerConfig(
@@ -120,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grpc_port=None if args.no_grpc else grpc_port,
         max_request_mb=args.max_request_mb,
         allowed_origins=tuple(args.allowed_origins),
+        link=link_config(args),
     )
 
 
@@ -139,7 +144,7 @@ def serve(args: argparse.Namespace) -> int:
     from deskpod.server.registry import ModelRegistry
 
     repository = load_repository(config.model_repository)
-    registry = ModelRegistry.load(list(config.models), config.engine)
+    registry = ModelRegistry.load(list(config.models), config.engine, config.link)
     # the gRPC server starts in the app's lifespan: on uvicorn's event loop, beside the HTTP server
     uvicorn.run(
         create_app(config, registry, repository),

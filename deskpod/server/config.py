@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from deskpod.engine.config import EngineConfig
 from deskpod.errors import DeskpodError
+from deskpod.link.config import LinkConfig
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_GRPC_PORT = 8001  # Triton's
@@ -32,6 +33,7 @@ class ServerConfig:
     grpc_port: int | None = None
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB
     allowed_origins: tuple[str, ...] = ()  # CORS: web pages from these origins may call the API ("*": any)
+    link: LinkConfig | None = None  # serve the one model across linked boxes
 
     def __post_init__(self) -> None:
         if not self.models and self.model_repository is None:
@@ -42,6 +44,8 @@ class ServerConfig:
             raise DeskpodError(f"--grpc-port and --port are both {self.port}: give them different ports")
         if not self.max_request_mb > 0:
             raise DeskpodError(f"--max-request-mb must be more than 0, got {self.max_request_mb}")
+        if self.link is not None and len(self.models) != 1:
+            raise DeskpodError(f"a link serves one model; {len(self.models)} were named")
         check_exposure(self.host, self.api_key, self.insecure)
 
     @property

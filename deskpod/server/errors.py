@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from deskpod.engine.sampler import InvalidSamplingParams
 from deskpod.engine.scheduler import QueueFull
-from deskpod.errors import DeskpodError, GenerationFailed, InvalidRequest, ModelNotFound, PromptTooLong
+from deskpod.errors import DeskpodError, GenerationFailed, InvalidRequest, ModelNotFound, ModelNotReady, PromptTooLong
 from deskpod.server.openai.fields import FieldError
 
 log = logging.getLogger("deskpod.server")
@@ -81,6 +81,7 @@ ENGINE_ERRORS: dict[type[DeskpodError], tuple[int, str, str | None, dict[str, st
     InvalidSamplingParams: (400, "invalid_request_error", "invalid_value", None),
     ModelNotFound: (404, "invalid_request_error", "model_not_found", None),
     GenerationFailed: (500, "server_error", None, None),
+    ModelNotReady: (503, "server_error", "model_not_ready", {"Retry-After": str(RETRY_AFTER_S)}),  # a linked box lost
 }
 
 

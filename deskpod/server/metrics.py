@@ -13,6 +13,8 @@ deskpod_kv_cache_usage_ratio{model}             0..1, blocks held by live reques
 deskpod_kv_cache_blocks_total{model} / deskpod_kv_cache_blocks_free{model}
 deskpod_num_preemptions_total{model}
 deskpod_embedding_input_tokens_total{model}
+deskpod_link_node_up{model,node,address,role}   a linked model: each box serving (1) or not; its weight bytes,
+deskpod_link_wait_seconds_total{model,kind}     and the seconds steps waited on the link (exchange, handoff)
 
 The same figures under vLLM's names too, labelled `model_name`, so that a dashboard made for vLLM reads
 deskpod: vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc (and its older name
@@ -87,6 +89,34 @@ class EngineCollector(Collector):
         yield from (family for _, family in families)
 
 
+class LinkCollector(Collector):
+    """Each box of a linked model: up or not, the weight bytes it holds, and the time steps spent on the link."""
+
+    def __init__(self, engines: Callable[[], Iterable[tuple[str, AsyncLLM]]]):
+        self.engines = engines
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("deskpod_link_node_up", "1 while the box serves its share of the model",
+                               labels=["model", "node", "address", "role"])
+        weights = GaugeMetricFamily("deskpod_link_node_weight_bytes", "Weight bytes the box holds", labels=["model", "node"])
+        waits = CounterMetricFamily("deskpod_link_wait_seconds", "Seconds steps waited on the link", labels=["model", "kind"])
+        steps = CounterMetricFamily("deskpod_link_steps", "Steps run across the link", labels=["model"])
+        for model, engine in self.engines():
+            link = engine.link
+            if link is None:
+                continue
+            for node in link.status().nodes:
+                up.add_metric([model, str(node["node"]), str(node["address"]), node["role"]],
+                              float(node["state"] in ("up", "linked")))
+                if node.get("weight_bytes") is not None:
+                    weights.add_metric([model, str(node["node"])], float(node["weight_bytes"]))
+            timings = link.timings
+            waits.add_metric([model, "exchange"], timings.exchange)
+            waits.add_metric([model, "handoff"], timings.handoff)
+            steps.add_metric([model], float(timings.steps))
+        yield from (up, weights, waits, steps)
+
+
 class ServerMetrics:
     def __init__(self, engines: Callable[[], Iterable[tuple[str, AsyncLLM]]]):
         self.registry = CollectorRegistry()  # one per app: several servers can live in one process
@@ -115,6 +145,7 @@ class ServerMetrics:
         self.vllm_success = Counter("vllm:request_success", "Requests finished", ["model_name", "finished_reason"],
                                     registry=r)
         r.register(EngineCollector(engines))
+        r.register(LinkCollector(engines))
 
     def timer(self, model: str) -> RequestTimer:
         return RequestTimer(self, model)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from deskpod.engine.config import EngineConfig
 from deskpod.errors import UnsupportedModel
+from deskpod.link.config import LinkConfig
 from deskpod.server.errors import APIError
 from deskpod.store import Manifest, Store
 
@@ -41,6 +42,19 @@ def _load_llm(name: str, manifest: Manifest, options: EngineConfig) -> ServedMod
     from deskpod.engine.async_engine import AsyncLLM
 
     engine = AsyncLLM.from_model(name, options)
+    return ServedModel(name, LLM, engine, int(time.time()), engine.max_context)
+
+
+def _load_linked_llm(name: str, manifest: Manifest, options: EngineConfig, link: LinkConfig) -> ServedModel:
+    """The model across linked boxes: waits for them to join (deskpod.link.serve)."""
+    import sys
+
+    from deskpod.engine.async_engine import AsyncLLM
+    from deskpod.link.serve import linked_engine
+
+    path = Store().model_file(manifest) if manifest.format == "gguf" else Store().model_dir(manifest)
+    progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    engine = AsyncLLM(lambda: linked_engine(name, path, options, link, manifest.digest, progress), name)
     return ServedModel(name, LLM, engine, int(time.time()), engine.max_context)
 
 
@@ -75,13 +89,19 @@ class ModelRegistry:
         self.aliases = {alias: name for alias, name in (aliases or {}).items() if name in self.models}
 
     @classmethod
-    def load(cls, names: list[str], options: EngineConfig) -> ModelRegistry:
-        """Load the stored models `names` (pull them first with Store().ensure)."""
+    def load(cls, names: list[str], options: EngineConfig, link: LinkConfig | None = None) -> ModelRegistry:
+        """Load the stored models `names` (pull them first with Store().ensure); with `link`, the one model
+        across linked boxes."""
         store, models, aliases = Store(), [], {}
         for name in names:
             manifest = store.get(name)
             log.info("loading %s (%s %s)", name, manifest.format, manifest.architecture)
-            models.append(loader_for(manifest)(name, manifest, options))
+            if link is not None:
+                if loader_for(manifest) is not _load_llm:
+                    raise UnsupportedModel(f"{manifest.ref}: only LLMs can be served across linked boxes")
+                models.append(_load_linked_llm(name, manifest, options, link))
+            else:
+                models.append(loader_for(manifest)(name, manifest, options))
             aliases[manifest.ref] = name  # "smollm2:latest" finds "smollm2" too
         return cls(models, aliases)
 

@@ -9,7 +9,7 @@ from deskpod.engine.models import Architecture
 
 
 def build(b):
-    blocks = [b.block(i, sandwich=True) for i in range(b.spec.num_layers)]
+    blocks = [b.block(i, sandwich=True) for i in b.layers()]
     return b.decoder(blocks, embed_scale=math.sqrt(b.spec.hidden_size))
 
 

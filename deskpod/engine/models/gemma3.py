@@ -10,7 +10,7 @@ from deskpod.engine.models import Architecture
 
 
 def build(b):
-    blocks = [b.block(i, qk_norm=True, sandwich=True) for i in range(b.spec.num_layers)]
+    blocks = [b.block(i, qk_norm=True, sandwich=True) for i in b.layers()]
     return b.decoder(blocks, embed_scale=math.sqrt(b.spec.hidden_size))
 
 

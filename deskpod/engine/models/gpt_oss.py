@@ -12,7 +12,7 @@ from deskpod.engine.models.llama import ROPE_SCALINGS
 
 
 def build(b):
-    return b.decoder([b.block(i) for i in range(b.spec.num_layers)])
+    return b.decoder([b.block(i) for i in b.layers()])
 
 
 ARCHITECTURE = Architecture("gpt-oss", ROPE_SCALINGS | {"moe", "sliding_window", "attention_sinks", "clamped_swiglu"},

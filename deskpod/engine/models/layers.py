@@ -271,48 +271,79 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)); Gemma also norms each sub-layer's output ("sandwich")."""
+    """x + attn(norm(x)), then x + mlp(norm(x)); Gemma also norms each sub-layer's output ("sandwich").
+    `reduce`: under tensor parallel each box computes part of the heads and MLP columns, and this sums the
+    boxes' partial outputs of each sub-layer (before the post-norms, which need the whole)."""
 
     def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP | MoE,
-                 attn_post_norm: RMSNorm | None = None, mlp_post_norm: RMSNorm | None = None):
+                 attn_post_norm: RMSNorm | None = None, mlp_post_norm: RMSNorm | None = None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
         self.attn_post_norm, self.mlp_post_norm = attn_post_norm, mlp_post_norm
+        self.reduce = reduce
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, rots: Sequence[torch.Tensor], kv) -> torch.Tensor:
         h = self.attn(self.attn_norm(x), batch, rots, kv)
+        h = h if self.reduce is None else self.reduce(h)
         x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
         h = self.mlp(self.mlp_norm(x))
+        h = h if self.reduce is None else self.reduce(h)
         return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
 
 
 class DecoderLM(nn.Module):
     """Token embedding (scaled for Gemma), the blocks, a final norm, the LM head (often the embedding itself),
-    optional final logit softcapping."""
+    optional final logit softcapping. A box linked to others may hold only some of these: its blocks are
+    layers first_layer.. of the model, and table / norm / head are None where another box runs them."""
 
-    def __init__(self, spec: ModelSpec, table: Linear, blocks: list[Block], norm: RMSNorm, head: Linear,
-                 rotaries: list[Rotary], embed_scale: float = 1.0, dtype: torch.dtype = torch.float32):
+    def __init__(self, spec: ModelSpec, table: Linear | None, blocks: list[Block], norm: RMSNorm | None,
+                 head: Linear | None, rotaries: list[Rotary], embed_scale: float = 1.0,
+                 dtype: torch.dtype = torch.float32, first_layer: int = 0, vocab: tuple[int, int] | None = None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`vocab`: under tensor parallel, the rows [start, end) of the vocabulary this box's table and head
+        hold; its embeddings are summed with the other boxes' (`reduce`), its logits are that slice."""
         super().__init__()
-        self.spec, self.dtype = spec, dtype
+        self.spec, self.dtype, self.first_layer = spec, dtype, first_layer
+        self.vocab, self.reduce = vocab, reduce
         self.table, self.head = table, head  # the same module when tied
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
         self.rotaries = nn.ModuleList(rotaries)
         self.embed_scale, self.final_softcap = embed_scale, spec.final_softcap
 
+    @property
+    def kv_heads(self) -> int:
+        """KV heads of this box's cache (all of the model's, or its tensor-parallel share)."""
+        return self.blocks[0].attn.options.num_kv_heads
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.table.rows(ids)  # [T, hidden] float32, whatever the table's format
+        if self.vocab is not None:  # this box's rows; zeros for the tokens another box holds, summed across boxes
+            local = ids - self.vocab[0]
+            mine = (local >= 0) & (local < self.vocab[1] - self.vocab[0])
+            x = self.table.rows(torch.where(mine, local, 0)) * mine.unsqueeze(-1)
+            x = self.reduce(x)
+        else:
+            x = self.table.rows(ids)  # [T, hidden] float32, whatever the table's format
         x = x * self.embed_scale if self.embed_scale != 1.0 else x
-        return x.to(device=self.norm.weight.device, dtype=self.dtype)
+        return x.to(device=self.blocks[0].attn_norm.weight.device, dtype=self.dtype)
 
     @torch.inference_mode()
     def forward_batch(self, ids: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:
         """ids: [T], the tokens of every scheduled sequence back to back -> logits [len(logit_rows), vocab]."""
+        return self.logits(self.run_blocks(self.embed(ids), batch, cache)[batch.logit_rows])
+
+    @torch.inference_mode()
+    def run_blocks(self, x: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:
+        """This box's layers over hidden states x [T, hidden] (its cache holds those layers only)."""
         rots = [r.select(batch.positions) for r in self.rotaries]
-        x = self.embed(ids)
         for block, kv in zip(self.blocks, cache.layers):
             x = block(x, batch, rots, kv)
-        logits = self.head(self.norm(x[batch.logit_rows]))
+        return x
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.norm(x))
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

@@ -10,7 +10,7 @@ ROPE_SCALINGS = frozenset({"rope:linear", "rope:dynamic", "rope:yarn", "rope:lla
 
 
 def build(b):
-    return b.decoder([b.block(i) for i in range(b.spec.num_layers)])
+    return b.decoder([b.block(i) for i in b.layers()])
 
 
 ARCHITECTURE = Architecture("llama", ROPE_SCALINGS | {"sliding_window", "moe"}, build)

@@ -9,7 +9,7 @@ from deskpod.engine.models.llama import ROPE_SCALINGS
 
 
 def build(b):
-    return b.decoder([b.block(i, qk_norm="whole") for i in range(b.spec.num_layers)])
+    return b.decoder([b.block(i, qk_norm="whole") for i in b.layers()])
 
 
 ARCHITECTURE = Architecture("olmoe", ROPE_SCALINGS | {"moe"}, build)

@@ -8,10 +8,10 @@ from deskpod.engine.models.llama import ROPE_SCALINGS
 
 
 def build(b):
-    for i in range(b.spec.num_layers):  # its q/k/v biases are part of the architecture, not an option
+    for i in b.layers():  # its q/k/v biases are part of the architecture, not an option
         for part in ("attn_q", "attn_k", "attn_v"):
             b.source.info(f"blk.{i}.{part}.bias")
-    return b.decoder([b.block(i) for i in range(b.spec.num_layers)])
+    return b.decoder([b.block(i) for i in b.layers()])
 
 
 ARCHITECTURE = Architecture("qwen2", ROPE_SCALINGS | {"sliding_window"}, build)

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from deskpod.server.api_router import link_problems
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse, Response
@@ -110,8 +111,11 @@ async def live() -> Response:
 
 
 @health_router.get("/v2/health/ready")
-async def ready() -> Response:
-    return empty()  # answered only once every model was tried: uvicorn listens after startup
+async def ready(raw: Request) -> Response:
+    # answered only once every model was tried: uvicorn listens after startup; a linked model missing a box
+    # cannot serve until it joins again
+    degraded = link_problems(raw)
+    return JSONResponse({"error": f"linked models degraded: {degraded}"}, 503) if degraded else empty()
 
 
 @router.get("/v2")

@@ -19,7 +19,7 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from deskpod.errors import DeskpodError, InvalidRequest
+from deskpod.errors import DeskpodError, InvalidRequest, ModelNotReady
 from deskpod.server.errors import error_body, from_engine_error
 from deskpod.server.metrics import RequestTimer
 
@@ -194,6 +194,8 @@ async def sse_stream(generation: Generation | Choices, events: AsyncIterator[Any
             yield sse(event)
     except InvalidRequest as e:  # the request's own settings, refused once generating (an impossible mask...)
         yield sse(error_body(str(e), "invalid_request_error"))
+    except ModelNotReady as e:  # a linked box went away: said as the 503 a new request would get
+        yield sse(error_body(str(e), "server_error", code="model_not_ready"))
     except Exception as e:  # the status line is sent: all we can do is say it in the stream
         log.exception("a request failed while streaming")
         yield sse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"))

@@ -1,0 +1,64 @@
+"""One step of a linked model, as each box runs its share of it.
+
+    head:    send the step's ids and layout to every box
+    tensor:  every box embeds and runs all layers over its heads and columns, summing partials per sub-layer
+    pipeline: box 0 embeds and runs its layers, hands the activations to box 1, ... the last box hands the
+             rows that need logits back to the head
+    head:    final norm, LM head, sampling (the runner's, as on one box)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deskpod.engine.attention import AttentionBatch, PagedKVCache
+from deskpod.engine.models.layers import DecoderLM
+from deskpod.link.group import LinkGroup, LinkLost
+from deskpod.link.share import Share
+
+
+def run_share(model: DecoderLM, share: Share, group: LinkGroup, ids: torch.Tensor, batch: AttentionBatch,
+              cache: PagedKVCache, vocab_widths: list[int] = ()) -> torch.Tensor | None:
+    """This box's part of the step; the head gets the logits of the logit rows, the others None.
+    `vocab_widths`: (head, tensor parallel) how many of the vocabulary's logits each box computes."""
+    if share.tensor:  # every box: its slice of the vocabulary's logits, gathered on the head
+        logits = model.logits(model.run_blocks(model.embed(ids), batch, cache)[batch.logit_rows])
+        if not share.is_head:
+            group.send(logits, 0)
+            return None
+        return torch.cat([logits] + [group.receive((len(logits), width), logits.dtype, rank)
+                                     for rank, width in enumerate(vocab_widths[1:], start=1)], dim=-1)
+    hidden = (len(ids), model.spec.hidden_size)
+    last = share.world - 1
+    x = model.embed(ids) if share.is_head else group.receive(hidden, model.dtype, share.rank - 1)
+    x = model.run_blocks(x, batch, cache)
+    if share.rank < last:
+        group.send(x, share.rank + 1)
+    elif not share.is_head:
+        group.send(x[batch.logit_rows], 0)
+    if share.is_head:
+        return model.logits(group.receive((len(batch.logit_rows), model.spec.hidden_size), model.dtype, last))
+    return None
+
+
+class LinkedModel:
+    """The head's view of a linked model, with the interface ModelRunner uses of a DecoderLM: a step sent to
+    every box and run by all, logits back. `link` supplies the current group (None while a box is missing)."""
+
+    def __init__(self, model: DecoderLM, share: Share, link):
+        self.model, self.share, self.link = model, share, link
+        self.spec, self.blocks, self.kv_heads = model.spec, model.blocks, model.kv_heads
+        self.parameters, self.named_buffers = model.parameters, model.named_buffers  # the head's own weights
+        self.vocab_widths = [s.vocab_end - s.vocab_start for s in link.shares]
+
+    def forward_batch(self, ids: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:
+        group = self.link.group
+        if group is None:
+            raise LinkLost(self.link.unavailable_reason())
+        try:
+            group.send_step(ids, batch)
+            with torch.inference_mode():
+                return run_share(self.model, self.share, group, ids, batch, cache, self.vocab_widths)
+        except LinkLost as e:
+            self.link.lost(group, str(e))
+            raise
