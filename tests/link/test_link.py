@@ -8,59 +8,15 @@ from __future__ import annotations
 import json
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from support.architectures import CASES, build_hf, prompts, write_gguf
-from support.linking import TOKEN, Box
+from support.linking import TOKEN, Box, linked_tokens, reference, smollm2_prompts
 from support.ports import free_port
 
-from deskpod.engine.config import EngineConfig
-from deskpod.engine.generate import generate_batch
-from deskpod.engine.loader import load_model
-from deskpod.engine.sampler import SamplingParams
 from deskpod.store import Store
 
-MAX_TOKENS = 16
-
-
-# Compact blocks compute a batch of many rows with other kernels than a single row (and so round differently):
-# with them, the requests go one at a time on both sides; with float32 weights a reply does not depend on what
-# runs beside it, and the requests go together, batched by the head (and on one box).
-
-
-def reference(path, prompt_ids: list[list[int]], weights: str, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
-    """The greedy tokens of the model on one box (this process)."""
-    config = EngineConfig(weights=weights, context=2048)
-    loaded = load_model(path, config)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    batches = [prompt_ids] if weights == "float32" else [[ids] for ids in prompt_ids]
-    return [c.token_ids for batch in batches for c in generate_batch(loaded, batch, params, config)]
-
-
-def linked_tokens(link, model: str, prompt_ids: list[list[int]], weights: str,
-                  max_tokens: int = MAX_TOKENS) -> list[list[int]]:
-    """The link's greedy tokens for each prompt (sent together, or one at a time for compact weights)."""
-    client = link.client()
-
-    def one(ids: list[int]) -> list[int]:
-        reply = client.completions.create(model=model, prompt=ids, max_tokens=max_tokens, temperature=0, logprobs=0,
-                                          extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
-        return [int(t.removeprefix("token_id:")) for t in reply.choices[0].logprobs.tokens]
-
-    with ThreadPoolExecutor(len(prompt_ids) if weights == "float32" else 1) as pool:
-        return list(pool.map(one, prompt_ids))
-
-
-def smollm2_prompts(store: Store) -> list[list[int]]:
-    from deskpod.engine.tokenizer import Tokenizer
-    from deskpod.formats.gguf import GGUFFile
-
-    tokenizer = Tokenizer.from_gguf(GGUFFile(store.model_file(store.get("smollm2"))))
-    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
-             "The three primary colours are"]
-    return [tokenizer.encode(t) for t in texts]
 
 
 # --- greedy tokens as on one box ------------------------------------------------------------------------

@@ -9,12 +9,19 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import openai
 from support.ports import free_port
+
+from deskpod.engine.config import EngineConfig
+from deskpod.engine.generate import generate_batch
+from deskpod.engine.loader import load_model
+from deskpod.engine.sampler import SamplingParams
+from deskpod.store import Store
 
 
 TOKEN = "link-test-token"
@@ -27,8 +34,9 @@ class Box:
     """One machine of a link: its own store, and its network namespace (None: this one)."""
 
     home: Path
-    address: str = "127.0.0.1"
+    address: str = "127.0.0.1"  # its link address
     netns: str | None = None
+    http_address: str | None = None  # where the head serves HTTP, when not on the link address
 
     def command(self, *args: str) -> list[str]:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
@@ -114,10 +122,11 @@ def start_link(boxes: list[Box], model: str, logs: Path, parallel: str = "pipeli
     endpoint = f"{head_box.address}:{free_port()}"
     http_port = free_port()
     args = ["serve", model, "--nodes", str(len(boxes)), "--link", endpoint, "--link-token", TOKEN, "--parallel", parallel,
-            "--weights", weights, "--threads", "1", "--host", head_box.address, "--port", str(http_port),
+            "--weights", weights, "--threads", "1", "--host", head_box.http_address or head_box.address, "--port", str(http_port),
             "--api-key", API_KEY, "--ctx", "2048", *extra]
     head = head_box.start(args, logs / "head.log")
-    link = Link(head, boxes, endpoint, f"http://{head_box.address}:{http_port}", logs, worker_args=list(worker_extra))
+    link = Link(head, boxes, endpoint, f"http://{head_box.http_address or head_box.address}:{http_port}", logs,
+                worker_args=list(worker_extra))
     for rank in range(1, len(boxes)):
         link.start_worker(rank)
     try:
@@ -126,3 +135,43 @@ def start_link(boxes: list[Box], model: str, logs: Path, parallel: str = "pipeli
         link.stop()
         raise
     return link
+
+
+MAX_TOKENS = 16
+
+# Compact blocks compute a batch of many rows with other kernels than a single row (and so round differently):
+# with them, the requests go one at a time on both sides; with float32 weights a reply does not depend on what
+# runs beside it, and the requests go together, batched by the head (and on one box).
+
+
+def reference(path, prompt_ids: list[list[int]], weights: str, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """The greedy tokens of the model on one box (this process)."""
+    config = EngineConfig(weights=weights, context=2048)
+    loaded = load_model(path, config)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    batches = [prompt_ids] if weights == "float32" else [[ids] for ids in prompt_ids]
+    return [c.token_ids for batch in batches for c in generate_batch(loaded, batch, params, config)]
+
+
+def linked_tokens(link, model: str, prompt_ids: list[list[int]], weights: str,
+                  max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """The link's greedy tokens for each prompt (sent together, or one at a time for compact weights)."""
+    client = link.client()
+
+    def one(ids: list[int]) -> list[int]:
+        reply = client.completions.create(model=model, prompt=ids, max_tokens=max_tokens, temperature=0, logprobs=0,
+                                          extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        return [int(t.removeprefix("token_id:")) for t in reply.choices[0].logprobs.tokens]
+
+    with ThreadPoolExecutor(len(prompt_ids) if weights == "float32" else 1) as pool:
+        return list(pool.map(one, prompt_ids))
+
+
+def smollm2_prompts(store: Store) -> list[list[int]]:
+    from deskpod.engine.tokenizer import Tokenizer
+    from deskpod.formats.gguf import GGUFFile
+
+    tokenizer = Tokenizer.from_gguf(GGUFFile(store.model_file(store.get("smollm2"))))
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+             "The three primary colours are"]
+    return [tokenizer.encode(t) for t in texts]
