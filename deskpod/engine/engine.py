@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import time
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deskpod.engine.config import EngineConfig
+from deskpod.engine.lanes import Lanes
 from deskpod.engine.loader import LoadedModel, kv_dtype_bytes, model_shape
 from deskpod.engine.request import Request, RequestStatus
 from deskpod.engine.runner import ModelRunner, TokenLogprob
@@ -108,7 +110,14 @@ class LLMEngine:
         num_blocks = num_blocks or kv_pool_blocks(loaded, config)
         sched = SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
                                 config.max_waiting, config.block_size, num_blocks)
-        self.scheduler = Scheduler(sched, self._stop_check)
+        lanes = link.pipeline_depth if link is not None else 1
+        if lanes > 1 and num_blocks // lanes >= -(-self.context // config.block_size):
+            # a pipeline: one lane of requests per box, their batches in flight at once
+            self.scheduler: Scheduler | Lanes = Lanes(sched, self._stop_check, lanes)
+        else:
+            self.scheduler = Scheduler(sched, self._stop_check)
+        self._in_flight: collections.deque = collections.deque()  # (lane, its SchedulerOutput, PendingStep)
+        self._next_lane = 0
         self.runner = ModelRunner(loaded, num_blocks, config)
         self.structured = StructuredOutputs(self.tokenizer, loaded.spec.vocab_size)
         self._tracked: dict[str, _Tracked] = {}
@@ -145,20 +154,51 @@ class LLMEngine:
         return self.scheduler.cancel(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._in_flight)
 
     def step(self) -> list[RequestOutput]:
         if self.link is not None and self.link.generation != self._link_generation:
             # a box came back with an empty cache: blocks computed before hold none of its layers / heads
+            self._in_flight.clear()
             self.scheduler.pool.forget_cached()
             self._link_generation = self.link.generation
+        if isinstance(self.scheduler, Lanes):
+            return self._pipelined_step()
         out = self.scheduler.schedule()
-        result = self.runner.execute(out)
+        return self._apply(self.scheduler, out, self.runner.execute(out))
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        """Submit the next idle lane's batch; once every lane has one in flight (or no other has work),
+        collect the oldest. A lane is scheduled again only after its batch came back."""
+        lanes = self.scheduler
+        busy = {lane for lane, _, _ in self._in_flight}
+        idle = [(self._next_lane + i) % lanes.count for i in range(lanes.count)]
+        ready = next((lane for lane in idle if lane not in busy and lanes.has_work(lane)), None)
+        if ready is not None:
+            out = lanes.schedule(ready)
+            self._next_lane = (ready + 1) % lanes.count
+            try:
+                self._in_flight.append((ready, out, self.runner.submit(out)))
+            except LinkLost:
+                self._in_flight.clear()
+                raise
+        if not self._in_flight or (len(self._in_flight) < lanes.count and
+                                   any(lane not in busy | {ready} and lanes.has_work(lane) for lane in idle)):
+            return []
+        lane, out, pending = self._in_flight.popleft()
+        try:
+            result = self.runner.collect(pending)
+        except LinkLost:
+            self._in_flight.clear()
+            raise
+        return self._apply(lanes.lanes[lane], out, result)
+
+    def _apply(self, scheduler: Scheduler, out, result) -> list[RequestOutput]:
         failed = [self._failed(request_id, why) for request_id, why in result.failed.items()]
         for request_id, entries in result.prompt_logprobs.items():
             if request_id in self._tracked:
                 self._tracked[request_id].prompt_logprobs += entries
-        advanced = self.scheduler.update(out, result.tokens)
+        advanced = scheduler.update(out, result.tokens)
         return [f for f in failed if f] + [self._output(r, result.logprobs.get(r.request_id)) for r in advanced]
 
     def _failed(self, request_id: str, error: Exception) -> RequestOutput | None:

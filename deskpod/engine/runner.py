@@ -57,9 +57,7 @@ class ModelRunner:
         self._samplers[request_id] = sampler
 
     def execute(self, out: SchedulerOutput) -> StepResult:
-        for request_id in out.finished_ids:
-            self._samplers.pop(request_id, None)
-            self._prompt_logprobs_done.pop(request_id, None)
+        self._forget(out.finished_ids)
         if not out.scheduled:
             return StepResult({}, {})
         try:
@@ -73,12 +71,52 @@ class ModelRunner:
             log.warning("forward pass of %d requests failed (%s); running them one at a time", len(out.scheduled), e)
             return _merge([self.execute(SchedulerOutput((s,))) for s in out.scheduled])
 
-    def _run(self, scheduled: tuple[ScheduledRequest, ...]) -> StepResult:
+    # --- a step in two halves, for pipelines: submit() starts it, collect() waits for its logits and samples.
+    # Between them the engine submits another lane's step, so every box of a pipeline has work.
+
+    def submit(self, out: SchedulerOutput) -> PendingStep:
+        self._forget(out.finished_ids)
+        if not out.scheduled:
+            return PendingStep(out.scheduled, [], None)
+        ids, rows, batch = self._inputs(out.scheduled)
+        try:
+            return PendingStep(out.scheduled, rows, self.model.start_batch(ids, batch, self.cache))
+        except LinkLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - the batch's requests fail, the engine goes on
+            return PendingStep(out.scheduled, rows, None, e)
+
+    def collect(self, pending: PendingStep) -> StepResult:
+        if pending.error is None and pending.handle is not None:
+            try:
+                return self._sample_all(pending.scheduled, pending.rows, self.model.finish_batch(pending.handle).float().cpu())
+            except LinkLost:
+                raise
+            except Exception as e:  # noqa: BLE001
+                pending.error = e
+        if pending.error is not None:
+            log.error("a pipelined step of %d requests failed: %s", len(pending.scheduled), pending.error)
+            return StepResult({}, {}, {s.request_id: pending.error for s in pending.scheduled})
+        return StepResult({}, {})
+
+    def _forget(self, finished_ids) -> None:
+        for request_id in finished_ids:
+            self._samplers.pop(request_id, None)
+            self._prompt_logprobs_done.pop(request_id, None)
+
+    def _inputs(self, scheduled: tuple[ScheduledRequest, ...]) -> tuple[torch.Tensor, list[int], AttentionBatch]:
         ids = torch.tensor([t for s in scheduled for t in s.token_ids], device=self.device)
         rows = [self._logit_rows(s) for s in scheduled]
         batch = AttentionBatch.build([(len(s.token_ids), s.start, list(s.block_table), n) for s, n in zip(scheduled, rows)],
                                      self.block_size).to(self.device)
+        return ids, rows, batch
+
+    def _run(self, scheduled: tuple[ScheduledRequest, ...]) -> StepResult:
+        ids, rows, batch = self._inputs(scheduled)
         logits = self.model.forward_batch(ids, batch, self.cache).float().cpu()  # the wanted rows, in batch order
+        return self._sample_all(scheduled, rows, logits)
+
+    def _sample_all(self, scheduled: tuple[ScheduledRequest, ...], rows: list[int], logits: torch.Tensor) -> StepResult:
         result, first = StepResult({}, {}), 0
         for s, n in zip(scheduled, rows):
             mine, first = logits[first : first + n], first + n
@@ -128,6 +166,14 @@ class ModelRunner:
         ranked = tuple((int(i), text(int(i)), float(v)) for v, i in zip(*best)) if best else ()
         rank = 1 + int((logp > logp[token]).sum())
         return TokenLogprob(token, text(token), float(logp[token]), ranked, rank)
+
+
+@dataclass
+class PendingStep:
+    scheduled: tuple[ScheduledRequest, ...]
+    rows: list[int]  # logit rows per request
+    handle: object  # the model's start_batch result, for its finish_batch
+    error: Exception | None = None
 
 
 def _merge(results: list[StepResult]) -> StepResult:

@@ -88,9 +88,11 @@ StopCheck = Callable[[Request], RequestStatus | None]
 class Scheduler:
     """Owns the live requests and the block pool; `stop_check` decides when a request is done."""
 
-    def __init__(self, config: SchedulerConfig, stop_check: StopCheck):
+    def __init__(self, config: SchedulerConfig, stop_check: StopCheck, block_offset: int = 0):
+        """`block_offset`: where this scheduler's blocks start in the KV cache (several share one, see Lanes)."""
         self.config = config
         self.stop_check = stop_check
+        self.block_offset = block_offset
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.requests: dict[str, Request] = {}  # live ones: waiting or running
         self.waiting: deque[Request] = deque()  # arrival order; preempted requests go back to the front
@@ -133,7 +135,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens: running requests first, then waiting ones, each in arrival order."""
-        step = _Step(self.config.max_num_batched_tokens)
+        step = _Step(self.config.max_num_batched_tokens, self.block_offset)
         for request in list(self.running):  # arrival order
             if step.budget == 0:
                 break
@@ -216,8 +218,8 @@ class Scheduler:
 class _Step:
     """What one schedule() call has handed out so far."""
 
-    def __init__(self, budget: int):
-        self.budget = budget
+    def __init__(self, budget: int, block_offset: int = 0):
+        self.budget, self.block_offset = budget, block_offset
         self.scheduled: list[ScheduledRequest] = []
         self.preempted: list[Request] = []
 
@@ -228,7 +230,7 @@ class _Step:
                 request.request_id,
                 tuple(request.all_token_ids[start : start + num_new]),
                 start,
-                tuple(request.block_ids),
+                tuple(b + self.block_offset for b in request.block_ids),
                 start + num_new == request.num_tokens,
                 request.params,
             )

@@ -95,11 +95,24 @@ class LinkGroup:
 
     def send_step(self, ids: torch.Tensor, batch: AttentionBatch) -> None:
         """Head: the step's token ids and layout to every other box (two messages each: length, then data)."""
+        self.wait(self.post_step(ids, batch))
+
+    def post_step(self, ids: torch.Tensor, batch: AttentionBatch) -> list:
+        """send_step without waiting: the messages' works, for wait()."""
         data = encode_step(ids, batch)
         length = torch.tensor([len(data)], dtype=torch.int64)
-        works = [w for r in range(1, self.world) for w in (self.pg.send([length], r, 0), self.pg.send([data], r, 0))]
-        self._wait(works)
         self.timings.steps += 1
+        # (a send's work holds its tensor until gloo has sent it)
+        return [w for r in range(1, self.world) for w in (self.pg.send([length], r, 0), self.pg.send([data], r, 0))]
+
+    def post_send(self, tensor: torch.Tensor, to: int):
+        """Start sending activations on; wait() for it later."""
+        return self.pg.send([tensor.contiguous()], to, 2)
+
+    def wait(self, works) -> None:
+        start = time.perf_counter()
+        self._wait(works)
+        self.timings.handoff += time.perf_counter() - start
 
     def receive_step(self) -> tuple[torch.Tensor, AttentionBatch] | None:
         """Worker: the next step from the head, waiting as long as it takes; None when the head ends the link."""

@@ -80,6 +80,11 @@ class LinkHead:
         self._server: socket.socket | None = None
         self._closing = False
 
+    @property
+    def pipeline_depth(self) -> int:
+        """How many batches can be in flight at once: one per box of a pipeline, one for tensor parallel."""
+        return self.config.nodes if self.config.parallel == "pipeline" else 1
+
     # --- joining --------------------------------------------------------------------------------------
 
     def listen(self) -> None:

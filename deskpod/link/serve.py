@@ -9,29 +9,30 @@ import re
 
 from deskpod.engine.config import EngineConfig
 from deskpod.engine.engine import LLMEngine, kv_pool_blocks
-from deskpod.engine.loader import load_model, weight_options
+from deskpod.engine.loader import load_model
 from deskpod.formats.weights import WeightSource, open_weights
 from deskpod.link.config import LinkConfig
 from deskpod.link.head import LinkHead
 from deskpod.link.share import Share, pipeline_shares, tensor_shares
 from deskpod.link.stage import LinkedModel
 from deskpod.plan.devices import available_memory_bytes
-from deskpod.quant.linear import resident_bytes
 
 _LAYER = re.compile(r"blk\.(\d+)\.")
 # what every box loads and sizes its KV cache with (each box its own budget); the rest are the head's alone
 SHARED_SETTINGS = ("weights", "dtype", "context", "block_size", "kv_cache_gb", "memory_fraction", "max_num_seqs")
 
 
-def plan_shares(source: WeightSource, config: EngineConfig, parallel: str, memory: list[int]) -> list[Share]:
+def plan_shares(source: WeightSource, parallel: str, memory: list[int]) -> list[Share]:
     """Each box's part: by heads and columns (tensor), or layers in proportion to each box's free memory."""
     if parallel == "tensor":
         return tensor_shares(source.spec, len(memory), qk_norm_whole=source.has("blk.0.attn_q_norm.weight")
                              and source.info("blk.0.attn_q_norm.weight").shape[0] != source.spec.head_dim)
-    options = weight_options(config)
+    # by parameters, as the planner splits a model over boxes: with one precision they are its bytes, and they
+    # are the work of a step (a file's mixed types — a Q8_0 embedding beside Q4 layers — would put the
+    # tied LM head's work on the head box and most layers on the other)
     layers, fixed = [0] * source.spec.num_layers, 0
     for tensor in source.tensors():
-        size = resident_bytes(tensor, options)
+        size = tensor.n_elements
         match = _LAYER.match(tensor.name)
         if match:
             layers[int(match.group(1))] += size
@@ -48,7 +49,7 @@ def linked_engine(name: str, path, config: EngineConfig, link: LinkConfig, diges
     head.listen()
     try:
         memory = head.gather(progress)
-        shares = plan_shares(open_weights(path, name), config, link.parallel, memory)
+        shares = plan_shares(open_weights(path, name), link.parallel, memory)
         head.assign(shares)
         loaded = load_model(path, config, name=name, share=shares[0], reduce=head.reduce)
         head.weight_bytes = loaded.weight_bytes()

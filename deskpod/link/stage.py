@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from deskpod.engine.attention import AttentionBatch, PagedKVCache
@@ -52,13 +54,49 @@ class LinkedModel:
         self.vocab_widths = [s.vocab_end - s.vocab_start for s in link.shares]
 
     def forward_batch(self, ids: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:
-        group = self.link.group
-        if group is None:
-            raise LinkLost(self.link.unavailable_reason())
+        return self.finish_batch(self.start_batch(ids, batch, cache))
+
+    def start_batch(self, ids: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache):
+        """Send the step to every box and run the head's part. In a pipeline the head's activations go on to the
+        next box without waiting, and finish_batch() collects the last box's; meanwhile the engine can start
+        another lane's step, so the boxes work at once."""
+        group = self._group()
         try:
-            group.send_step(ids, batch)
+            if self.share.tensor:
+                group.send_step(ids, batch)
+                with torch.inference_mode():
+                    return run_share(self.model, self.share, group, ids, batch, cache, self.vocab_widths)
+            works = group.post_step(ids, batch)
             with torch.inference_mode():
-                return run_share(self.model, self.share, group, ids, batch, cache, self.vocab_widths)
+                x = self.model.run_blocks(self.model.embed(ids), batch, cache)
+            works.append(group.post_send(x, 1))
+            return _InFlight(group, works, len(batch.logit_rows), x)
         except LinkLost as e:
             self.link.lost(group, str(e))
             raise
+
+    def finish_batch(self, handle) -> torch.Tensor:
+        if isinstance(handle, torch.Tensor):  # tensor parallel: done in start_batch
+            return handle
+        try:
+            handle.group.wait(handle.works)
+            hidden = handle.group.receive((handle.rows, self.spec.hidden_size), self.model.dtype, self.share.world - 1)
+        except LinkLost as e:
+            self.link.lost(handle.group, str(e))
+            raise
+        with torch.inference_mode():
+            return self.model.logits(hidden)
+
+    def _group(self) -> LinkGroup:
+        group = self.link.group
+        if group is None:
+            raise LinkLost(self.link.unavailable_reason())
+        return group
+
+
+@dataclass
+class _InFlight:
+    group: LinkGroup
+    works: list  # the step's messages still being sent
+    rows: int  # logit rows the last box sends back
+    activations: torch.Tensor  # kept alive until sent

@@ -6,6 +6,7 @@ hangs, a wrong token, a wrong model, no head — each ending in a named error wi
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 
@@ -170,9 +171,9 @@ def test_a_box_with_another_model_is_refused_naming_both(linked, tmp_path, store
     try:
         result = Box(other).run(["join", endpoint, "--link-token", TOKEN, "--wait", "60"], timeout=120)
         assert result.returncode != 0
-        message = result.stderr
+        message = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
         assert "node 1 (127.0.0.1) holds smollm2 (" in message and "the head serves smollm2 (" in message
-        digests = [word.strip("(),;") for word in message.split() if word.startswith("(")]
+        digests = re.findall(r"\(([0-9a-f]{64})\)", message)
         assert len(set(digests)) == 2, message  # both digests named, and they differ
         assert head.poll() is None  # the head goes on waiting for a box with the right model
     finally:
