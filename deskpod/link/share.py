@@ -85,22 +85,19 @@ class Share:
 def pipeline_shares(spec: ModelSpec, layer_bytes: list[int], memory: list[int], fixed_head_bytes: int = 0) -> list[Share]:
     """Contiguous runs of layers, one per box, each box's weight bytes in proportion to its `memory` (the head
     box's `fixed_head_bytes` — embedding, LM head — counted in its share). Every box gets at least one layer."""
-    world = len(memory)
-    if spec.num_layers < world:
-        raise UnsupportedModel(f"a {spec.num_layers}-layer model cannot be split over {world} boxes")
+    world, total_layers = len(memory), spec.num_layers
+    if total_layers < world:
+        raise UnsupportedModel(f"a {total_layers}-layer model cannot be split over {world} boxes")
     total = sum(layer_bytes) + fixed_head_bytes
-    targets = np.cumsum([total * m / sum(memory) for m in memory])
-    ends, held = [], fixed_head_bytes
-    for i, size in enumerate(layer_bytes):
-        box = len(ends)
-        left_layers, left_boxes = spec.num_layers - i, world - box
-        # close this box's run where the next layer would take it past its target (at least one layer
-        # each, and enough layers left for the boxes after it)
-        if box < world - 1 and (left_layers == left_boxes or (held > 0 and held + size / 2 > targets[box]
-                                                              and (not ends or i > ends[-1]))):
-            ends.append(i)
-        held += size
-    ends = ends + [spec.num_layers]
+    targets = np.cumsum([total * m / sum(memory) for m in memory])  # where each box's run should end, in bytes
+    ends, held, end = [], fixed_head_bytes, 0
+    for box in range(world - 1):
+        held, end = held + layer_bytes[end], end + 1  # at least one layer each
+        last_allowed = total_layers - (world - 1 - box)  # and one left for each box after it
+        while end < last_allowed and held + layer_bytes[end] / 2 <= targets[box]:
+            held, end = held + layer_bytes[end], end + 1
+        ends.append(end)
+    ends.append(total_layers)
     starts = [0] + ends[:-1]
     return [Share(r, world, "pipeline", s, e) for r, (s, e) in enumerate(zip(starts, ends))]
 

@@ -147,6 +147,19 @@ def test_405b_on_two_boxes_is_a_two_node_leader_worker_set():
     worker = template["workerTemplate"]["spec"]["containers"][0]
     assert head["args"][head["args"].index("--nodes") + 1] == "2"
     assert worker["command"] == ["deskpod"] and worker["args"][0] == "join"
+    # both command lines are ones deskpod takes (Kubernetes fills in $(POD_IP) and the other variables)
+    from deskpod.cli import build_parser
+    from deskpod.link.cli import link_config
+
+    filled = {"$(POD_IP)": "10.0.0.5", "$(LWS_LEADER_ADDRESS)": "head.deskpod", "$(DESKPOD_LINK_TOKEN)": "s3cret-token"}
+    entrypoint = ["deskpod", "serve", "--host", "0.0.0.0", "--port", "8000"]  # deploy/Containerfile's
+    command = head.get("command", entrypoint)[1:] + head["args"]
+    head_args = build_parser().parse_args([filled.get(a, a).replace("$(POD_IP)", "10.0.0.5") for a in command])
+    link = link_config(head_args)
+    assert (link.nodes, link.address, link.port) == (2, "10.0.0.5", 29500)
+    join_args = build_parser().parse_args([filled.get(a, a).replace("$(LWS_LEADER_ADDRESS)", "head.deskpod")
+                                           for a in worker["args"]])
+    assert join_args.func.__name__ == "cmd_join" and join_args.endpoint == "head.deskpod:29500"
     # each box holds its share of 405B parameters at ~4.5 bits: well over 100 GB, under DIGITS' 128
     memory_gib = int(head["resources"]["limits"]["memory"].removesuffix("Mi")) / 1024
     assert 100 < memory_gib < 120

@@ -333,6 +333,14 @@ class DecoderLM(nn.Module):
         """ids: [T], the tokens of every scheduled sequence back to back -> logits [len(logit_rows), vocab]."""
         return self.logits(self.run_blocks(self.embed(ids), batch, cache)[batch.logit_rows])
 
+    # A step in two halves (ModelRunner.submit / collect): on one box the whole step runs in the first;
+    # a pipeline's LinkedModel returns in between, while the other boxes work.
+    def start_batch(self, ids: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:
+        return self.forward_batch(ids, batch, cache)
+
+    def finish_batch(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
     @torch.inference_mode()
     def run_blocks(self, x: torch.Tensor, batch: AttentionBatch, cache: PagedKVCache) -> torch.Tensor:
         """This box's layers over hidden states x [T, hidden] (its cache holds those layers only)."""
