@@ -98,6 +98,8 @@ class AsyncLLM:
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10)
+        if self.link is not None:  # the other boxes of a linked model stop too
+            await asyncio.to_thread(self.link.close)
 
     def _send(self, message: tuple) -> None:
         self._inbox.append(message)

@@ -73,7 +73,6 @@ class LinkHead:
         self.reduce = PartialSums()
         self.timings = LinkTimings()  # across the groups of every generation
         self.generation = 0
-        self.on_lost = None  # called (on whichever thread noticed) when a box goes away
         self._keys = KeyValues()
         self._changed = threading.Condition()
         self._reason = "waiting for the other boxes to join"
@@ -253,8 +252,6 @@ class LinkHead:
             self.group = self.reduce.group = None
             self._changed.notify_all()
         log.error("link: %s; requests in flight fail until it joins again", reason)
-        if self.on_lost:
-            self.on_lost(reason)
 
     def lost(self, group: LinkGroup, reason: str) -> None:
         """A step failed on `group`: it is not used again (a box joining again forms a new one)."""
@@ -279,6 +276,7 @@ class LinkHead:
             return LinkStatus(state, self._reason, nodes)
 
     def close(self) -> None:
+        """End the link: the boxes are told to stop (and exit 0), the link port closes."""
         self._closing = True
         if self.group is not None:
             try:
