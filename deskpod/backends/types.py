@@ -19,6 +19,7 @@ class InferRequest:
     id: str = ""
     outputs: tuple[str, ...] | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    classification: Mapping[str, int] = field(default_factory=dict)  # output -> top k classes (Triton's extension)
 
 
 @dataclass(frozen=True)

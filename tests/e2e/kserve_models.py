@@ -38,8 +38,9 @@ name: "linear"
 platform: "pytorch_libtorch"
 max_batch_size: 4
 input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
-output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] label_filename: "labels.txt" } ]
 """
+LINEAR_LABELS = ["cat", "dog"]
 
 DOUBLE_CONFIG = """
 name: "double"
@@ -113,11 +114,21 @@ def linear_reference(x: np.ndarray) -> np.ndarray:
     return x @ LINEAR_W.numpy().T + LINEAR_B.numpy()
 
 
+def assert_top_classes(classes: np.ndarray, scores: np.ndarray, k: int) -> None:
+    """Triton's classification strings ("score:index:label", best first) against the scores they came from."""
+    assert classes.shape == (len(scores), k)
+    for row, entries in zip(scores, classes):
+        best = sorted(range(len(row)), key=lambda i: -row[i])[:k]
+        parsed = [(e.decode() if isinstance(e, bytes) else e).split(":") for e in entries]
+        assert [int(p[1]) for p in parsed] == best and [p[2] for p in parsed] == [LINEAR_LABELS[i] for i in best]
+        np.testing.assert_allclose([float(p[0]) for p in parsed], row[best], rtol=1e-5, atol=1e-5)
+
+
 def build_repository(root: Path) -> Path:
     write_model(root, "add_sub", ADD_SUB_CONFIG)
     add_sub_onnx(root / "add_sub" / "1" / "model.onnx")
     write_model(root, "py_add_sub", PY_ADD_SUB_CONFIG, {"1/model.py": PY_ADD_SUB})
-    write_model(root, "linear", LINEAR_CONFIG)
+    write_model(root, "linear", LINEAR_CONFIG, {"labels.txt": "\n".join(LINEAR_LABELS) + "\n"})
     (root / "linear" / "1").mkdir()
     torch.jit.script(Linear()).save(str(root / "linear" / "1" / "model.pt"))
     write_model(root, "double", DOUBLE_CONFIG, {"1/model.py": DOUBLE})

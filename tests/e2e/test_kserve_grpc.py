@@ -11,6 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kserve_models import (
+    assert_top_classes,
     API_KEY,
     MAX_REQUEST_MB,
     PROMPT,
@@ -82,6 +83,14 @@ def test_typed_contents(channel) -> None:
     reply = stub.ModelInfer(request)
     assert [o.name for o in reply.outputs] == ["OUTPUT0"]
     assert np.frombuffer(reply.raw_output_contents[0], np.float32).tolist() == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_classification_extension(client, k: int) -> None:
+    a, _ = pair(3)
+    wanted = [grpcclient.InferRequestedOutput("OUTPUT__0", class_count=k)]
+    result = client.infer("linear", inputs(("INPUT__0",), (a,)), outputs=wanted)
+    assert_top_classes(result.as_numpy("OUTPUT__0"), linear_reference(a), k)
 
 
 def test_torchscript_python_and_ensemble_models(client) -> None:

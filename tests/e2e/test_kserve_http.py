@@ -15,6 +15,7 @@ from kserve_models import (
     API_KEY,
     MAX_REQUEST_MB,
     PROMPT,
+    assert_top_classes,
     linear_reference,
     pair,
     refused,
@@ -66,6 +67,18 @@ def test_model_metadata_and_config(client) -> None:
     config = client.get_model_config("add_sub")
     assert config["max_batch_size"] == 8 and config["input"][1]["dims"] == [4]  # numbers, as Triton writes them
     assert client.get_model_metadata("add_sub", "1")["name"] == "add_sub"
+    # fields at their defaults are there too, as Triton writes them (its clients read them unchecked)
+    python_model = client.get_model_config("double")
+    assert python_model["platform"] == "" and python_model["batch_input"] == [] and python_model["default_model_filename"] == ""
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_classification_extension(client, binary: bool) -> None:
+    a, _ = pair(3)
+    wanted = [httpclient.InferRequestedOutput("OUTPUT__0", binary_data=binary, class_count=2)]
+    result = client.infer("linear", inputs(("INPUT__0",), (a,), binary), outputs=wanted)
+    assert_top_classes(result.as_numpy("OUTPUT__0"), linear_reference(a), 2)
+    assert "classification" in client.get_server_metadata()["extensions"]
 
 
 @pytest.mark.parametrize("binary", [True, False])

@@ -14,6 +14,7 @@ from deskpod.backends.datatypes import v2_name_of
 from deskpod.backends.types import InferRequest, InferResponse
 from deskpod.errors import InvalidRequest
 from deskpod.server.kserve import tensors
+from deskpod.server.kserve.classification import check_k
 
 # v2 datatype -> the InferTensorContents field that carries it typed (FP16 and BF16 travel raw only)
 CONTENTS = {
@@ -59,12 +60,13 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
     for i, spec in enumerate(request.inputs):
         if spec.name in inputs:
             raise InvalidRequest(f"input `{spec.name}` is given twice")
+        if raw and spec.HasField("contents"):  # which one would be the input? Triton refuses it too
+            raise InvalidRequest(f"input `{spec.name}` has both `contents` and raw_input_contents: send one")
         inputs[spec.name] = (
             tensors.from_raw(spec.name, spec.datatype, list(spec.shape), raw[i]) if raw else _from_contents(spec)
         )
-    for out in request.outputs:
-        if "classification" in out.parameters:
-            raise InvalidRequest(f"output `{out.name}`: the classification extension is not supported")
+    classes = {out.name: check_k(out.name, parameters_from_pb(out.parameters)["classification"])
+               for out in request.outputs if "classification" in out.parameters}
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
@@ -72,6 +74,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
         inputs=inputs,
         outputs=tuple(o.name for o in request.outputs) or None,
         parameters=parameters_from_pb(request.parameters),
+        classification=classes,
     )
 
 

@@ -18,6 +18,7 @@ from deskpod.backends.datatypes import v2_name_of
 from deskpod.backends.types import InferRequest, InferResponse
 from deskpod.errors import InvalidRequest
 from deskpod.server.kserve import tensors
+from deskpod.server.kserve.classification import check_k
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # request parameters that steer the protocol rather than the model: not passed on to it
@@ -94,7 +95,7 @@ def decode_request(
             f"binary_data_size add up to {used}"
         )
     parameters = _object(header.get("parameters"), "`parameters`")
-    outputs, fmt = _decode_outputs(header.get("outputs"), bool(parameters.get("binary_data_output", False)))
+    outputs, fmt, classes = _decode_outputs(header.get("outputs"), bool(parameters.get("binary_data_output", False)))
     request = InferRequest(
         model=model,
         version=version,
@@ -102,6 +103,7 @@ def decode_request(
         inputs=inputs,
         outputs=outputs,
         parameters={k: v for k, v in parameters.items() if k not in PROTOCOL_PARAMETERS},
+        classification=classes,
     )
     return request, fmt
 
@@ -129,21 +131,22 @@ def _decode_input(spec: dict, index: int, blobs: memoryview) -> tuple[tuple[str,
     return (name, tensors.from_raw(name, spec["datatype"], spec["shape"], blobs[:size])), size
 
 
-def _decode_outputs(specs: Any, binary_default: bool) -> tuple[tuple[str, ...] | None, OutputFormat]:
+def _decode_outputs(specs: Any, binary_default: bool) -> tuple[tuple[str, ...] | None, OutputFormat, dict[str, int]]:
+    """The outputs asked for, how each is written, and those asked for as classifications (their k)."""
     if specs is None:
-        return None, OutputFormat(binary_default)
-    names, binary = [], {}
+        return None, OutputFormat(binary_default), {}
+    names, binary, classes = [], {}, {}
     for i, spec in enumerate(_list(specs, "`outputs`")):
         spec = _object(spec, f"outputs[{i}]")
         name = spec.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidRequest(f"outputs[{i}] needs a `name`")
         params = _object(spec.get("parameters"), f"output `{name}`: `parameters`")
-        if params.get("classification"):
-            raise InvalidRequest(f"output `{name}`: the classification extension is not supported")
+        if "classification" in params:
+            classes[name] = check_k(name, params["classification"])
         names.append(name)
         binary[name] = bool(params.get("binary_data", binary_default))
-    return tuple(names), OutputFormat(binary_default, binary)
+    return tuple(names), OutputFormat(binary_default, binary), classes
 
 
 def encode_response(response: InferResponse, fmt: OutputFormat) -> tuple[bytes, int | None]:

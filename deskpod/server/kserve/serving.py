@@ -18,6 +18,7 @@ from deskpod import __version__
 from deskpod.backends.config import config_to_dict
 from deskpod.backends.types import InferRequest, InferResponse
 from deskpod.errors import InvalidRequest, ModelNotFound
+from deskpod.server.kserve.classification import classify, read_labels
 from deskpod.server.kserve.llm import VERSION as LLM_VERSION
 from deskpod.server.kserve.llm import LLMModels
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     from deskpod.engine.async_engine import AsyncLLM
 
 SERVER_NAME = "deskpod"
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics", "parameters", "generate")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics",
+              "parameters", "generate")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class KServeServing:
         self.repository = repository
         self.llms = llms
         self.limits = limits or Limits()
+        self._label_cache: dict[tuple[str, str], list[str]] = {}
 
     # --- server ---------------------------------------------------------------------------------
 
@@ -56,7 +59,9 @@ class KServeServing:
             return None
         engine = self.llms.get(name)
         if engine is None:
-            raise ModelNotFound(f"unknown model `{name}`: GET /v2/repository/index lists the models served")
+            # Triton's words, which its clients and examples look for
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found (GET /v2/repository/index "
+                                "lists the models served)")
         if version not in ("", LLM_VERSION):
             raise ModelNotFound(f"model `{name}` has no version {version}: it has version {LLM_VERSION} only")
         return engine
@@ -108,6 +113,7 @@ class KServeServing:
 
     async def load(self, name: str, config_json: str | None = None) -> None:
         self._refuse_llm(name, "loaded")
+        self._label_cache.clear()  # a model loaded again may name other labels
         await asyncio.to_thread(self._need_repository().load, name, config_json)
 
     async def unload(self, name: str) -> None:
@@ -128,14 +134,36 @@ class KServeServing:
     async def infer(self, request: InferRequest) -> InferResponse:
         engine = self._llm(request.model, request.version)
         if engine is not None:
+            if request.classification:
+                raise InvalidRequest(f"`{request.model}` is an LLM: its outputs are text, not class scores")
             return await self.llms.infer(engine, request)
-        return await self._repo().infer(request)
+        response = await self._repo().infer(request)
+        return self._classified(request, response) if request.classification else response
+
+    def _classified(self, request: InferRequest, response: InferResponse) -> InferResponse:
+        """The classification extension: the outputs asked for as top-k classes, labelled from the files
+        the config's outputs name (read once per model and file)."""
+        config = self.model_config(request.model, request.version)
+        labels = {}
+        for output in config.output:
+            if output.name in request.classification and output.label_filename:
+                labels[output.name] = self._labels(request.model, output.label_filename)
+        return classify(response, request.classification, config.max_batch_size > 0, labels)
+
+    def _labels(self, model: str, file_name: str) -> list[str]:
+        key = (model, file_name)
+        if key not in self._label_cache:
+            path = (self.repository.root / model / file_name).resolve()
+            if not path.is_relative_to((self.repository.root / model).resolve()) or not path.is_file():
+                raise InvalidRequest(f"model `{model}`: its label_filename {file_name!r} is not a file in its folder")
+            self._label_cache[key] = read_labels(path)
+        return self._label_cache[key]
 
     async def infer_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         """An LLM's responses as the text grows; any other model's one response."""
         engine = self._llm(request.model, request.version)
         if engine is None:
-            yield await self._repo().infer(request)
+            yield await self.infer(request)
             return
         async for response in self.llms.infer_stream(engine, request):
             yield response
@@ -150,4 +178,6 @@ class KServeServing:
         return engine
 
     def config_dict(self, name: str, version: str = "") -> dict[str, Any]:
-        return config_to_dict(self.model_config(name, version), defaults=False)
+        # every field, those at their defaults too (`max_batch_size: 0`, ...), as Triton writes it: its clients
+        # read them without checking
+        return config_to_dict(self.model_config(name, version))

@@ -102,7 +102,10 @@ FP32x2 = {"name": "x", "shape": [2], "datatype": "FP32"}
          "binary_data_size must be an integer"),
         (b'{"inputs": []}', "500", "Inference-Header-Content-Length is 500, but the body holds 14 bytes"),
         (b'{"inputs": []}', "x", "must be an integer"),
-        (b'{"inputs": [], "outputs": [{"name": "y", "parameters": {"classification": 3}}]}', None, "classification"),
+        (b'{"inputs": [], "outputs": [{"name": "y", "parameters": {"classification": 0}}]}', None,
+         "output `y`: `classification` must be an integer >= 1"),
+        (b'{"inputs": [], "outputs": [{"name": "y", "parameters": {"classification": "3"}}]}', None,
+         "must be an integer >= 1 (the classes to return), got '3'"),
         (b'{"inputs": [], "parameters": 5}', None, "`parameters` must be a JSON object"),
     ],
 )

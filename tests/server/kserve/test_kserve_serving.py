@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -125,3 +126,12 @@ def test_triton_metrics_keep_tritons_names() -> None:
     assert samples[("nv_inference_count", "a", "2")] == 8
     assert samples[("nv_inference_queue_duration_us", "b", "2")] == 15.0
     assert "nv_inference_request_success{" in text  # no _total suffix
+
+
+def test_top_classes_as_triton_writes_them() -> None:
+    from deskpod.server.kserve.classification import top_classes
+
+    scores = np.array([[0.1, 2.5, -1.0], [3.0, 3.0, 0.0]], dtype=np.float32)
+    got = top_classes(scores, 2, batched=True, labels=["a", "b", "c"])
+    assert got.tolist() == [[b"2.500000:1:b", b"0.100000:0:a"], [b"3.000000:0:a", b"3.000000:1:b"]]  # ties: lower index
+    assert top_classes(scores[0], 5, batched=False, labels=None).tolist() == [b"2.500000:1", b"0.100000:0", b"-1.000000:2"]
