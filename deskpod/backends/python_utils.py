@@ -146,9 +146,11 @@ class InferenceRequest:
         parameters: dict | str | None = None,
         **_: Any,  # preferred_memory, trace: meaningless in-process
     ) -> None:
-        self._model_name = model_name
+        # Triton's stub takes names as std::string, so bytes work too: the `bls` example passes
+        # `input.as_numpy()[0]`, a numpy bytes object
+        self._model_name = _text(model_name)
         self._model_version = model_version
-        self._outputs = list(requested_output_names)
+        self._outputs = [_text(name) for name in requested_output_names]
         self._inputs = list(inputs)
         self._request_id = request_id
         self._correlation_id = correlation_id
@@ -222,6 +224,10 @@ class InferenceRequest:
         except Exception as e:  # noqa: BLE001 - BLS reports errors in the response, as Triton does
             return InferenceResponse([], TritonError(str(e)))
         return InferenceResponse([Tensor(n, v) for n, v in response.outputs.items()])
+
+
+def _text(name: str | bytes) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)  # (numpy's bytes_ is a bytes)
 
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:

@@ -222,6 +222,10 @@ class ModelRepository:
         ordered = {n: outputs[n] for n in pending.outputs}
         return InferResponse(request.model, loaded.version, request.id, ordered)
 
+    def names(self) -> list[str]:
+        """The model folders in the repository now."""
+        return list(self._scan())
+
     # --- internals ------------------------------------------------------------------------------------
 
     def _scan(self) -> list[str]:

@@ -63,7 +63,8 @@ GRPC_GRACE_S = 5
 
 
 def install(
-    app: FastAPI, registry: ModelRegistry, repository: ModelRepository | None = None, limits: Limits | None = None
+    app: FastAPI, registry: ModelRegistry, repository: ModelRepository | None = None, limits: Limits | None = None,
+    model_control_mode: str | None = None,
 ) -> None:
     """Hang the registry, the repository, the metrics and one serving object per endpoint family on app.state."""
     metrics = ServerMetrics(registry.llms)
@@ -77,7 +78,7 @@ def install(
     app.state.serving_completion = OpenAIServingCompletion(registry, metrics)
     app.state.serving_embedding = OpenAIServingEmbedding(registry, metrics)
     app.state.serving_tokenization = OpenAIServingTokenization(registry)
-    app.state.kserve = KServeServing(repository, LLMModels(registry, metrics), limits or Limits())
+    app.state.kserve = KServeServing(repository, LLMModels(registry, metrics), limits or Limits(), model_control_mode)
     app.state.dashboard = DashboardServing(registry, repository)
 
 
@@ -91,13 +92,19 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = dict.fromkeys([*registry.models, *(m["name"] for m in app.state.kserve.index())])  # ordered, once
         log.info("serving %s on http://%s:%d", ", ".join(served) or "no models", config.host, config.port)
-        grpc_server = None
+        grpc_server = poller = None
+        if repository is not None and config.model_control_mode == "poll":
+            from deskpod.backends.control import RepositoryPoller
+
+            poller = RepositoryPoller(repository, config.repository_poll_secs).start()
         if config.grpc_port is not None:
             grpc_server = await start_grpc_server(app.state.kserve, config.host, config.grpc_port, config.api_key)
             log.info("KServe v2 gRPC on %s:%d", config.host, config.grpc_port)
         try:
             yield
         finally:
+            if poller is not None:
+                await asyncio.to_thread(poller.stop)
             if grpc_server is not None:
                 await grpc_server.stop(GRPC_GRACE_S)
             await registry.shutdown()
@@ -108,7 +115,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
     app = FastAPI(title="deskpod", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", description=API_DESCRIPTION)
     app.state.api_key = config.api_key
-    install(app, registry, repository, Limits(config.max_request_bytes))
+    install(app, registry, repository, Limits(config.max_request_bytes), config.model_control_mode)
     install_error_handlers(app)
     install_docs(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)

@@ -41,6 +41,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="a Triton-style model repository (DIR/<model>/config.pbtxt, DIR/<model>/<version>/...) to serve over KServe v2",
     )
+    p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default=None,
+                   help="as Triton's: none (all loaded, the API may not load/unload), poll (the same, and changes to "
+                        "the repository are loaded), explicit (only --load-model at start, the API loads/unloads); "
+                        "default: all loaded and the API allowed")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="explicit mode: a model to load at start (repeatable; * for all)")
+    p.add_argument("--repository-poll-secs", type=float, default=15.0,
+                   help="poll mode: seconds between looks at the repository (default: %(default)g)")
     grpc = p.add_mutually_exclusive_group()
     grpc.add_argument(
         "--grpc-port",
@@ -125,6 +133,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_mb=args.max_request_mb,
         allowed_origins=tuple(args.allowed_origins),
         link=link_config(args),
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model),
+        repository_poll_secs=args.repository_poll_secs,
     )
 
 
@@ -143,7 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     from deskpod.server.app import create_app
     from deskpod.server.registry import ModelRegistry
 
-    repository = load_repository(config.model_repository)
+    repository = load_repository(config.model_repository, config.model_control_mode, config.load_models)
     registry = ModelRegistry.load(list(config.models), config.engine, config.link)
     # the gRPC server starts in the app's lifespan: on uvicorn's event loop, beside the HTTP server
     uvicorn.run(
@@ -157,14 +168,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_repository(root: str | None) -> ModelRepository | None:
-    """The repository with every model tried: one that fails is UNAVAILABLE with its reason, the others serve."""
+def load_repository(root: str | None, mode: str | None = None, load_models: tuple[str, ...] = ()) -> ModelRepository | None:
+    """The repository with its models tried (all, or in explicit mode those named): one that fails is
+    UNAVAILABLE with its reason, the others serve."""
     if root is None:
         return None
+    from deskpod.backends.control import load_at_start
     from deskpod.backends.repository import ModelRepository
 
     repository = ModelRepository(root)
-    repository.load_all()
+    load_at_start(repository, mode, load_models)
     return repository
 
 

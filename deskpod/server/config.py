@@ -10,6 +10,8 @@ from deskpod.engine.config import EngineConfig
 from deskpod.errors import DeskpodError
 from deskpod.link.config import LinkConfig
 
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+
 DEFAULT_MODEL = "smollm2"
 DEFAULT_GRPC_PORT = 8001  # Triton's
 DEFAULT_MAX_REQUEST_MB = 64.0
@@ -34,6 +36,9 @@ class ServerConfig:
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB
     allowed_origins: tuple[str, ...] = ()  # CORS: web pages from these origins may call the API ("*": any)
     link: LinkConfig | None = None  # serve the one model across linked boxes
+    model_control_mode: str | None = None  # Triton's none / poll / explicit (deskpod.backends.control)
+    load_models: tuple[str, ...] = ()  # explicit mode: the models loaded at start ("*": all)
+    repository_poll_secs: float = 15.0  # poll mode's interval
 
     def __post_init__(self) -> None:
         if not self.models and self.model_repository is None:
@@ -44,6 +49,9 @@ class ServerConfig:
             raise DeskpodError(f"--grpc-port and --port are both {self.port}: give them different ports")
         if not self.max_request_mb > 0:
             raise DeskpodError(f"--max-request-mb must be more than 0, got {self.max_request_mb}")
+        check_control_options(self.model_control_mode, self.load_models)
+        if self.repository_poll_secs <= 0:
+            raise DeskpodError(f"--repository-poll-secs must be more than 0, got {self.repository_poll_secs}")
         if self.link is not None and len(self.models) != 1:
             raise DeskpodError(f"a link serves one model; {len(self.models)} were named")
         check_exposure(self.host, self.api_key, self.insecure)
@@ -69,3 +77,12 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
             f"refusing to listen on {host} without an API key: anyone who can reach it could use the models."
             " Set --api-key (or DESKPOD_API_KEY), or pass --insecure to serve without one."
         )
+
+
+def check_control_options(mode: str | None, load_models: tuple[str, ...]) -> None:
+    """Triton's model control options, checked before anything loads."""
+    if mode is not None and mode not in MODEL_CONTROL_MODES:
+        raise DeskpodError(f"--model-control-mode must be one of {', '.join(MODEL_CONTROL_MODES)}, got {mode!r}")
+    if load_models and mode != "explicit":
+        raise DeskpodError("--load-model is for --model-control-mode explicit (the other modes load every model)")
+

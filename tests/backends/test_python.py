@@ -197,6 +197,39 @@ def test_bls_calls_another_model(add_sub_root, repo_factory):
     assert repo.statistics("add_sub")[0]["inference_count"] == 2
 
 
+def test_bls_takes_the_model_name_as_bytes(add_sub_root, repo_factory):
+    """As Triton's `bls` example does: the model to call comes in a string input, as numpy bytes."""
+    model = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                name = pb_utils.get_input_tensor_by_name(request, "MODEL_NAME").as_numpy()[0]
+                inputs = [pb_utils.Tensor("INPUT0", pb_utils.get_input_tensor_by_name(request, "A").as_numpy()),
+                          pb_utils.Tensor("INPUT1", pb_utils.get_input_tensor_by_name(request, "B").as_numpy())]
+                result = pb_utils.InferenceRequest(model_name=name, requested_output_names=[b"OUTPUT1"],
+                                                   inputs=inputs).exec()
+                if result.has_error():
+                    raise pb_utils.TritonModelException(result.error().message())
+                difference = pb_utils.get_output_tensor_by_name(result, "OUTPUT1").as_numpy()
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("DIFFERENCE", difference)]))
+            return responses
+    """
+    config = """
+    backend: "python"
+    input [ { name: "MODEL_NAME" data_type: TYPE_STRING dims: [ 1 ] },
+            { name: "A" data_type: TYPE_FP32 dims: [ 1, 4 ] }, { name: "B" data_type: TYPE_FP32 dims: [ 1, 4 ] } ]
+    output [ { name: "DIFFERENCE" data_type: TYPE_FP32 dims: [ 1, 4 ] } ]
+    """
+    write_model(add_sub_root, "bls_by_name", config, {"1/model.py": model})
+    repo = repo_factory(add_sub_root)
+    a, b = pair(1)
+    name = np.array([b"add_sub"], dtype=object)
+    np.testing.assert_allclose(infer(repo, "bls_by_name", MODEL_NAME=name, A=a, B=b).outputs["DIFFERENCE"], a - b)
+
+
 def test_request_fields_and_async_execute(add_sub_root, repo_factory):
     """request_id(), parameters() (a JSON string), requested_output_names(), BYTES inputs as bytes, and an
     `async def execute` awaiting a BLS call with async_exec()."""

@@ -17,7 +17,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from deskpod import __version__
 from deskpod.backends.config import config_to_dict
 from deskpod.backends.types import InferRequest, InferResponse
-from deskpod.errors import InvalidRequest, ModelNotFound
+from deskpod.backends.control import allow_api
+from deskpod.errors import DeskpodError, InvalidRequest, ModelNotFound
 from deskpod.server.kserve.classification import classify, read_labels
 from deskpod.server.kserve.llm import VERSION as LLM_VERSION
 from deskpod.server.kserve.llm import LLMModels
@@ -37,10 +38,13 @@ class Limits:
 
 
 class KServeServing:
-    def __init__(self, repository: ModelRepository | None, llms: LLMModels, limits: Limits | None = None):
+    def __init__(self, repository: ModelRepository | None, llms: LLMModels, limits: Limits | None = None,
+                 model_control_mode: str | None = None):
+        """`model_control_mode`: Triton's (deskpod.backends.control); None lets the API load and unload."""
         self.repository = repository
         self.llms = llms
         self.limits = limits or Limits()
+        self.model_control_mode = model_control_mode
         self._label_cache: dict[tuple[str, str], list[str]] = {}
 
     # --- server ---------------------------------------------------------------------------------
@@ -113,11 +117,17 @@ class KServeServing:
 
     async def load(self, name: str, config_json: str | None = None) -> None:
         self._refuse_llm(name, "loaded")
+        allow_api(self.model_control_mode)
         self._label_cache.clear()  # a model loaded again may name other labels
-        await asyncio.to_thread(self._need_repository().load, name, config_json)
+        try:
+            await asyncio.to_thread(self._need_repository().load, name, config_json)
+        except DeskpodError as e:  # Triton's words first: its clients look for them
+            e.args = (f"failed to load '{name}': {e}", *e.args[1:])
+            raise
 
     async def unload(self, name: str) -> None:
         self._refuse_llm(name, "unloaded")
+        allow_api(self.model_control_mode)
         await asyncio.to_thread(self._need_repository().unload, name)
 
     def _refuse_llm(self, name: str, what: str) -> None:
