@@ -82,6 +82,22 @@ def install(
     app.state.dashboard = DashboardServing(registry, repository)
 
 
+def start_metrics_server(main: FastAPI, host: str, port: int):
+    """/metrics alone on its own port (Triton's 8002), behind the same key, on a thread of its own (so its
+    server installs no signal handlers of its own)."""
+    import threading
+
+    import uvicorn
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.api_key, app.state.metrics = main.state.api_key, main.state.metrics
+    app.include_router(metrics_router, dependencies=[Depends(require_api_key)])
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    threading.Thread(target=server.run, name="deskpod-metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server
+
+
 def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelRepository | None = None) -> FastAPI:
     """The app serving `registry`'s models and `repository`'s (both loaded beforehand: a store model that
     cannot load fails the command with its own message, not a server that starts and dies). With
@@ -97,6 +113,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
             from deskpod.backends.control import RepositoryPoller
 
             poller = RepositoryPoller(repository, config.repository_poll_secs).start()
+        metrics_server = start_metrics_server(app, config.host, config.metrics_port) if config.metrics_port else None
         if config.grpc_port is not None:
             grpc_server = await start_grpc_server(app.state.kserve, config.host, config.grpc_port, config.api_key)
             log.info("KServe v2 gRPC on %s:%d", config.host, config.grpc_port)
@@ -105,6 +122,8 @@ def create_app(config: ServerConfig, registry: ModelRegistry, repository: ModelR
         finally:
             if poller is not None:
                 await asyncio.to_thread(poller.stop)
+            if metrics_server is not None:
+                metrics_server.should_exit = True
             if grpc_server is not None:
                 await grpc_server.stop(GRPC_GRACE_S)
             await registry.shutdown()

@@ -57,6 +57,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help=f"KServe v2 gRPC port, on --host (default: {DEFAULT_GRPC_PORT} with --model-repository, none otherwise)",
     )
     grpc.add_argument("--no-grpc", action="store_true", help="no gRPC server")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve /metrics on this port of --host, as Triton does on 8002 (the API key applies)")
     p.add_argument(
         "--max-request-mb",
         type=float,
@@ -136,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_control_mode=args.model_control_mode,
         load_models=tuple(args.load_model),
         repository_poll_secs=args.repository_poll_secs,
+        metrics_port=args.metrics_port,
     )
 
 

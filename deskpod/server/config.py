@@ -39,6 +39,7 @@ class ServerConfig:
     model_control_mode: str | None = None  # Triton's none / poll / explicit (deskpod.backends.control)
     load_models: tuple[str, ...] = ()  # explicit mode: the models loaded at start ("*": all)
     repository_poll_secs: float = 15.0  # poll mode's interval
+    metrics_port: int | None = None  # /metrics also on this port of `host` (Triton: 8002)
 
     def __post_init__(self) -> None:
         if not self.models and self.model_repository is None:
@@ -50,6 +51,10 @@ class ServerConfig:
         if not self.max_request_mb > 0:
             raise DeskpodError(f"--max-request-mb must be more than 0, got {self.max_request_mb}")
         check_control_options(self.model_control_mode, self.load_models)
+        if self.metrics_port is not None and (not 0 < self.metrics_port < 65536
+                                              or self.metrics_port in (self.port, self.grpc_port)):
+            raise DeskpodError(f"--metrics-port must be a free port number other than --port and --grpc-port, "
+                               f"got {self.metrics_port}")
         if self.repository_poll_secs <= 0:
             raise DeskpodError(f"--repository-poll-secs must be more than 0, got {self.repository_poll_secs}")
         if self.link is not None and len(self.models) != 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import httpx
 import tritonclient.http as httpclient
 from kserve_models import build_repository, refused
 from support.ports import free_port
@@ -40,8 +41,12 @@ def test_explicit_loads_only_what_it_is_told(serve, tmp_path_factory):
 
 
 def test_none_refuses_the_repository_api_in_tritons_words(serve, tmp_path_factory):
-    _, client = start(serve, tmp_path_factory, "--model-control-mode", "none")
+    metrics_port = free_port()
+    _, client = start(serve, tmp_path_factory, "--model-control-mode", "none", "--metrics-port", str(metrics_port))
     try:
+        # Triton's separate metrics port (8002 there) answers the same series
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert "nv_inference_count" in text and "deskpod_requests_total" in text
         assert {"add_sub", "linear", "double"} <= ready(client)
         for call in (lambda: client.load_model("linear"), lambda: client.unload_model("linear")):
             error = refused(call)
