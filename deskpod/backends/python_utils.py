@@ -288,3 +288,7 @@ class Logger:
     @classmethod
     def log_verbose(cls, message: str) -> None:
         cls._log.debug(message)
+
+
+from deskpod.backends.custom_metrics import MetricFamily  # noqa: E402 - pb_utils.MetricFamily (Triton's custom metrics)
+

@@ -292,3 +292,57 @@ def test_raising_request_leaves_concurrent_ones_alone(root, repo_factory):
     assert isinstance(failed, BackendError) and "INPUT0 above 1000" in str(failed)
     np.testing.assert_allclose(ok1.outputs["OUTPUT0"], a + b)
     np.testing.assert_allclose(ok2.outputs["OUTPUT0"], a + b)
+
+
+def test_custom_metrics_of_a_python_model(add_sub_root, repo_factory):
+    """Triton's custom_metrics example's API: MetricFamily of each kind, a Metric per label set, on /metrics."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from deskpod.backends.custom_metrics import CustomMetricsCollector
+
+    model = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            self.calls = pb_utils.MetricFamily(name="test_calls_total", description="calls",
+                                               kind=pb_utils.MetricFamily.COUNTER).Metric(labels={"model": "counted"})
+            self.last = pb_utils.MetricFamily(name="test_last_size", description="last batch",
+                                              kind=pb_utils.MetricFamily.GAUGE).Metric(labels={"model": "counted"})
+            self.sizes = pb_utils.MetricFamily(name="test_sizes", description="sizes",
+                                               kind=pb_utils.MetricFamily.HISTOGRAM).Metric(labels={}, buckets=[1, 4])
+            try:
+                self.calls.increment(-1)
+            except pb_utils.TritonModelException:
+                pass
+            else:
+                raise AssertionError("a counter went down")
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+                self.calls.increment(1)
+                self.last.set(x.shape[0])
+                self.sizes.observe(x.shape[0])
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x)]))
+            return responses
+    """
+    config = """
+    backend: "python"
+    max_batch_size: 8
+    input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+    output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+    """
+    write_model(add_sub_root, "counted", config, {"1/model.py": model})
+    repo = repo_factory(add_sub_root)
+    a, _ = pair(3)
+    infer(repo, "counted", X=a)
+    infer(repo, "counted", X=a[:1])
+    registry = CollectorRegistry()
+    registry.register(CustomMetricsCollector())
+    text = generate_latest(registry).decode()
+    assert 'test_calls_total{model="counted"} 2.0' in text
+    assert 'test_last_size{model="counted"} 1.0' in text
+    assert 'test_sizes_bucket{le="1.0"} 1.0' in text and 'test_sizes_bucket{le="4.0"} 2.0' in text
+    assert "test_sizes_sum 4.0" in text and "test_sizes_count 2.0" in text
