@@ -15,6 +15,7 @@ from deskpod.backends.types import InferRequest, InferResponse
 from deskpod.errors import InvalidRequest
 from deskpod.server.kserve import tensors
 from deskpod.server.kserve.classification import check_k
+from deskpod.server.kserve.shared_memory import BYTE_SIZE, REGION, SharedRef, SystemSharedMemory, shared_ref
 
 # v2 datatype -> the InferTensorContents field that carries it typed (FP16 and BF16 travel raw only)
 CONTENTS = {
@@ -50,18 +51,29 @@ def parameters_to_pb(target: Any, params: Mapping[str, Any]) -> None:
             target[key].string_param = str(value)
 
 
-def decode_request(request: pb.ModelInferRequest) -> InferRequest:
+def decode_request(request: pb.ModelInferRequest, shm: SystemSharedMemory | None = None) -> InferRequest:
+    """The request; `shm`: the registered shared memory regions inputs may be read from."""
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    refs = [shared_ref(f"input `{spec.name}`", parameters_from_pb(spec.parameters)) for spec in request.inputs]
+    sent = len(refs) - sum(ref is not None for ref in refs)  # the inputs not in shared memory, in order
+    if raw and len(raw) != sent:
         raise InvalidRequest(
-            f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents: send every input raw, or none"
+            f"{sent} inputs outside shared memory but {len(raw)} raw_input_contents: send every such input raw, or none"
         )
     inputs: dict[str, np.ndarray] = {}
-    for i, spec in enumerate(request.inputs):
+    i = -1  # the raw entry of the last input outside shared memory
+    for spec, ref in zip(request.inputs, refs):
         if spec.name in inputs:
             raise InvalidRequest(f"input `{spec.name}` is given twice")
         if raw and spec.HasField("contents"):  # which one would be the input? Triton refuses it too
             raise InvalidRequest(f"input `{spec.name}` has both `contents` and raw_input_contents: send one")
+        if ref is not None:
+            if shm is None:
+                raise InvalidRequest(f"input `{spec.name}`: this server has no shared memory regions")
+            data = shm.read(f"input `{spec.name}`", ref)
+            inputs[spec.name] = tensors.from_raw(spec.name, spec.datatype, list(spec.shape), data)
+            continue
+        i += 1
         inputs[spec.name] = (
             tensors.from_raw(spec.name, spec.datatype, list(spec.shape), raw[i]) if raw else _from_contents(spec)
         )
@@ -89,10 +101,25 @@ def _from_contents(spec: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     return tensors.from_json(spec.name, spec.datatype, list(spec.shape), values)
 
 
-def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+def shared_outputs(request: pb.ModelInferRequest) -> dict[str, SharedRef]:
+    """The outputs the request wants written into shared memory."""
+    refs = {out.name: shared_ref(f"output `{out.name}`", parameters_from_pb(out.parameters)) for out in request.outputs}
+    return {name: ref for name, ref in refs.items() if ref is not None}
+
+
+def encode_response(response: InferResponse, shared: Mapping[str, SharedRef] | None = None,
+                    shm: SystemSharedMemory | None = None) -> pb.ModelInferResponse:
+    """The response; outputs in `shared` are written into their regions and sent as shape and datatype (an empty
+    raw_output_contents entry keeps the others' positions)."""
     message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
     for name, array in response.outputs.items():
-        message.outputs.add(name=name, datatype=v2_name_of(array), shape=list(array.shape))
+        entry = message.outputs.add(name=name, datatype=v2_name_of(array), shape=list(array.shape))
+        ref = (shared or {}).get(name)
+        if ref is not None and shm is not None:
+            shm.write(f"output '{name}'", ref, tensors.to_raw(array))
+            parameters_to_pb(entry.parameters, {REGION: ref.region, BYTE_SIZE: ref.byte_size})
+            message.raw_output_contents.append(b"")
+            continue
         message.raw_output_contents.append(tensors.to_raw(array))
     parameters_to_pb(message.parameters, response.parameters)
     return message

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2_grpc
 from deskpod.server.kserve import grpc_codec
 from deskpod.server.kserve.errors import classify
 from deskpod.server.kserve.serving import KServeServing
+from deskpod.server.kserve.shared_memory import CUDA_REFUSAL
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -109,8 +110,36 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        response = await self.kserve.infer(grpc_codec.decode_request(request))
-        return grpc_codec.encode_response(response)
+        shm = self.kserve.shared_memory
+        response = await self.kserve.infer(grpc_codec.decode_request(request, shm))
+        return grpc_codec.encode_response(response, grpc_codec.shared_outputs(request), shm)
+
+    # --- system shared memory (CUDA shared memory is refused: no GPU here) ---------------------------
+
+    @rpc
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: Any) -> pb.SystemSharedMemoryRegisterResponse:
+        self.kserve.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: Any) -> pb.SystemSharedMemoryStatusResponse:
+        reply = pb.SystemSharedMemoryStatusResponse()
+        for region in self.kserve.shared_memory.status(request.name or None):
+            reply.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return reply
+
+    @rpc
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: Any) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.kserve.shared_memory.unregister(request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, CUDA_REFUSAL)
+
+    CudaSharedMemoryStatus = CudaSharedMemoryUnregister = CudaSharedMemoryRegister
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -122,8 +151,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def run(request: pb.ModelInferRequest) -> None:
             try:
-                async for response in self.kserve.infer_stream(grpc_codec.decode_request(request)):
-                    queue.put_nowait(pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_response(response)))
+                shm, shared = self.kserve.shared_memory, grpc_codec.shared_outputs(request)
+                async for response in self.kserve.infer_stream(grpc_codec.decode_request(request, shm)):
+                    queue.put_nowait(pb.ModelStreamInferResponse(
+                        infer_response=grpc_codec.encode_response(response, shared, shm)))
             except Exception as e:
                 queue.put_nowait(pb.ModelStreamInferResponse(error_message=classify(e)[2]))
 

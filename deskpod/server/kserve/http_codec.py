@@ -19,6 +19,7 @@ from deskpod.backends.types import InferRequest, InferResponse
 from deskpod.errors import InvalidRequest
 from deskpod.server.kserve import tensors
 from deskpod.server.kserve.classification import check_k
+from deskpod.server.kserve.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedRef, SystemSharedMemory, shared_ref
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # request parameters that steer the protocol rather than the model: not passed on to it
@@ -31,6 +32,7 @@ class OutputFormat:
 
     binary_default: bool = False
     binary: Mapping[str, bool] = field(default_factory=dict)
+    shared: Mapping[str, SharedRef] = field(default_factory=dict)  # outputs written into shared memory
 
     def is_binary(self, name: str) -> bool:
         return self.binary.get(name, self.binary_default)
@@ -73,9 +75,10 @@ def _list(value: Any, what: str) -> list:
 
 
 def decode_request(
-    body: bytes, header_length: str | None, model: str, version: str = ""
+    body: bytes, header_length: str | None, model: str, version: str = "", shm: SystemSharedMemory | None = None
 ) -> tuple[InferRequest, OutputFormat]:
-    """The request a v2 body asks for, and how its outputs should be sent back."""
+    """The request a v2 body asks for, and how its outputs should be sent back; `shm`: the registered shared
+    memory regions inputs may be read from."""
     length = parse_header_length(header_length, len(body))
     view = memoryview(body)
     header = parse_json_header(view if length is None else view[:length])
@@ -84,7 +87,7 @@ def decode_request(
         raise InvalidRequest("the body needs `inputs`: a list of tensors, each with name, shape, datatype and data")
     inputs, used = {}, 0
     for i, spec in enumerate(_list(header["inputs"], "`inputs`")):
-        tensor, size = _decode_input(_object(spec, f"inputs[{i}]"), i, blobs[used:])
+        tensor, size = _decode_input(_object(spec, f"inputs[{i}]"), i, blobs[used:], shm)
         if tensor[0] in inputs:
             raise InvalidRequest(f"input `{tensor[0]}` is given twice")
         inputs[tensor[0]] = tensor[1]
@@ -108,7 +111,8 @@ def decode_request(
     return request, fmt
 
 
-def _decode_input(spec: dict, index: int, blobs: memoryview) -> tuple[tuple[str, Any], int]:
+def _decode_input(spec: dict, index: int, blobs: memoryview,
+                  shm: SystemSharedMemory | None = None) -> tuple[tuple[str, Any], int]:
     """((name, array), binary bytes consumed) for one entry of `inputs`."""
     name = spec.get("name")
     if not isinstance(name, str) or not name:
@@ -117,6 +121,12 @@ def _decode_input(spec: dict, index: int, blobs: memoryview) -> tuple[tuple[str,
         if key not in spec:
             raise InvalidRequest(f"input `{name}` needs a `{key}`")
     params = _object(spec.get("parameters"), f"input `{name}`: `parameters`")
+    ref = shared_ref(f"input `{name}`", params)
+    if ref is not None:
+        if shm is None:
+            raise InvalidRequest(f"input `{name}`: this server has no shared memory regions")
+        data = shm.read(f"input `{name}`", ref)
+        return (name, tensors.from_raw(name, spec["datatype"], spec["shape"], data)), 0
     size = params.get("binary_data_size")
     if size is None:
         if "data" not in spec:
@@ -135,7 +145,7 @@ def _decode_outputs(specs: Any, binary_default: bool) -> tuple[tuple[str, ...] |
     """The outputs asked for, how each is written, and those asked for as classifications (their k)."""
     if specs is None:
         return None, OutputFormat(binary_default), {}
-    names, binary, classes = [], {}, {}
+    names, binary, classes, shared = [], {}, {}, {}
     for i, spec in enumerate(_list(specs, "`outputs`")):
         spec = _object(spec, f"outputs[{i}]")
         name = spec.get("name")
@@ -144,17 +154,28 @@ def _decode_outputs(specs: Any, binary_default: bool) -> tuple[tuple[str, ...] |
         params = _object(spec.get("parameters"), f"output `{name}`: `parameters`")
         if "classification" in params:
             classes[name] = check_k(name, params["classification"])
+        ref = shared_ref(f"output `{name}`", params)
+        if ref is not None:
+            shared[name] = ref
         names.append(name)
         binary[name] = bool(params.get("binary_data", binary_default))
-    return tuple(names), OutputFormat(binary_default, binary), classes
+    return tuple(names), OutputFormat(binary_default, binary, shared), classes
 
 
-def encode_response(response: InferResponse, fmt: OutputFormat) -> tuple[bytes, int | None]:
-    """(body, JSON header length or None when the body is all JSON)."""
+def encode_response(response: InferResponse, fmt: OutputFormat,
+                    shm: SystemSharedMemory | None = None) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when the body is all JSON); outputs asked for in shared memory are
+    written there and answered with their shape and datatype."""
     outputs, blobs = [], []
     for name, array in response.outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": v2_name_of(array), "shape": list(array.shape)}
-        if fmt.is_binary(name):
+        ref = fmt.shared.get(name)
+        if ref is not None:
+            if shm is None:
+                raise InvalidRequest(f"output `{name}`: this server has no shared memory regions")
+            shm.write(f"output '{name}'", ref, tensors.to_raw(array))
+            entry["parameters"] = {REGION: ref.region, BYTE_SIZE: ref.byte_size, **({OFFSET: ref.offset} if ref.offset else {})}
+        elif fmt.is_binary(name):
             blobs.append(tensors.to_raw(array))
             entry["parameters"] = {"binary_data_size": len(blobs[-1])}
         else:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from deskpod.server.api_router import link_problems
+from deskpod.server.kserve.shared_memory import CUDA_REFUSAL
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse, Response
@@ -167,9 +168,10 @@ async def infer(raw: Request) -> Response:
         kserve = serving(raw)
         kserve.require(model, version)
         body = await read_body(raw)
-        request, fmt = http_codec.decode_request(body, raw.headers.get(http_codec.HEADER_LENGTH), model, version)
+        request, fmt = http_codec.decode_request(body, raw.headers.get(http_codec.HEADER_LENGTH), model, version,
+                                                 kserve.shared_memory)
         response = await kserve.infer(request)
-        content, header_length = http_codec.encode_response(response, fmt)
+        content, header_length = http_codec.encode_response(response, fmt, kserve.shared_memory)
     except Exception as e:
         return error_response(e)
     if header_length is None:
@@ -221,3 +223,39 @@ async def repository_unload(model: str, raw: Request) -> Response:
     await read_json(raw, default={})
     await serving(raw).unload(model)
     return empty()
+
+
+# --- system shared memory (CUDA shared memory is refused: no GPU here) ------------------------------
+
+
+@router.get("/v2/systemsharedmemory/status")
+@router.get("/v2/systemsharedmemory/region/{region}/status")
+async def shm_status(raw: Request, region: str = "") -> list[dict]:
+    return serving(raw).shared_memory.status(region or None)
+
+
+@router.post("/v2/systemsharedmemory/region/{region}/register")
+async def shm_register(region: str, raw: Request) -> Response:
+    body = await read_json(raw, default={})
+    if not isinstance(body, dict) or "key" not in body or "byte_size" not in body:
+        raise InvalidRequest("register a region with {\"key\": \"/shm_key\", \"offset\": 0, \"byte_size\": N}")
+    serving(raw).shared_memory.register(region, body["key"], body.get("offset", 0), body["byte_size"])
+    return empty()
+
+
+@router.post("/v2/systemsharedmemory/unregister")
+@router.post("/v2/systemsharedmemory/region/{region}/unregister")
+async def shm_unregister(raw: Request, region: str = "") -> Response:
+    await read_json(raw, default={})
+    serving(raw).shared_memory.unregister(region or None)
+    return empty()
+
+
+@router.get("/v2/cudasharedmemory/status")
+@router.get("/v2/cudasharedmemory/region/{region}/status")
+@router.post("/v2/cudasharedmemory/region/{region}/register")
+@router.post("/v2/cudasharedmemory/unregister")
+@router.post("/v2/cudasharedmemory/region/{region}/unregister")
+async def cuda_shm(raw: Request, region: str = "") -> Response:
+    raise InvalidRequest(CUDA_REFUSAL)
+

@@ -21,6 +21,7 @@ from deskpod.backends.control import allow_api
 from deskpod.errors import DeskpodError, InvalidRequest, ModelNotFound
 from deskpod.server.kserve.classification import classify, read_labels
 from deskpod.server.kserve.llm import VERSION as LLM_VERSION
+from deskpod.server.kserve.shared_memory import SystemSharedMemory
 from deskpod.server.kserve.llm import LLMModels
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 SERVER_NAME = "deskpod"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics",
-              "parameters", "generate")
+              "parameters", "generate", "system_shared_memory")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class KServeServing:
         self.llms = llms
         self.limits = limits or Limits()
         self.model_control_mode = model_control_mode
+        self.shared_memory = SystemSharedMemory()  # regions clients on this machine registered
         self._label_cache: dict[tuple[str, str], list[str]] = {}
 
     # --- server ---------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_tritonclient_reads_the_response() -> None:
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda m: m.raw_input_contents.append(b"\0" * 4), "2 inputs but 1 raw_input_contents"),
+        (lambda m: m.raw_input_contents.append(b"\0" * 4), "2 inputs outside shared memory but 1 raw_input_contents"),
         (lambda m: m.inputs[0].contents.fp32_contents.append(1.0), "FP16 must be sent in raw_input_contents"),
         (lambda m: (m.inputs[1].contents.int_contents.extend([1, 2]), m.inputs.pop(0)), "holds 2 values, but shape [3] needs 3"),
         (lambda m: (m.inputs[1].contents.int_contents.extend([1, 2, 3]), m.raw_input_contents.extend([b"\0" * 4, b"\0" * 12])),
