@@ -139,7 +139,9 @@ def validate(config: mc.ModelConfig, source: str) -> None:
     for kind, tensors in (("input", config.input), ("output", config.output)):
         _validate_tensors(kind, tensors, source)
     if config.HasField("sequence_batching"):
-        raise UnsupportedModel(f"{source}: sequence_batching: stateful (sequence) models are not supported")
+        from deskpod.backends.sequence import check_config
+
+        check_config(config, source)
     if config.model_transaction_policy.decoupled:
         raise UnsupportedModel(
             f"{source}: model_transaction_policy.decoupled: models that send several responses per request "

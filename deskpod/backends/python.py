@@ -167,12 +167,16 @@ class PythonInstance:
 
 def _request(pending: Pending) -> pb_utils.InferenceRequest:
     request = pending.request
+    parameters = dict(request.parameters)
+    correlation_id, flags = parameters.pop("_sequence", (0, 0))  # set by the sequence batcher
     return pb_utils.InferenceRequest(
         model_name=request.model,
         requested_output_names=list(pending.outputs),
         inputs=[pb_utils.Tensor(name, value) for name, value in pending.inputs.items()],
         request_id=request.id,
-        parameters=json.dumps(dict(request.parameters)),
+        correlation_id=correlation_id,
+        flags=flags,
+        parameters=json.dumps(parameters),
     )
 
 

@@ -30,6 +30,7 @@ from . import config as cfg
 from . import datatypes
 from .base import ModelContext
 from .batcher import Batcher
+from .sequence import SequenceBatcher
 from .stats import ModelStats
 from .types import InferRequest, InferResponse
 from .validate import Validator, expected_shape
@@ -54,9 +55,11 @@ class LoadedVersion:
     runner: Any  # Batcher, or the ensemble's scheduler: `async submit(pending)`, `close()`
     stats: ModelStats
     validator: Validator = field(init=False)
+    sequence: SequenceBatcher | None = field(init=False)  # a stateful model's (sequence_batching)
 
     def __post_init__(self) -> None:
-        self.validator = Validator(self.config)
+        self.sequence = SequenceBatcher(self.config) if self.config.HasField("sequence_batching") else None
+        self.validator = Validator(self.config, self.sequence)
 
 
 @dataclass
@@ -204,6 +207,12 @@ class ModelRepository:
         """Run one request. InvalidRequest (400) when it does not match the config, ModelNotFound (404),
         ModelNotReady (503), BackendError (500) when the model's execution fails (other requests go on)."""
         loaded = self._loaded(request.model, request.version)
+        if loaded.sequence is not None:
+            return await loaded.sequence.infer(request, lambda r: self._infer(loaded, r))
+        return (await self._infer(loaded, request))[0]
+
+    async def _infer(self, loaded: LoadedVersion, request: InferRequest) -> tuple[InferResponse, dict]:
+        """(the response, every output the model produced: a sequence's state outputs too)."""
         start = time.perf_counter_ns()
         pending = None
         try:
@@ -219,8 +228,9 @@ class ModelRepository:
                 raise
             raise BackendError(f"model {request.model!r} failed: {type(e).__name__}: {e}") from e
         loaded.stats.record_request(True, pending.batch_size, time.perf_counter_ns() - start, pending.queue_ns)
-        ordered = {n: outputs[n] for n in pending.outputs}
-        return InferResponse(request.model, loaded.version, request.id, ordered)
+        hidden = loaded.sequence.state_outputs if loaded.sequence else ()  # kept by the batcher, not sent back
+        ordered = {n: outputs[n] for n in pending.outputs if n not in hidden}
+        return InferResponse(request.model, loaded.version, request.id, ordered), outputs
 
     def names(self) -> list[str]:
         """The model folders in the repository now."""

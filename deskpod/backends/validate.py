@@ -32,7 +32,9 @@ class _Input:
 
 
 class Validator:
-    def __init__(self, config: mc.ModelConfig) -> None:
+    def __init__(self, config: mc.ModelConfig, sequence=None) -> None:
+        """`sequence`: a stateful model's SequenceBatcher, whose control and state inputs and state outputs
+        the model takes beside the config's (the batcher adds them; a client may not)."""
         self.model = f"model {config.name!r}"
         self.max_batch_size = config.max_batch_size
         self.inputs = {
@@ -47,8 +49,17 @@ class Validator:
             for t in config.input
         }
         self.outputs = tuple(t.name for t in config.output)
+        self.internal_outputs = sequence.state_outputs if sequence else ()
+        self.extra = sequence.extra_inputs if sequence else {}
+        for name, (dtype, dims) in self.extra.items():
+            batch = (-1,) if config.max_batch_size > 0 else ()
+            self.inputs[name] = _Input(name, datatypes.v2_name_of(np.empty(0, dtype)), dtype, batch + dims, None, False)
 
     def prepare(self, request: InferRequest) -> Pending:
+        if self.extra and "_sequence" not in request.parameters:
+            given = [name for name in request.inputs if name in self.extra]
+            if given:
+                raise InvalidRequest(f"input {given[0]!r} of {self.model} is given by the sequence batcher, not the client")
         for name in request.inputs:
             if name not in self.inputs:
                 raise InvalidRequest(f"unknown input {name!r} for {self.model}; its inputs are: {', '.join(self.inputs)}")
@@ -105,6 +116,9 @@ class Validator:
         return value.reshape(batch + spec.reshape)
 
     def _requested_outputs(self, request: InferRequest) -> tuple[str, ...]:
+        return self._client_outputs(request) + self.internal_outputs  # a sequence's state is always computed
+
+    def _client_outputs(self, request: InferRequest) -> tuple[str, ...]:
         if request.outputs is None:
             return self.outputs
         for name in request.outputs:

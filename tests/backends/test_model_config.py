@@ -73,7 +73,9 @@ def test_validation_names_the_field(text, message):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("sequence_batching { }", "sequence_batching: stateful"),
+        ("sequence_batching { state [ { input_name: 'a' output_name: 'b' data_type: TYPE_FP32 dims: [ 1 ] "
+         "initial_state { data_type: TYPE_FP32 dims: [ 1 ] data_file: 'init.bin' name: 'i' } } ] }",
+         "sequence_batching state 'a': only zero_data initial states"),
         ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
     ],
 )
