@@ -61,8 +61,12 @@ class TorchInstance(TensorInstance):
                 f"pickled modules are never loaded"
             ) from None
         self.module.eval()
-        self.input_order = positional_order([t.name for t in config.input])
-        self.output_order = positional_order([t.name for t in config.output])
+        # a stateful model also takes the sequence batcher's control and state inputs, and returns its state
+        sequence = config.sequence_batching
+        controls = [c.name for c in sequence.control_input]
+        states_in, states_out = [s.input_name for s in sequence.state], [s.output_name for s in sequence.state]
+        self.input_order = positional_order([t.name for t in config.input] + controls + states_in)
+        self.output_order = positional_order([t.name for t in config.output] + states_out)
 
     def run(self, inputs: dict[str, np.ndarray]) -> Outputs:
         args = [_to_torch(inputs[name]) for name in self.input_order if name in inputs]

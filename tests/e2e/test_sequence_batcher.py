@@ -4,7 +4,9 @@ sequences interleaved, started again, ended; Triton's wording for a sequence tha
 
 from __future__ import annotations
 
+import importlib.util
 import queue
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,10 +55,20 @@ sequence_batching {
 """
 
 
+def robot_example():
+    """examples/robot_policy/make_repository.py, as a module."""
+    path = Path(__file__).parents[2] / "examples" / "robot_policy" / "make_repository.py"
+    spec = importlib.util.spec_from_file_location("make_repository", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def urls(serve, tmp_path_factory):
     root = tmp_path_factory.mktemp("sequence_repository")
     write_model(root, "accumulator", CONFIG, {"1/model.py": ACCUMULATOR})
+    robot_example().write(root)
     grpc_port = free_port()
     server = serve(["--model-repository", str(root), "--grpc-port", str(grpc_port)])
     return server.url.removeprefix("http://"), f"127.0.0.1:{grpc_port}"
@@ -110,3 +122,29 @@ def test_a_sequence_over_the_grpc_stream(urls):
     finally:
         client.stop_stream()
         client.close()
+
+
+def test_the_robot_policy_keeps_each_robots_recurrent_state(urls):
+    """The TorchScript GRU of examples/robot_policy: two robots' streams interleaved, each action as the same
+    policy computes it locally from that robot's own history."""
+    import torch
+
+    example = robot_example()
+    torch.manual_seed(0)
+    policy = example.GRUPolicy().eval()
+    rng = np.random.default_rng(0)
+    client = grpcclient.InferenceServerClient(urls[1])
+    states = {robot: torch.zeros(1, example.HIDDEN) for robot in (1, 2)}
+    try:
+        for step_index in range(5):
+            for robot in (1, 2):
+                observation = rng.standard_normal((1, example.OBSERVATION)).astype(np.float32)
+                obs = grpcclient.InferInput("OBS__0", [1, example.OBSERVATION], "FP32")
+                obs.set_data_from_numpy(observation)
+                result = client.infer("gru_policy", [obs], sequence_id=1000 + robot, sequence_start=step_index == 0)
+                with torch.no_grad():
+                    want, states[robot] = policy(torch.from_numpy(observation), states[robot])
+                np.testing.assert_allclose(result.as_numpy("ACTION__0"), want.numpy(), rtol=1e-5, atol=1e-6)
+    finally:
+        client.close()
+
