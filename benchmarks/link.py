@@ -22,23 +22,20 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from llama_server import free_port, stop_process  # noqa: E402 - the benchmarks' shared process helpers
+
 TOKEN = "benchmark-link-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -79,12 +76,7 @@ def serving(model: str, parallel: str | None, worker_home: str) -> Iterator[Serv
         yield Served(url, processes)
     finally:
         for p in processes:
-            p.terminate()
-        for p in processes:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p, grace=15)
 
 
 def decode_rate(url: str, model: str, tokens: int) -> float:

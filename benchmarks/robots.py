@@ -21,7 +21,6 @@ import contextlib
 import importlib.util
 import os
 import queue
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,11 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from llama_server import free_port, stop_process  # noqa: E402 - the benchmarks' shared process helpers
 
 
 def example():
@@ -67,8 +63,7 @@ def server(root: Path):
             time.sleep(0.3)
         yield url
     finally:
-        process.terminate()
-        process.wait(15)
+        stop_process(process, grace=15)
 
 
 def robot_stream(url: str, robot: int, period: float, seconds: float, size: int, latencies: list) -> None:

@@ -38,16 +38,20 @@ class StepResult:
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # prompt tokens computed this step
 
 
+def kv_cache_for(loaded: LoadedModel, num_blocks: int, config: EngineConfig) -> PagedKVCache:
+    """The KV pool of this box's layers and KV heads (all of them, unless linked). Empty, not zeros: a slot is
+    always written before attention reads it, and untouched pages of a large pool cost no memory until
+    sequences reach them."""
+    return PagedKVCache(len(loaded.model.blocks), loaded.model.kv_heads, loaded.spec.head_dim, num_blocks,
+                        config.block_size, dtype=TORCH_DTYPES[config.dtype], device=torch.device(config.device),
+                        alloc=torch.empty)
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, config: EngineConfig = EngineConfig()):
-        spec = loaded.spec
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = torch.device(config.device)
-        # empty, not zeros: a slot is always written before attention reads it, and untouched pages of
-        # a large pool cost no memory until sequences reach them
-        self.cache = PagedKVCache(len(self.model.blocks), self.model.kv_heads, spec.head_dim, num_blocks,
-                                  config.block_size, dtype=TORCH_DTYPES[config.dtype], device=self.device,
-                                  alloc=torch.empty)  # this box's layers and heads: all, unless linked
+        self.cache = kv_cache_for(loaded, num_blocks, config)
         self.block_size = config.block_size
         self._samplers: dict[str, Sampler] = {}  # per request: its state survives preemption
         self._prompt_logprobs_done: dict[str, int] = {}  # prompt positions already reported (a preempted

@@ -5,7 +5,6 @@ runs each step on every box."""
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from deskpod.engine.config import EngineConfig
 from deskpod.engine.engine import LLMEngine, kv_pool_blocks
@@ -13,11 +12,10 @@ from deskpod.engine.loader import load_model
 from deskpod.formats.weights import WeightSource, open_weights
 from deskpod.link.config import LinkConfig
 from deskpod.link.head import LinkHead
-from deskpod.link.share import Share, pipeline_shares, tensor_shares
+from deskpod.link.share import LAYER, Share, pipeline_shares, tensor_shares
 from deskpod.link.stage import LinkedModel
 from deskpod.plan.devices import available_memory_bytes
 
-_LAYER = re.compile(r"blk\.(\d+)\.")
 # what every box loads and sizes its KV cache with (each box its own budget); the rest are the head's alone
 SHARED_SETTINGS = ("weights", "dtype", "context", "block_size", "kv_cache_gb", "memory_fraction", "max_num_seqs")
 
@@ -33,7 +31,7 @@ def plan_shares(source: WeightSource, parallel: str, memory: list[int]) -> list[
     layers, fixed = [0] * source.spec.num_layers, 0
     for tensor in source.tensors():
         size = tensor.n_elements
-        match = _LAYER.match(tensor.name)
+        match = LAYER.match(tensor.name)
         if match:
             layers[int(match.group(1))] += size
         else:

@@ -20,7 +20,7 @@ from deskpod.errors import UnsupportedModel
 from deskpod.formats.spec import ModelSpec
 from deskpod.formats.weights import BlockTensor, SchemeTensor, StoredTensor
 
-_LAYER = re.compile(r"blk\.(\d+)\.")
+LAYER = re.compile(r"blk\.(\d+)\.")  # a canonical tensor name's layer
 HEAD_TENSORS = ("output_norm.", "output.")  # the final norm and LM head: on the box that samples
 
 
@@ -64,7 +64,7 @@ class Share:
 
     def owns(self, name: str) -> bool:
         """Whether this box loads (part of) the canonical tensor `name`."""
-        layer = _LAYER.match(name)
+        layer = LAYER.match(name)
         if layer:
             return int(layer.group(1)) in self.layers()
         if self.tensor:  # every box holds its rows of the embedding and LM head, and the final norm

@@ -21,7 +21,8 @@ from deskpod.link.share import Share
 
 def run_share(model: DecoderLM, share: Share, group: LinkGroup, ids: torch.Tensor, batch: AttentionBatch,
               cache: PagedKVCache, vocab_widths: list[int] = ()) -> torch.Tensor | None:
-    """This box's part of the step; the head gets the logits of the logit rows, the others None.
+    """This box's part of the step (the head's under tensor parallel, a worker's in both modes); the head
+    gets the logits of the logit rows, the others None.
     `vocab_widths`: (head, tensor parallel) how many of the vocabulary's logits each box computes."""
     if share.tensor:  # every box: its slice of the vocabulary's logits, gathered on the head
         logits = model.logits(model.run_blocks(model.embed(ids), batch, cache)[batch.logit_rows])
@@ -30,16 +31,14 @@ def run_share(model: DecoderLM, share: Share, group: LinkGroup, ids: torch.Tenso
             return None
         return torch.cat([logits] + [group.receive((len(logits), width), logits.dtype, rank)
                                      for rank, width in enumerate(vocab_widths[1:], start=1)], dim=-1)
-    hidden = (len(ids), model.spec.hidden_size)
-    last = share.world - 1
-    x = model.embed(ids) if share.is_head else group.receive(hidden, model.dtype, share.rank - 1)
+    # a pipeline's later box (the head's part is LinkedModel.start_batch / finish_batch): the previous box's
+    # activations in, its own layers, on to the next box — or, from the last, the logit rows back to the head
+    x = group.receive((len(ids), model.spec.hidden_size), model.dtype, share.rank - 1)
     x = model.run_blocks(x, batch, cache)
-    if share.rank < last:
+    if share.rank < share.world - 1:
         group.send(x, share.rank + 1)
-    elif not share.is_head:
+    else:
         group.send(x[batch.logit_rows], 0)
-    if share.is_head:
-        return model.logits(group.receive((len(batch.logit_rows), model.spec.hidden_size), model.dtype, last))
     return None
 
 

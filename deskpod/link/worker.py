@@ -17,10 +17,10 @@ from dataclasses import replace
 
 import torch
 
-from deskpod.engine.attention import PagedKVCache
 from deskpod.engine.config import EngineConfig
 from deskpod.engine.engine import kv_pool_blocks
-from deskpod.engine.loader import TORCH_DTYPES, load_model
+from deskpod.engine.loader import load_model
+from deskpod.engine.runner import kv_cache_for
 from deskpod.errors import DeskpodError
 from deskpod.link.group import LinkGroup, LinkLost, PartialSums
 from deskpod.link.rendezvous import Connection, WorkerStore, bind_address_of, connect, hostname
@@ -77,8 +77,7 @@ def _serve(conn: Connection, config: EngineConfig, progress) -> None:
         start = conn.expect("start")  # a new group: at first, and after any box of the link came back
         num_blocks = int(start["num_blocks"])
         if cache is None or cache.num_blocks != num_blocks:
-            cache = PagedKVCache(len(loaded.model.blocks), loaded.model.kv_heads, loaded.spec.head_dim, num_blocks,
-                                 config.block_size, TORCH_DTYPES[config.dtype], config.device, alloc=torch.empty)
+            cache = kv_cache_for(loaded, num_blocks, config)
         group = LinkGroup.create(WorkerStore(conn, f"gen{start['generation']}/", 60), rank, world,
                                  bind_address_of(conn), float(welcome["timeout"]))
         reduce.group = group

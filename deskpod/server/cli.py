@@ -16,6 +16,7 @@ from deskpod.server.config import (
     DEFAULT_GRPC_PORT,
     DEFAULT_MAX_REQUEST_MB,
     DEFAULT_MODEL,
+    MODEL_CONTROL_MODES,
     ServerConfig,
 )
 
@@ -41,7 +42,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="a Triton-style model repository (DIR/<model>/config.pbtxt, DIR/<model>/<version>/...) to serve over KServe v2",
     )
-    p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default=None,
+    p.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default=None,
                    help="as Triton's: none (all loaded, the API may not load/unload), poll (the same, and changes to "
                         "the repository are loaded), explicit (only --load-model at start, the API loads/unloads); "
                         "default: all loaded and the API allowed")
