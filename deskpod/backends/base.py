@@ -1,8 +1,9 @@
 """What every backend implements, and the request as it travels from validation through the batcher.
 
 A backend module exposes `create_instance(config, model_file, context) -> Instance`, and optionally
-`complete_config(config, explicit_fields, model_file)` to fill what config.pbtxt leaves out (Triton's
-auto-complete). An Instance executes a list of requests on its own worker thread and answers one result per
+`complete_config(config, explicit_fields, model_file, backend_config)` to fill what config.pbtxt leaves out (Triton's
+auto-complete). An Instance executes a list of requests on its own worker thread (or, when its `execute` is a
+coroutine, on the server's loop: an instance whose work happens in another process) and answers one result per
 request: outputs, or the exception that failed that request alone.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,9 @@ class Pending:
     batch_key: tuple  # requests are merged only when their keys are equal (same non-batch shapes)
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     queue_ns: int | None = None
+    # a decoupled model's request: where each of its responses goes (result, final), on the server's loop;
+    # its execution then answers None, the responses coming through here
+    sink: Callable[[Result | None, bool], None] | None = None
     future: asyncio.Future = field(init=False, repr=False)  # set when queued by the batcher
 
 
@@ -50,8 +54,13 @@ class ModelContext:
     instance_name: str
     instance_index: int
     instance_count: int
-    # the repository's infer, for backends that call other models (Python BLS); called on `Execution.loop`
+    # the repository's infer and infer_stream, for backends that call other models (Python BLS); called on
+    # `Execution.loop`
     infer: Callable[[InferRequest], Any] | None = None
+    infer_stream: Callable[[InferRequest], Any] | None = None
+    backend_config: Mapping[str, str] = field(default_factory=dict)  # --backend-config BACKEND,KEY=VALUE
+    # an instance that can no longer serve (its process cannot start again) says why: the version is UNAVAILABLE
+    unavailable: Callable[[str], None] = lambda reason: None
 
 
 class Execution:

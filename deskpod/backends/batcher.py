@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import inspect
 import itertools
 import threading
 import time
@@ -64,6 +65,15 @@ class Batcher:
         self._queue.append(pending)
         self._wakeup.set()
         return await pending.future
+
+    def cancel(self, pending: Pending) -> None:
+        """The caller gave up: a queued request is skipped; one a decoupled model still answers is told so."""
+        if not pending.future.done():
+            pending.future.cancel()
+        for worker in self.workers:
+            cancel = getattr(worker.instance, "cancel", None)
+            if cancel is not None:
+                cancel(pending)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the dispatcher on the loop requests come from (the server's; a new one after a restart)."""
@@ -153,9 +163,12 @@ class Batcher:
             pending.queue_ns = start - pending.arrival_ns
         execution = Execution(asyncio.get_running_loop())
         try:
-            results: list[Result] = await asyncio.get_running_loop().run_in_executor(
-                worker.thread, _run, worker.instance, batch, execution
-            )
+            if inspect.iscoroutinefunction(worker.instance.execute):  # it waits on another process: no thread
+                results: list[Result] = _checked(await _run_async(worker.instance, batch, execution), batch)
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    worker.thread, _run, worker.instance, batch, execution
+                )
         finally:
             self._idle.put_nowait(worker)
         size = sum(p.batch_size for p in batch)
@@ -204,6 +217,17 @@ def _run(instance: Instance, batch: Sequence[Pending], execution: Execution) -> 
         return [e] * len(batch)
     except SystemExit as e:  # a model calling exit() fails its requests, not the server
         return [RuntimeError(f"the model's code called exit({e.code})")] * len(batch)
+    return _checked(results, batch)
+
+
+async def _run_async(instance: Instance, batch: Sequence[Pending], execution: Execution) -> list[Result]:
+    try:
+        return await instance.execute(batch, execution)
+    except Exception as e:  # noqa: BLE001 - reported to the callers, not raised here
+        return [e] * len(batch)
+
+
+def _checked(results: list[Result], batch: Sequence[Pending]) -> list[Result]:
     if len(results) != len(batch):
         error = RuntimeError(f"the backend returned {len(results)} results for {len(batch)} requests")
         return [error] * len(batch)

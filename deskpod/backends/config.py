@@ -142,10 +142,15 @@ def validate(config: mc.ModelConfig, source: str) -> None:
         from deskpod.backends.sequence import check_config
 
         check_config(config, source)
-    if config.model_transaction_policy.decoupled:
+    if config.model_transaction_policy.decoupled and config.backend != "python":
         raise UnsupportedModel(
-            f"{source}: model_transaction_policy.decoupled: models that send several responses per request "
-            f"are not supported"
+            f"{source}: model_transaction_policy.decoupled: only Python models (with response senders) can send "
+            f"several responses per request; the {config.backend} backend answers each request once"
+        )
+    if config.model_transaction_policy.decoupled and config.HasField("sequence_batching"):
+        raise UnsupportedModel(
+            f"{source}: model_transaction_policy.decoupled: a decoupled model with sequence_batching is not "
+            f"supported; keep one of them"
         )
     batching = config.dynamic_batching
     for size in batching.preferred_batch_size:

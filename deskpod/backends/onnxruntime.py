@@ -8,7 +8,7 @@ Threads: the box's cores are shared by the instances (intra-op threads = cores /
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ def describe(path: Path) -> tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
     return [_spec(a, path) for a in session.get_inputs()], [_spec(a, path) for a in session.get_outputs()]
 
 
-def complete_config(config: mc.ModelConfig, fields: set[str], path: Path) -> None:
+def complete_config(config: mc.ModelConfig, fields: set[str], path: Path, backend_config: Mapping[str, str]) -> None:
     """Fill what config.pbtxt leaves out (inputs, outputs, max_batch_size) from the model file."""
     if not config.input or not config.output:
         autocomplete(config, fields, describe(path))

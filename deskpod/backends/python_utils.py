@@ -1,11 +1,13 @@
-"""`triton_python_backend_utils` for Python models run in-process: the names Triton's Python backend gives
-model.py (Tensor, InferenceRequest, InferenceResponse, TritonError, get_input_tensor_by_name, ...), so an
-existing Triton Python model runs unchanged. python.py installs this module as
-sys.modules["triton_python_backend_utils"] before importing any model.py.
+"""`triton_python_backend_utils` as Triton's Python backend gives it to model.py (Tensor, InferenceRequest,
+InferenceResponse, TritonError, get_input_tensor_by_name, response senders, ...), so an existing Triton Python
+model runs unchanged. It lives in the model's own process (python_stub installs it as
+sys.modules["triton_python_backend_utils"] before importing model.py); what reaches the server (BLS calls,
+decoupled responses, metrics) goes through `server`, the stub's link to it.
 
 BLS: `InferenceRequest(model_name=..., requested_output_names=[...], inputs=[...]).exec()` runs another
-model of the same repository from inside `execute`, through the repository's `infer` on the server's loop.
-As in Triton, a model that calls itself needs a free instance to answer, or the call waits forever.
+model of the same repository from inside `execute`; `exec(decoupled=True)` iterates a decoupled model's
+responses, the last one (flagged final) possibly empty. As in Triton, a model that calls itself needs a free
+instance to answer, or the call waits forever.
 """
 
 from __future__ import annotations
@@ -13,15 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from . import datatypes
-from .types import InferRequest as _InferRequest
 
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
@@ -120,14 +120,48 @@ class InferenceResponse:
         return self._error
 
 
-class _Context(threading.local):
-    """Set by the Python backend around `execute` on the instance's thread: how BLS reaches the repository."""
+class ServerLink(Protocol):
+    """What the stub gives this module: the way to the server."""
 
-    infer: Callable[[_InferRequest], Awaitable[Any]] | None = None
-    loop: asyncio.AbstractEventLoop | None = None
+    def bls(self, request: InferenceRequest, decoupled: bool) -> Iterator[InferenceResponse]: ...
+
+    def send_response(self, request_key: int, response: InferenceResponse | None, final: bool) -> None: ...
+
+    def cancelled(self, request_key: int) -> bool: ...
 
 
-bls_context = _Context()
+server: ServerLink | None = None  # set by the stub before model.py is imported
+
+
+def _server() -> ServerLink:
+    if server is None:
+        raise TritonModelException("this needs the server: call it from a model the server runs")
+    return server
+
+
+class InferenceResponseSender:
+    """A decoupled model's way to answer: any number of responses, from any thread, until the final flag."""
+
+    def __init__(self, request_key: int) -> None:
+        self._key = request_key
+        self._closed = False
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if self._closed:
+            raise TritonModelException("Unable to send response. Response sender has been closed.")
+        final = bool(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if response is None and not final:
+            raise TritonModelException(
+                "Inference Response object must be provided when the response flags is not "
+                "TRITONSERVER_RESPONSE_COMPLETE_FINAL."
+            )
+        if response is not None and not isinstance(response, InferenceResponse):
+            raise TritonModelException(f"send() takes an InferenceResponse, not {type(response).__name__}")
+        self._closed = final
+        _server().send_response(self._key, response, final)
+
+    def is_cancelled(self) -> bool:
+        return _server().cancelled(self._key)
 
 
 class InferenceRequest:
@@ -144,7 +178,8 @@ class InferenceRequest:
         timeout: int = 0,
         model_version: int = -1,
         parameters: dict | str | None = None,
-        **_: Any,  # preferred_memory, trace: meaningless in-process
+        _key: int | None = None,  # set by the stub on the requests it gives `execute`
+        **_: Any,  # preferred_memory, trace: the server places tensors itself
     ) -> None:
         # Triton's stub takes names as std::string, so bytes work too: the `bls` example passes
         # `input.as_numpy()[0]`, a numpy bytes object
@@ -157,6 +192,8 @@ class InferenceRequest:
         self._flags = flags
         self._timeout = timeout
         self._parameters = parameters if isinstance(parameters, str) else json.dumps(parameters or {})
+        self._key = _key
+        self._sender: InferenceResponseSender | None = None
 
     def inputs(self) -> list[Tensor]:
         return list(self._inputs)
@@ -184,46 +221,32 @@ class InferenceRequest:
         return self._parameters
 
     def is_cancelled(self) -> bool:
-        return False
+        return self._key is not None and _server().cancelled(self._key)
 
-    def get_response_sender(self) -> Any:
-        raise TritonModelException("decoupled models (response senders) are not supported by deskpod")
+    def get_response_sender(self) -> InferenceResponseSender:
+        """A decoupled model's sender for this request (one per request, as in Triton)."""
+        if self._key is None:
+            raise TritonModelException("only a request given to execute() has a response sender")
+        if self._sender is None:
+            self._sender = InferenceResponseSender(self._key)
+        return self._sender
 
     # --- BLS ----------------------------------------------------------------------------------------
 
-    def exec(self, decoupled: bool = False) -> InferenceResponse:
-        """Run this request on another model; errors come back in the response, as in Triton."""
+    def exec(self, decoupled: bool = False) -> InferenceResponse | Iterator[InferenceResponse]:
+        """Run this request on another model; errors come back in the response, as in Triton. With
+        `decoupled`, an iterator of that model's responses."""
+        responses = _server().bls(self, decoupled)
         if decoupled:
-            raise TritonModelException("decoupled BLS calls are not supported by deskpod")
-        infer, loop = bls_context.infer, bls_context.loop
-        if infer is None or loop is None:
-            raise TritonModelException("BLS requests can be executed only from within execute()")
-        future = asyncio.run_coroutine_threadsafe(self._run(infer), loop)
-        return future.result()
+            return responses
+        return next(iter(responses))
 
-    async def async_exec(self, decoupled: bool = False) -> InferenceResponse:
-        """BLS from an `async def execute`: awaits the other model without blocking this model's loop."""
-        if decoupled:
-            raise TritonModelException("decoupled BLS calls are not supported by deskpod")
-        infer, loop = bls_context.infer, bls_context.loop
-        if infer is None or loop is None:
-            raise TritonModelException("BLS requests can be executed only from within execute()")
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._run(infer), loop))
-
-    async def _run(self, infer: Callable[[_InferRequest], Awaitable[Any]]) -> InferenceResponse:
-        request = _InferRequest(
-            model=self._model_name,
-            version=str(self._model_version) if self._model_version > 0 else "",
-            id=self._request_id,
-            inputs={t.name(): t.as_numpy() for t in self._inputs},
-            outputs=tuple(self._outputs) or None,
-            parameters=json.loads(self._parameters),
-        )
-        try:
-            response = await infer(request)
-        except Exception as e:  # noqa: BLE001 - BLS reports errors in the response, as Triton does
-            return InferenceResponse([], TritonError(str(e)))
-        return InferenceResponse([Tensor(n, v) for n, v in response.outputs.items()])
+    async def async_exec(self, decoupled: bool = False) -> InferenceResponse | Iterator[InferenceResponse]:
+        """BLS from an `async def execute`: awaits the other model without blocking this model's loop. With
+        `decoupled`, as in Triton, an iterator of its responses (they keep arriving while it is read)."""
+        if not decoupled:
+            return await asyncio.to_thread(self.exec)
+        return _server().bls(self, True)
 
 
 def _text(name: str | bytes) -> str:
@@ -236,6 +259,10 @@ def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> 
 
 def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
     return next((t for t in inference_response.output_tensors() if t.name() == name), None)
+
+
+def using_decoupled_model_transaction_policy(model_config: dict) -> bool:
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
 
 
 def get_input_config_by_name(model_config: dict, name: str) -> dict | None:

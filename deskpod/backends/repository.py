@@ -7,11 +7,13 @@ unload and load_all block (seconds) and are called from a thread.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from deskpod.errors import (
     BackendError,
     CorruptModel,
     DeskpodError,
+    InvalidRequest,
     ModelNotFound,
     ModelNotReady,
 )
@@ -71,8 +74,10 @@ class _Model:
 
 
 class ModelRepository:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, backend_config: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """`backend_config`: settings per backend (Triton's --backend-config BACKEND,KEY=VALUE)."""
         self.root = Path(root)
+        self.backend_config = {name: dict(values) for name, values in (backend_config or {}).items()}
         if not self.root.is_dir():
             raise ModelNotFound(f"model repository {self.root} is not a folder")
         self._models: dict[str, _Model] = {}
@@ -207,6 +212,13 @@ class ModelRepository:
         """Run one request. InvalidRequest (400) when it does not match the config, ModelNotFound (404),
         ModelNotReady (503), BackendError (500) when the model's execution fails (other requests go on)."""
         loaded = self._loaded(request.model, request.version)
+        if loaded.config.model_transaction_policy.decoupled:
+            # Triton's words; a decoupled model may answer any number of times, which one reply cannot carry
+            raise InvalidRequest(
+                f"model {request.model!r} is decoupled (it may send several responses per request): this endpoint "
+                f"doesn't support models with decoupled transaction policy; use the gRPC stream (ModelStreamInfer) "
+                f"or POST /v2/models/{request.model}/generate_stream"
+            )
         if loaded.sequence is not None:
             return await loaded.sequence.infer(request, lambda r: self._infer(loaded, r))
         return (await self._infer(loaded, request))[0]
@@ -231,6 +243,37 @@ class ModelRepository:
         hidden = loaded.sequence.state_outputs if loaded.sequence else ()  # kept by the batcher, not sent back
         ordered = {n: outputs[n] for n in pending.outputs if n not in hidden}
         return InferResponse(request.model, loaded.version, request.id, ordered), outputs
+
+    async def infer_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """A decoupled model's responses as it sends them (the last has `final`); any other model's one."""
+        loaded = self._loaded(request.model, request.version)
+        if not loaded.config.model_transaction_policy.decoupled:
+            yield await self.infer(request)
+            return
+        start = time.perf_counter_ns()
+        responses: asyncio.Queue[tuple[Any, bool]] = asyncio.Queue()
+        pending = loaded.validator.prepare(request)
+        pending.sink = lambda result, final: responses.put_nowait((result, final))
+        execution = asyncio.ensure_future(loaded.runner.submit(pending))
+        # an execution that fails fails the stream; one that returns leaves it to the model's response sender
+        execution.add_done_callback(
+            lambda done: done.cancelled() or done.exception() is None or responses.put_nowait((done.exception(), True)))
+        ok = False
+        try:
+            while True:
+                result, final = await responses.get()
+                if isinstance(result, BaseException):
+                    raise result if isinstance(result, DeskpodError) else BackendError(
+                        f"model {request.model!r} failed: {type(result).__name__}: {result}")
+                outputs = {n: result[n] for n in pending.outputs if n in (result or {})}
+                yield InferResponse(request.model, loaded.version, request.id, outputs, final=final)
+                if final:
+                    ok = True
+                    return
+        finally:
+            if not ok:
+                loaded.runner.cancel(pending)
+            loaded.stats.record_request(ok, pending.batch_size, time.perf_counter_ns() - start, pending.queue_ns)
 
     def names(self) -> list[str]:
         """The model folders in the repository now."""
@@ -298,7 +341,7 @@ class ModelRepository:
         if complete is not None:  # from the newest version's file, as Triton's auto-complete does
             newest = model_dir / versions[-1] / cfg.model_filename(config)
             _require_file(newest)
-            complete(config, fields, newest)
+            complete(config, fields, newest, self.backend_config.get(config.backend, {}))
         cfg.validate(config, source)
         if config.backend == "ensemble":
             self._validate_ensemble(config, source)
@@ -341,7 +384,9 @@ class ModelRepository:
         try:
             for i in range(count):
                 context = ModelContext(
-                    config.name, version, self.root, f"{config.name}_0_{i}", i, count, infer=self.infer
+                    config.name, version, self.root, f"{config.name}_0_{i}", i, count, infer=self.infer,
+                    infer_stream=self.infer_stream, backend_config=self.backend_config.get(config.backend, {}),
+                    unavailable=partial(self._failed_while_serving, config.name, version),
                 )
                 instances.append(module.create_instance(config, path, context))
         except Exception:
@@ -361,6 +406,23 @@ class ModelRepository:
         for v, (state, _) in list(model.states.items()):
             if state == LOADING:
                 model.states[v] = (UNAVAILABLE, reason if v == version else f"version {version} failed: {reason}")
+
+    def _failed_while_serving(self, name: str, version: str, reason: str) -> None:
+        """An instance can serve no more (its process died and cannot start again): the version is UNAVAILABLE
+        with that reason and is unloaded, in the background (this is called from the instance's own threads)."""
+        log.error("model %s version %s is unavailable: %s", name, version, reason)
+
+        def unload() -> None:
+            model = self._models.get(name)
+            if model is None:
+                return
+            with model.lock:
+                loaded = model.versions.pop(version, None)
+                model.states[version] = (UNAVAILABLE, reason)
+            if loaded is not None:
+                self._close(loaded)
+
+        threading.Thread(target=unload, name=f"unload-{name}", daemon=True).start()
 
     @staticmethod
     def _backend(backend: str) -> Any:

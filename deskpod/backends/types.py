@@ -31,3 +31,5 @@ class InferResponse:
     id: str
     outputs: dict[str, np.ndarray]
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    # False on all but a decoupled model's last response; that last one may be empty (a final flag only)
+    final: bool = True

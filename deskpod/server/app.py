@@ -69,10 +69,10 @@ def install(
     """Hang the registry, the repository, the metrics and one serving object per endpoint family on app.state."""
     metrics = ServerMetrics(registry.llms)
     if repository is not None:
-        from deskpod.backends.custom_metrics import CustomMetricsCollector
+        from deskpod.backends import custom_metrics
 
         metrics.registry.register(TritonCollector(repository.statistics))
-        metrics.registry.register(CustomMetricsCollector())  # Python models' pb_utils.MetricFamily series
+        metrics.extra.append(custom_metrics.exposition)  # Python models' pb_utils.MetricFamily series
     app.state.registry = registry
     app.state.repository = repository
     app.state.metrics = metrics

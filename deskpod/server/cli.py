@@ -50,6 +50,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="explicit mode: a model to load at start (repeatable; * for all)")
     p.add_argument("--repository-poll-secs", type=float, default=15.0,
                    help="poll mode: seconds between looks at the repository (default: %(default)g)")
+    p.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
+                   help="a backend's setting, as Triton's (repeatable): python,stub-timeout-seconds=30 bounds starting "
+                        "a Python model's process and its initialize; python,execute-timeout-seconds=N stops and "
+                        "restarts one whose execute takes longer (default: no limit)")
     grpc = p.add_mutually_exclusive_group()
     grpc.add_argument(
         "--grpc-port",
@@ -140,7 +144,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         load_models=tuple(args.load_model),
         repository_poll_secs=args.repository_poll_secs,
         metrics_port=args.metrics_port,
+        backend_config=parse_backend_config(args.backend_config),
     )
+
+
+def parse_backend_config(values: list[str]) -> dict[str, dict[str, str]]:
+    """["python,stub-timeout-seconds=5", ...] -> {"python": {"stub-timeout-seconds": "5"}}."""
+    settings: dict[str, dict[str, str]] = {}
+    for value in values:
+        backend, _, setting = value.partition(",")
+        key, equals, item = setting.partition("=")
+        if not backend or not key or not equals:
+            raise DeskpodError(f"--backend-config {value!r}: write it BACKEND,KEY=VALUE (python,stub-timeout-seconds=30)")
+        settings.setdefault(backend, {})[key] = item
+    return settings
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -158,7 +175,8 @@ def serve(args: argparse.Namespace) -> int:
     from deskpod.server.app import create_app
     from deskpod.server.registry import ModelRegistry
 
-    repository = load_repository(config.model_repository, config.model_control_mode, config.load_models)
+    repository = load_repository(config.model_repository, config.model_control_mode, config.load_models,
+                                 config.backend_config)
     registry = ModelRegistry.load(list(config.models), config.engine, config.link)
     # the gRPC server starts in the app's lifespan: on uvicorn's event loop, beside the HTTP server
     uvicorn.run(
@@ -172,7 +190,8 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_repository(root: str | None, mode: str | None = None, load_models: tuple[str, ...] = ()) -> ModelRepository | None:
+def load_repository(root: str | None, mode: str | None = None, load_models: tuple[str, ...] = (),
+                    backend_config: dict[str, dict[str, str]] | None = None) -> ModelRepository | None:
     """The repository with its models tried (all, or in explicit mode those named): one that fails is
     UNAVAILABLE with its reason, the others serve."""
     if root is None:
@@ -180,7 +199,7 @@ def load_repository(root: str | None, mode: str | None = None, load_models: tupl
     from deskpod.backends.control import load_at_start
     from deskpod.backends.repository import ModelRepository
 
-    repository = ModelRepository(root)
+    repository = ModelRepository(root, backend_config)
     load_at_start(repository, mode, load_models)
     return repository
 

@@ -40,6 +40,7 @@ class ServerConfig:
     load_models: tuple[str, ...] = ()  # explicit mode: the models loaded at start ("*": all)
     repository_poll_secs: float = 15.0  # poll mode's interval
     metrics_port: int | None = None  # /metrics also on this port of `host` (Triton: 8002)
+    backend_config: dict[str, dict[str, str]] = field(default_factory=dict)  # --backend-config BACKEND,KEY=VALUE
 
     def __post_init__(self) -> None:
         if not self.models and self.model_repository is None:
@@ -55,6 +56,13 @@ class ServerConfig:
                                               or self.metrics_port in (self.port, self.grpc_port)):
             raise DeskpodError(f"--metrics-port must be a free port number other than --port and --grpc-port, "
                                f"got {self.metrics_port}")
+        unknown = set(self.backend_config) - {"python"}
+        if unknown:
+            raise DeskpodError(f"--backend-config: {', '.join(sorted(unknown))} takes no settings; python does")
+        if "python" in self.backend_config:
+            from deskpod.backends.python import settings
+
+            settings(self.backend_config["python"])  # refuses an unknown key or a value that is not a number
         if self.repository_poll_secs <= 0:
             raise DeskpodError(f"--repository-poll-secs must be more than 0, got {self.repository_poll_secs}")
         if self.link is not None and len(self.models) != 1:

@@ -120,6 +120,7 @@ class LinkCollector(Collector):
 class ServerMetrics:
     def __init__(self, engines: Callable[[], Iterable[tuple[str, AsyncLLM]]]):
         self.registry = CollectorRegistry()  # one per app: several servers can live in one process
+        self.extra: list[Callable[[], str]] = []  # more exposition text after the registry's (custom metrics)
         r = self.registry
         self.requests = Counter("deskpod_requests", "HTTP requests answered", ["route", "status"], registry=r)
         self.ttft = Histogram(
@@ -151,7 +152,7 @@ class ServerMetrics:
         return RequestTimer(self, model)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + "".join(text() for text in self.extra).encode()
 
 
 class RequestTimer:

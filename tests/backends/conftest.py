@@ -30,8 +30,8 @@ def repo_factory() -> Iterator:
     """Build repositories that are closed after the test (Python models' finalize, sessions released)."""
     made: list[ModelRepository] = []
 
-    def make(root: Path, load: bool = True) -> ModelRepository:
-        repo = ModelRepository(root)
+    def make(root: Path, load: bool = True, backend_config: dict | None = None) -> ModelRepository:
+        repo = ModelRepository(root, backend_config)
         made.append(repo)
         if load:
             repo.load_all()

@@ -76,7 +76,8 @@ def test_validation_names_the_field(text, message):
         ("sequence_batching { state [ { input_name: 'a' output_name: 'b' data_type: TYPE_FP32 dims: [ 1 ] "
          "initial_state { data_type: TYPE_FP32 dims: [ 1 ] data_file: 'init.bin' name: 'i' } } ] }",
          "sequence_batching state 'a': only zero_data initial states"),
-        ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
+        ("model_transaction_policy { decoupled: true } sequence_batching { }",
+         "model_transaction_policy.decoupled: a decoupled model with sequence_batching"),
     ],
 )
 def test_unsupported_features_are_refused(text, message):

@@ -362,9 +362,10 @@ def test_generate_bad_requests(http, body: dict, status: int, words: str) -> Non
     assert r.status_code == status and words in r.json()["error"], r.text
 
 
-def test_generate_on_a_tensor_model_says_to_use_infer(http) -> None:
+def test_generate_on_a_tensor_model_takes_its_inputs_as_fields(http) -> None:
     r = http.post("/v2/models/add_sub/generate", json={"text_input": "hi"})
-    assert r.status_code == 400 and "/infer" in r.json()["error"]
+    assert r.status_code == 400 and "no input named 'text_input'" in r.json()["error"]
+    assert "INPUT0, INPUT1" in r.json()["error"]
 
 
 # --- the API key ---------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ POST /v2/models/{m}/generate         {"text_input": "...", "parameters": {"max_t
 POST /v2/models/{m}/generate_stream  the same request -> server-sent events `data: {...}`, one per new
                                      piece of text; an error after the first event is an event {"error"}
 
-Sampling settings may also sit at the top level of the body, beside text_input, as Triton allows.
+Sampling settings may also sit at the top level of the body, beside text_input, as Triton allows. A repository
+model is served too, its inputs and outputs as JSON fields (generate_tensors); generate_stream then gives a
+decoupled model's responses as it sends them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from deskpod.backends.types import InferResponse
 from deskpod.errors import InvalidRequest
+from deskpod.server.kserve.generate_tensors import tensor_event, tensor_request
 from deskpod.server.kserve.errors import classify
 from deskpod.server.kserve.http_router import TritonRoute, read_json, serving
 from deskpod.server.kserve.llm import SAMPLING, TEXT_INPUT, VERSION
@@ -53,6 +57,14 @@ def event(model: str, text: str, finish_reason: str | None = None) -> dict[str, 
 @router.post("/v2/models/{model}/versions/{version}/generate")
 async def generate(model: str, raw: Request, version: str = "") -> Response:
     body = await read_json(raw)  # before watching for a disconnect, which reads the same channel
+    kserve = serving(raw)
+    if kserve.in_repository(model):
+        request = tensor_request(kserve.model_config(model, version), model, version, body)
+        responses = [r async for r in kserve.infer_stream(request) if r.outputs]
+        if len(responses) != 1:
+            raise InvalidRequest(f"model `{model}` sent {len(responses)} responses: generate returns exactly one; "
+                                 f"use POST /v2/models/{model}/generate_stream")
+        return JSONResponse(tensor_event(responses[0]))
 
     async def run() -> Response:
         outputs = await (await start(model, version, raw, body)).collect()
@@ -64,7 +76,30 @@ async def generate(model: str, raw: Request, version: str = "") -> Response:
 @router.post("/v2/models/{model}/generate_stream")
 @router.post("/v2/models/{model}/versions/{version}/generate_stream")
 async def generate_stream(model: str, raw: Request, version: str = "") -> Response:
-    return EventStream(await start(model, version, raw, await read_json(raw)), model)
+    body, kserve = await read_json(raw), serving(raw)
+    if kserve.in_repository(model):
+        request = tensor_request(kserve.model_config(model, version), model, version, body)
+        responses = kserve.infer_stream(request)
+        first = await anext(responses)  # a refusal is still an HTTP status here
+        return StreamingResponse(tensor_events(first, responses), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return EventStream(await start(model, version, raw, body), model)
+
+
+async def tensor_events(first: InferResponse, rest: AsyncIterator[InferResponse]) -> AsyncIterator[str]:
+    """A repository model's responses as server-sent events; an error after the first is an event {"error"}.
+    The client leaving cancels this, which cancels the request (a decoupled model sees is_cancelled())."""
+    try:
+        if first.outputs:
+            yield f"data: {json.dumps(tensor_event(first))}\n\n"
+        async for response in rest:
+            if response.outputs:
+                yield f"data: {json.dumps(tensor_event(response))}\n\n"
+    except Exception as e:  # the status line is sent: say it in the stream
+        log.warning("a stream of %s failed: %s", first.model, e)
+        yield f"data: {json.dumps({'error': classify(e)[2]})}\n\n"
+    finally:
+        await rest.aclose()
 
 
 class EventStream(StreamingResponse):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+from dataclasses import replace
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,8 @@ from deskpod.server.kserve.serving import KServeServing
 from deskpod.server.kserve.shared_memory import CUDA_REFUSAL
 
 SERVICE = "inference.GRPCInferenceService"
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"  # a stream request's parameter (tritonclient's name)
+FINAL_RESPONSE = "triton_final_response"  # each response's parameter then
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
@@ -144,15 +147,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests run concurrently; their responses (an LLM's: one per piece of text) are written as they
-        come. A failing request is an error_message on the stream, which goes on, as in Triton."""
+        """Requests run concurrently; their responses (an LLM's: one per piece of text; a decoupled model's: as it
+        sends them) are written as they come. A failing request is an error_message on the stream, which goes on,
+        as in Triton. A request with `triton_enable_empty_final_response` gets `triton_final_response` on each
+        response, and the empty final one a decoupled model may end with."""
         queue: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
         async def run(request: pb.ModelInferRequest) -> None:
             try:
                 shm, shared = self.kserve.shared_memory, grpc_codec.shared_outputs(request)
-                async for response in self.kserve.infer_stream(grpc_codec.decode_request(request, shm)):
+                decoded = grpc_codec.decode_request(request, shm)
+                flag_final = bool(decoded.parameters.get(EMPTY_FINAL_RESPONSE))
+                async for response in self.kserve.infer_stream(decoded):
+                    if response.final and not response.outputs and not flag_final:
+                        continue  # a final flag without a response: nothing to send unless asked for
+                    if flag_final:
+                        response = replace(response, parameters={**response.parameters, FINAL_RESPONSE: response.final})
                     queue.put_nowait(pb.ModelStreamInferResponse(
                         infer_response=grpc_codec.encode_response(response, shared, shm)))
             except Exception as e:

@@ -144,5 +144,5 @@ class LLMModels:
                 parameters["finish_reason"] = out.finish_reason
         return InferResponse(
             model=request.model, version=VERSION, id=request.id, outputs={TEXT_OUTPUT: text_tensor(text)},
-            parameters=parameters,
+            parameters=parameters, final=out is None or out.finish_reason is not None,
         )

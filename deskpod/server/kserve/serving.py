@@ -56,12 +56,12 @@ class KServeServing:
 
     # --- lookup ---------------------------------------------------------------------------------
 
-    def _in_repository(self, name: str) -> bool:
+    def in_repository(self, name: str) -> bool:
         return self.repository is not None and name in self.repository
 
     def _llm(self, name: str, version: str = "") -> AsyncLLM | None:
         """The LLM called `name` unless the repository has that name; ModelNotFound if neither does."""
-        if self._in_repository(name):
+        if self.in_repository(name):
             return None
         engine = self.llms.get(name)
         if engine is None:
@@ -133,7 +133,7 @@ class KServeServing:
         await asyncio.to_thread(self._need_repository().unload, name)
 
     def _refuse_llm(self, name: str, what: str) -> None:
-        if not self._in_repository(name) and self.llms.get(name) is not None:
+        if not self.in_repository(name) and self.llms.get(name) is not None:
             raise InvalidRequest(f"`{name}` is an LLM served by `deskpod serve {name}`: it cannot be {what} here")
 
     def _need_repository(self) -> ModelRepository:
@@ -172,10 +172,15 @@ class KServeServing:
         return self._label_cache[key]
 
     async def infer_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
-        """An LLM's responses as the text grows; any other model's one response."""
+        """An LLM's responses as the text grows, a decoupled model's as it sends them (the last `final`, maybe
+        empty); any other model's one response."""
         engine = self._llm(request.model, request.version)
         if engine is None:
-            yield await self.infer(request)
+            if request.classification:
+                yield await self.infer(request)
+                return
+            async for response in self._repo().infer_stream(request):
+                yield response
             return
         async for response in self.llms.infer_stream(engine, request):
             yield response
