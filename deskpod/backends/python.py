@@ -9,7 +9,8 @@ decoupled, any number of responses per request through its response sender, the 
 
 Settings (Triton's `--backend-config python,KEY=VALUE`): stub-timeout-seconds (default 30) bounds starting a
 process and its initialize; execute-timeout-seconds (default: none, as in Triton) bounds one execute, after which
-the process is killed and started again.
+the process is killed and started again; memory-limit-mb (default: none) caps each process's heap, a model that
+runs out of it (a leak) failing that execution and being started again.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .types import InferRequest
 log = logging.getLogger(__name__)
 
 INVALID_ARG = 3  # pb_utils.TritonError.INVALID_ARG: a response error that is the client's to fix
-SETTINGS = {"stub-timeout-seconds": 30.0, "execute-timeout-seconds": 0.0}  # 0: no limit
+SETTINGS = {"stub-timeout-seconds": 30.0, "execute-timeout-seconds": 0.0, "memory-limit-mb": 0.0}  # 0: no limit
 
 
 class StubDied(BackendError):
@@ -70,7 +71,7 @@ class StubProcess:
     call waiting for them, anything else to `on_message`. `on_exit(self, reason)` runs once when it ends."""
 
     def __init__(self, label: str, on_message: Callable[[dict, list[np.ndarray]], None],
-                 on_exit: Callable[[StubProcess, str], None]) -> None:
+                 on_exit: Callable[[StubProcess, str], None], memory_limit_mb: int = 0) -> None:
         self.label = label
         self.on_message, self.on_exit = on_message, on_exit
         ours, theirs = socket.socketpair()
@@ -78,7 +79,8 @@ class StubProcess:
         fds = (theirs.fileno(), to_stub, from_stub)
         self.process = subprocess.Popen(
             # the stub's own arena is the one we read, and the other way round
-            [sys.executable, "-m", "deskpod.backends.python_stub", str(theirs.fileno()), str(from_stub), str(to_stub)],
+            [sys.executable, "-m", "deskpod.backends.python_stub", str(theirs.fileno()), str(from_stub), str(to_stub),
+             str(memory_limit_mb)],
             pass_fds=fds, stdin=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C meant for the server is not the model's; the server stops it
         )
@@ -89,6 +91,7 @@ class StubProcess:
         self._waiting: dict[int, Callable[[Any], Any]] = {}  # call id -> where its answer (or failure) goes
         self._ids = itertools.count(1)
         self.exit_reason: str | None = None
+        self.ended = threading.Event()  # set once on_exit has run
         threading.Thread(target=self._read, name=f"{label}-reader", daemon=True).start()
 
     def call(self, op: str, header: dict, arrays: Sequence[np.ndarray] = (), timeout: float | None = None,
@@ -154,6 +157,7 @@ class StubProcess:
         self.exit_reason = self._why_ended()
         self.channel.close()
         self.on_exit(self, self.exit_reason)  # before the waiting calls fail: a retry finds the restart under way
+        self.ended.set()
         for call_id in list(self._waiting):
             deliver = self._waiting.pop(call_id, None)
             if deliver is not None:
@@ -202,7 +206,8 @@ class PythonInstance:
     # --- the process ---------------------------------------------------------------------------------
 
     def _start(self) -> StubProcess:
-        stub = StubProcess(self.context.instance_name, self._on_message, self._on_exit)
+        stub = StubProcess(self.context.instance_name, self._on_message, self._on_exit,
+                           int(self.settings["memory-limit-mb"]))
         args = {
             "model_config": config_to_json(self.config),
             "model_instance_kind": "CPU",
@@ -266,6 +271,8 @@ class PythonInstance:
         except StubDied as e:
             raise StubDied(f"model {self.config.name!r} failed: {e}; it is started again") from None
         execution.lap("compute_infer")
+        if answer.get("exiting"):  # it ends itself (out of memory): the next batch waits for its successor
+            await asyncio.to_thread(stub.ended.wait, self.settings["stub-timeout-seconds"])
         if "failed" in answer:
             self._end_streams(specs)
             raise BackendError(f"model {self.config.name!r} failed: {answer['failed']}")

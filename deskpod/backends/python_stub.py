@@ -1,4 +1,5 @@
-"""A Python model's own process (Triton's stub): `python -m deskpod.backends.python_stub SOCKET_FD OUT_FD IN_FD`.
+"""A Python model's own process (Triton's stub):
+`python -m deskpod.backends.python_stub SOCKET_FD OUT_FD IN_FD MEMORY_LIMIT_MB` (0: no limit).
 
 The server starts one per model instance and talks to it over a stub_channel. The process imports model.py
 (after installing triton_python_backend_utils), runs auto_complete_config / initialize / execute / finalize
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import socket
 import sys
 import threading
@@ -102,6 +104,7 @@ class Stub:
         self._calls: dict[int, queue.Queue] = {}  # BLS call id -> where its answers go
         self._call_ids = itertools.count(1)
         self._cancelled: set[int] = set()
+        self.exhausted = False  # the model ran out of memory: end this process once the failure is sent
         pb_utils.server = self
         custom_metrics.forward = self._forward_metric
 
@@ -119,6 +122,8 @@ class Stub:
             self.channel.send({"op": "reply", "id": header["id"], **reply}, out)
             if op == "finalize":
                 return
+            if self.exhausted:
+                os._exit(0)  # the memory a leak holds is freed only with the process
 
     def _read(self) -> None:
         """The reader thread: answers to BLS calls go to their callers, the rest to the main thread."""
@@ -161,6 +166,10 @@ class Stub:
             responses = self.model.execute(requests)
             if inspect.iscoroutine(responses):  # `async def execute`, as Triton allows
                 responses = asyncio.run(responses)
+        except MemoryError:  # over its memory limit: this process ends after answering, a fresh one starts
+            self.exhausted = True
+            return {"failed": "MemoryError: it ran out of its memory limit (--backend-config "
+                              "python,memory-limit-mb); its process is started again", "exiting": True}, []
         except (Exception, SystemExit) as e:  # fails this execution's requests only
             if isinstance(e, SystemExit):
                 return {"failed": f"the model's code called exit({e.code})"}, []
@@ -256,8 +265,17 @@ def _response(header: dict, arrays: list[np.ndarray]) -> pb_utils.InferenceRespo
     return pb_utils.InferenceResponse([pb_utils.Tensor(name, arrays[i]) for name, i in header["outputs"]])
 
 
+def limit_memory(megabytes: int) -> None:
+    """Cap the process's heap (RLIMIT_DATA: its private memory, not its code or thread stacks): a leak ends in a
+    MemoryError here rather than in the machine's OOM killer choosing a victim."""
+    limit = megabytes << 20
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 def main(argv: list[str]) -> None:
-    sock_fd, out_fd, in_fd = (int(a) for a in argv)
+    sock_fd, out_fd, in_fd, memory_limit_mb = (int(a) for a in argv)
+    if memory_limit_mb:
+        limit_memory(memory_limit_mb)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     channel = Channel(socket.socket(fileno=sock_fd), send_arena_fd=out_fd, receive_arena_fd=in_fd)
     os.close(out_fd)

@@ -53,7 +53,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
                    help="a backend's setting, as Triton's (repeatable): python,stub-timeout-seconds=30 bounds starting "
                         "a Python model's process and its initialize; python,execute-timeout-seconds=N stops and "
-                        "restarts one whose execute takes longer (default: no limit)")
+                        "restarts one whose execute takes longer (default: no limit); python,memory-limit-mb=N caps each "
+                        "Python model process's heap, one that runs out (a leak) is started again")
     grpc = p.add_mutually_exclusive_group()
     grpc.add_argument(
         "--grpc-port",

@@ -261,3 +261,32 @@ def test_tensors_cross_the_process_boundary_intact(root, repo_factory):
                 value = (rng.standard_normal(size) * 100).astype(dtype)
             got = infer(repo, f"echo_{kind.lower()}", A=value).outputs["B"]
             assert got.dtype == value.dtype and got.shape == value.shape and (got == value).all(), (kind, size)
+
+
+LEAKY = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.kept = []
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            self.kept.append(np.ones(16 << 20, np.uint8))  # 16 MiB a request, never let go
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", np.array([len(self.kept)]))]))
+        return responses
+"""
+
+
+def test_a_leaking_model_is_started_again_when_it_runs_out_of_its_memory(neighbours, repo_factory):
+    write_model(neighbours, "leaky", CONFIG, {"1/model.py": LEAKY})
+    repo = repo_factory(neighbours, backend_config={"python": {"memory-limit-mb": "600"}})
+    counts = []
+    with pytest.raises(BackendError, match="MemoryError: it ran out of its memory limit"):
+        for _ in range(100):
+            counts.append(int(infer(repo, "leaky", X=np.array([1])).outputs["Y"][0]))
+    assert 5 < len(counts) < 40 and counts == list(range(1, len(counts) + 1)), counts
+    add_sub_serves(repo)
+    assert infer(repo, "leaky", X=np.array([1])).outputs["Y"].tolist() == [1]  # a fresh process, its memory freed
