@@ -41,8 +41,8 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:
-        """A Hugging Face folder: tokenizer.json, tokenizer_config.json (chat template, bos/eos, add_bos_token)
-        and generation_config.json (eos_token_id, one id or a list: every one ends generation)."""
+        """A Hugging Face folder: tokenizer.json, tokenizer_config.json (chat template — or chat_template.jinja
+        beside it —, bos/eos, add_bos_token) and generation_config.json (eos_token_id, one id or a list: every one ends generation)."""
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise UnsupportedModel(f"{folder}: no tokenizer.json (deskpod reads fast tokenizers only)")
@@ -63,7 +63,10 @@ class Tokenizer:
         eog = set(listed if isinstance(listed, list) else [listed] if listed is not None else [])
         eog |= {i for t in END_OF_TURN if (i := hf.token_to_id(t)) is not None}
         eog |= {special.eos_id} if special.eos_id is not None else set()
-        return cls(Vocabulary(hf, special, config.get("chat_template"), frozenset(eog)))
+        template = config.get("chat_template")
+        if template is None and (folder / "chat_template.jinja").is_file():  # where newer transformers saves it
+            template = (folder / "chat_template.jinja").read_text()
+        return cls(Vocabulary(hf, special, template, frozenset(eog)))
 
     def save(self, folder: str | Path) -> None:
         """Write what from_folder() reads back as this tokenizer."""

@@ -252,6 +252,35 @@ class FusedExpertTensor(StoredTensor):
         return self._ordered(part if part.dim() == 1 else part.T.contiguous())
 
 
+# gpt-oss as OpenAI publishes it: its experts in MXFP4, `<...>_blocks` [experts, out, in / 32, 16] (two E2M1
+# codes a byte, the lower nibble first) and `<...>_scales` [experts, out, in / 32] (E8M0): deskpod's own mxfp4
+# layout once the blocks of a row are laid end to end, so they are read as they are, never re-quantized
+_MXFP4_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales)")
+HF_MXFP4 = "mxfp4"  # quantization_config.quant_method of those checkpoints
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Mxfp4ExpertTensor(SchemeTensor):
+    """One expert's projection out of the fused MXFP4 tensors: its rows `picked` (gate and up interleave)."""
+
+    folder: SafetensorsFolder
+    stored_name: str  # the module: `<stored_name>_blocks`, `<stored_name>_scales`
+    expert: int
+    picked: slice
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.stored_name}_blocks[{self.expert}]"
+
+    def parts(self):
+        blocks = self.folder.get(f"{self.stored_name}_blocks")[self.expert][self.picked]
+        scales = self.folder.get(f"{self.stored_name}_scales")[self.expert][self.picked]
+        return {"weight": self._ordered(blocks.reshape(blocks.shape[0], -1)), "weight_scale": self._ordered(scales)}
+
+    def float(self):
+        raise TypeError(f"{self.name} is mxfp4: build a QuantizedTensor from its parts()")
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class SafetensorsSchemeTensor(SchemeTensor):
     folder: SafetensorsFolder
@@ -284,7 +313,9 @@ class SafetensorsWeights(WeightSource):
             spec = spec_from_hf_config(self.folder.config, label)
         except SpecError as e:
             raise spec_error(label, "config.json", e) from None
-        self.schemes = _schemes(self.folder.config, label)
+        quant_method = (self.folder.config.get("quantization_config") or {}).get("quant_method")
+        self.hf_mxfp4 = quant_method == HF_MXFP4 and spec.architecture == "gpt_oss"  # only its experts are packed
+        self.schemes = {} if self.hf_mxfp4 else _schemes(self.folder.config, label)
         tensors = self._tensors_by_name(spec.architecture)
         # tied or not is what the tensors say: transformers 4 leaves tie_word_embeddings out of Gemma's configs
         spec = replace(spec, tied_embeddings="output.weight" not in tensors)
@@ -297,6 +328,11 @@ class SafetensorsWeights(WeightSource):
             fused = _FUSED_EXPERTS.fullmatch(hf_name)
             if fused and entry.dtype in FLOAT_DTYPES:
                 tensors.update(self._fused_experts(fused, entry))
+                continue
+            packed = _MXFP4_EXPERTS.fullmatch(hf_name)
+            if packed and self.hf_mxfp4:
+                if packed[3] == "blocks":
+                    tensors.update(self._mxfp4_experts(packed, entry))
                 continue
             name = canonical_name(hf_name, architecture)
             if name is None or hf_name.rpartition(".")[2] in SCHEME_PARTS:
@@ -327,6 +363,29 @@ class SafetensorsWeights(WeightSource):
                 shape = (width,) if bias else (width, entry.shape[1])
                 found[name] = FusedExpertTensor(name, shape, entry.dtype, entry.n_bytes // experts // len(parts),
                                                 folder=self.folder, stored_name=match[0], expert=e, columns=columns)
+        return found
+
+    def _mxfp4_experts(self, match: re.Match, entry: TensorEntry) -> dict[str, StoredTensor]:
+        """gpt-oss's MXFP4 experts: per expert, the canonical [out, in] gate, up (rows 0, 2, 4... and 1, 3, 5...
+        of gate_up) and down, each in its own blocks."""
+        layer, kind = match[1], match[2]
+        module = match[0].removesuffix("_blocks")
+        scales = self.folder.entries.get(f"{module}_scales")
+        experts, rows, groups, width = entry.shape
+        if entry.dtype != "U8" or width != 16 or scales is None or scales.shape != (experts, rows, groups):
+            raise CorruptModel(f"{self.label}: {module}_blocks {list(entry.shape)} ({entry.dtype}) and its _scales "
+                               f"{list(scales.shape) if scales else 'missing'} are not MXFP4's [experts, out, in/32, 16] "
+                               f"uint8 and [experts, out, in/32]")
+        parts = {"gate_up_proj": [("ffn_gate_exps", slice(0, None, 2)), ("ffn_up_exps", slice(1, None, 2))],
+                 "down_proj": [("ffn_down_exps", slice(None))]}[kind]
+        nbytes = (entry.n_bytes + scales.n_bytes) // experts // len(parts)
+        found = {}
+        for e in range(experts):
+            for canonical, picked in parts:
+                name = f"blk.{layer}.{canonical}.{e}.weight"
+                shape = (len(range(rows)[picked]), groups * 32)
+                found[name] = Mxfp4ExpertTensor(name, shape, "mxfp4", nbytes, folder=self.folder, stored_name=module,
+                                                expert=e, picked=picked)
         return found
 
     def _scheme_tensor(self, hf_name: str, name: str, entry: TensorEntry) -> StoredTensor:

@@ -317,7 +317,7 @@ def test_tools_for_a_template_without_them_are_refused(client):
 
 ASKING = {  # a value that asks for something, for each field deskpod does not implement
     "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
-    "web_search_options": {}, "functions": [{"name": "f"}], "function_call": "auto", "reasoning_effort": "low",
+    "web_search_options": {}, "functions": [{"name": "f"}], "function_call": "auto",
     "verbosity": "low", "suffix": "x", "store": True, "service_tier": "flex", "use_beam_search": True, "length_penalty": 0.5,
     "bad_words": ["x"], "spaces_between_special_tokens": False, "logits_processors": ["a.b"], "prompt_embeds": "x",
     "documents": [{"title": "t", "text": "x"}], "mm_processor_kwargs": {"a": 1}, "kv_transfer_params": {"a": 1},

@@ -99,3 +99,28 @@ def test_a_token_alone_and_in_a_batch_gets_the_same_experts_and_output():
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-4)
     assert torch.equal(moe.route(x)[1].sort(-1).values,
                        torch.cat([moe.route(x[i : i + 1])[1] for i in range(5)]).sort(-1).values)
+
+
+def test_gpt_oss_with_its_experts_in_mxfp4_as_openai_publishes_them(tmp_path):
+    """`*_blocks` / `*_scales` read as they are (never re-quantized): logits equal transformers' float32 with the
+    same MXFP4 values within 1e-4, and the experts stay resident at 4.25 bits a weight."""
+    from support.architectures import hf_logits, write_hf_mxfp4
+    from support.loading import logits_of
+
+    import torch
+
+    from deskpod.quant.linear import SchemeWeight
+
+    folder = build_hf(CASES["gpt-oss"], tmp_path / "float")
+    write_hf_mxfp4(folder, tmp_path / "mxfp4", tmp_path / "reference")
+    ids = prompts(1, 40)[0]
+    [want] = hf_logits(tmp_path / "reference", [ids])
+    got = logits_of(load(tmp_path / "mxfp4", "float32"), ids)
+    assert want.abs().max() > 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    loaded = load(tmp_path / "mxfp4")
+    experts = [expert for m in loaded.model.modules() if isinstance(m, MoE) for expert in m.experts]
+    weights = [linear.weight for expert in experts for linear in (expert.w_gate_up, expert.w_down)]
+    assert all(isinstance(w, SchemeWeight) and w.scheme == "mxfp4" for w in weights), weights[:2]
+    held = sum(t.numel() * t.element_size() for w in weights for t in w.buffers())
+    assert held * 8 / sum(w.in_features * w.out_features for w in weights) == 4.25  # E2M1 codes, an E8M0 per 32

@@ -124,6 +124,52 @@ def hf_logits(folder: Path, sequences: list[list[int]]) -> list[torch.Tensor]:
         return [model(torch.tensor([ids])).logits[0] for ids in sequences]
 
 
+# --- gpt-oss's experts in MXFP4, as OpenAI publishes them -------------------------------------------------
+
+def write_hf_mxfp4(folder: Path, packed: Path, reference: Path) -> None:
+    """The gpt-oss model in `folder` with its experts in MXFP4 as OpenAI's checkpoints hold them (`<...>_blocks`
+    [experts, out, in/32, 16], `<...>_scales` [experts, out, in/32], quantization_config.quant_method "mxfp4"),
+    written to `packed`; and to `reference`, the float model whose experts are exactly those MXFP4 values, as
+    transformers' own code dequantizes them. The codes come from the gguf package's MXFP4 quantizer
+    (llama.cpp's), its blocks repacked into Hugging Face's order: neither side is deskpod's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    tensors = load_file(folder / "model.safetensors")
+    packed_tensors, reference_tensors = {}, {}
+    for name, value in tensors.items():
+        if not re.fullmatch(r".*\.mlp\.experts\.(gate_up_proj|down_proj)", name):
+            packed_tensors[name] = reference_tensors[name] = value
+            continue
+        blocks, scales = _hf_mxfp4(value.float().transpose(1, 2))  # stored [experts, in, out]: rows are outputs
+        packed_tensors[f"{name}_blocks"], packed_tensors[f"{name}_scales"] = blocks, scales
+        reference_tensors[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).contiguous()
+    for target, chosen in ((packed, packed_tensors), (reference, reference_tensors)):
+        target.mkdir(parents=True, exist_ok=True)
+        for extra in folder.iterdir():
+            if extra.name != "model.safetensors":
+                shutil.copy(extra, target / extra.name)
+        save_file(chosen, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (packed / "config.json").write_text(json.dumps(config))
+
+
+def _hf_mxfp4(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[experts, out, in] float -> Hugging Face's MXFP4 blocks and scales, through gguf's quantizer. A GGUF
+    MXFP4 block is its E8M0 scale then 16 bytes: element j in the low nibble of byte j, j + 16 in the high one;
+    Hugging Face puts elements 2i and 2i + 1 in byte i's low and high nibbles."""
+    experts, out, inp = weights.shape
+    raw = gguf.quants.quantize(weights.reshape(-1, inp).numpy(), Q.MXFP4).reshape(experts, out, inp // 32, 17)
+    scales, qs = raw[..., 0], raw[..., 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [..., 32] in element order
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return torch.from_numpy(blocks), torch.from_numpy(np.ascontiguousarray(scales))
+
+
 # --- GGUF, as llama.cpp's converter writes it ---------------------------------------------------------
 
 Q = gguf.GGMLQuantizationType

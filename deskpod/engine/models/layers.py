@@ -234,6 +234,14 @@ class MoE(nn.Module):
         super().__init__()
         self.router, self.experts = router, nn.ModuleList(experts)
         self.top_k, self.norm_topk = top_k, norm_topk
+        self._grouped: Callable | bool | None = None  # the GPU's one-launch experts, once built (False: none)
+
+    def grouped(self) -> Callable | None:
+        """The experts as one Triton launch per projection (deskpod.quant.kernels.triton_moe), when they are
+        quantized alike and their weights are on the GPU; None otherwise. Built once."""
+        if self._grouped is None:
+            self._grouped = grouped_experts(list(self.experts)) or False
+        return self._grouped or None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [tokens, top_k], experts [tokens, top_k]): softmax over every expert, the top k kept,
@@ -248,6 +256,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen = self.route(x)
+        if x.is_cuda and (grouped := self.grouped()) is not None:
+            return grouped(x, weights, chosen).reshape(shape)
         if x.shape[0] == 1:  # one token (single-stream decode): its experts in turn, no grouping to do
             out = None
             # in expert order, as the grouped path adds them: the sum must not depend on the batch
@@ -268,6 +278,46 @@ class MoE(nn.Module):
                 out.index_add_(0, mine, self.experts[expert](x[mine]) * scale[start:start + count])
                 start += count
         return out.reshape(shape)
+
+
+def grouped_experts(experts: list[MLP]) -> Callable | None:
+    """(x, weights, chosen) -> the experts' summed outputs in one Triton launch per projection, for experts whose
+    weights are QuantizedTensors of one scheme held as buffers (on the GPU); None otherwise. Their tensors are
+    stacked once and each expert's buffers become views of the stacks, so the weights are not held twice."""
+    from deskpod.quant.linear import SchemeWeight, _triton
+
+    pairs = [(e.w_gate_up, e.w_down) for e in experts]
+    weights = [linear.weight for pair in pairs for linear in pair]
+    if _triton() is None or not all(isinstance(w, SchemeWeight) and w.qt is not None for w in weights):
+        return None
+    from deskpod.quant.kernels import triton_moe
+
+    try:
+        stacks = [triton_moe.stack_experts([pair[i].weight.qt for pair in pairs]) for i in (0, 1)]
+    except ValueError:  # experts in different schemes (or one without a kernel): the per-expert path
+        return None
+    for e, pair in enumerate(pairs):
+        for stack, linear in zip(stacks, pair):
+            for name in stack.data:
+                linear.weight._buffers[name] = stack.data[name][e]
+    biases = []
+    for i in (0, 1):
+        held = [pair[i].bias for pair in pairs]
+        if any((b is None) != (held[0] is None) for b in held):
+            return None
+        biases.append(None if held[0] is None else torch.stack(held))
+    first = experts[0]
+    if first.swiglu is not None:
+        def activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            return clamped_swiglu(gate, up, *first.swiglu)
+    else:
+        def activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            return first.act(gate) * up
+
+    def run(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        return triton_moe.experts_forward(x, weights, chosen, stacks[0], stacks[1], activation, biases[0], biases[1])
+
+    return run
 
 
 class Block(nn.Module):

@@ -24,7 +24,6 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "web_search_options": (None,),
     "functions": (None, []),  # the pre-tools API: send `tools`
     "function_call": (None, "none"),
-    "reasoning_effort": (None,),
     "verbosity": (None,),
     "suffix": (None, ""),  # fill-in-the-middle
     "store": (None, False),  # stored completions

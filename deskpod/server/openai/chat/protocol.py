@@ -109,6 +109,8 @@ class ChatCompletionRequest(SamplingRequest):
     add_special_tokens: bool | None = None
     chat_template: str | None = None  # rendered in the same sandbox as the model's own
     chat_template_kwargs: dict[str, Any] | None = None
+    # how long a reasoning model thinks: given to a chat template that reads it (gpt-oss's "Reasoning: high")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -153,6 +155,8 @@ class ChatCompletionRequest(SamplingRequest):
 
     def template_kwargs(self) -> dict[str, Any]:
         extra = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            extra.setdefault("reasoning_effort", self.reasoning_effort)
         if self.calls_tools:
             extra["tools"] = [t.model_dump(exclude_none=True) for t in self.tools or []]
         return extra
@@ -175,6 +179,7 @@ class ChoiceLogprobs(OpenAIModel):
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # a reasoning model's thinking, apart from its answer (vLLM's field)
     tool_calls: list[ToolCall] | None = None
 
 
@@ -205,6 +210,7 @@ class ToolCallDelta(OpenAIModel):
 class DeltaMessage(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 

@@ -32,6 +32,7 @@ from deskpod.server.openai.chat.protocol import (
     ToolCallDelta,
     TopLogprob,
 )
+from deskpod.server.openai.chat.harmony import HarmonyReader, speaks_harmony
 from deskpod.server.openai.chat.tool_calls import Call, ForcedReader, ToolCallReader, call_id, forced_schema, markers, reader_for
 from deskpod.server.openai.generation import Choices, GenerationStreamingResponse
 from deskpod.server.openai.protocol import UsageInfo, clamp_logprob, now, prompt_logprobs_body, random_id
@@ -79,14 +80,20 @@ class ToolPlan:
 
     @classmethod
     def of(cls, request: ChatCompletionRequest, engine: AsyncLLM) -> ToolPlan:
+        template = request.chat_template or engine.tokenizer.chat_template or ""
+        if request.reasoning_effort is not None and "reasoning_effort" not in template:
+            raise APIError(400, f"{request.model}'s chat template takes no reasoning effort: leave reasoning_effort "
+                           "out", param="reasoning_effort")
+        tools = [t.model_dump(exclude_none=True) for t in request.tools or []] if request.calls_tools else []
+        names = {t["function"]["name"] for t in tools}
+        forced = request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)
+        if speaks_harmony(template) and not forced:  # its reasoning, answer and calls are on channels: read them
+            return cls(lambda: HarmonyReader(names), None, keep_special=True)
         if not request.calls_tools:
             return cls()
-        template = request.chat_template or engine.tokenizer.chat_template or ""
         if not renders_tools(template):  # the model would call tools it was never shown
             raise APIError(400, f"{request.model}'s chat template does not show tools to the model: describe them in "
                            "a message, or send a chat_template that renders `tools`", param="tools")
-        tools = [t.model_dump(exclude_none=True) for t in request.tools or []]
-        names = {t["function"]["name"] for t in tools}
         choice = request.tool_choice
         if choice == "required" or isinstance(choice, NamedToolChoice):
             function = choice.function.name if isinstance(choice, NamedToolChoice) else None
@@ -111,15 +118,17 @@ def full_response(request: ChatCompletionRequest, request_id: str, choices: list
     for index, outputs in enumerate(choices):
         text = prefix + "".join(o.text for o in outputs)
         calls: list[Call] = []
+        reasoning = ""
         if plan.reader is not None:
             reader = plan.reader()
             shown, calls = reader.feed(text)
             rest, more = reader.finish()
-            text, calls = shown + rest, calls + more
+            text, calls, reasoning = shown + rest, calls + more, reader.take_reasoning()
         if not request.parallel_tool_calls:
             calls = calls[:1]
         logprobs = [t for o in outputs for t in o.logprobs or []] if any(o.logprobs is not None for o in outputs) else None
-        message = AssistantMessage(content=None if calls and not text.strip() else text, tool_calls=_calls(calls) or None)
+        message = AssistantMessage(content=None if calls and not text.strip() else text,
+                                   reasoning_content=reasoning or None, tool_calls=_calls(calls) or None)
         finish = "tool_calls" if calls else outputs[-1].finish_reason
         out.append(ChatChoice(index=index, message=message, finish_reason=finish,
                               logprobs=chat_logprobs(logprobs, request.return_tokens_as_token_ids)))
@@ -143,30 +152,31 @@ async def chunks(request: ChatCompletionRequest, request_id: str, outputs_in: As
     def chunk(items: list[ChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=request_id, created=created, model=request.model, choices=items, usage=usage)
 
-    def delta(index: int, text: str, calls: list[Call]) -> DeltaMessage:
+    def delta(index: int, text: str, calls: list[Call], reasoning: str = "") -> DeltaMessage:
         if not request.parallel_tool_calls:
             calls = calls[: max(0, 1 - num_calls[index])]
         deltas = [ToolCallDelta(index=num_calls[index] + k, id=call_id(), type="function",
                                 function=FunctionCall(name=c.name, arguments=c.arguments)) for k, c in enumerate(calls)]
         num_calls[index] += len(deltas)
-        return DeltaMessage(content=text or None, tool_calls=deltas or None)
+        return DeltaMessage(content=text or None, reasoning_content=reasoning or None, tool_calls=deltas or None)
 
     for index in range(n):
         yield chunk([ChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=prefix))])
     async for index, out in outputs_in:
         prompt_tokens, outputs[index] = out.num_prompt_tokens, out.num_output_tokens
-        text, calls = out.text, []
+        text, calls, reasoning = out.text, [], ""
         reader = readers[index]
         if reader is not None:
             text, calls = reader.feed(out.text)
             if out.finish_reason is not None:
                 rest, more = reader.finish()
                 text, calls = text + rest, calls + more
+            reasoning = reader.take_reasoning()
         finish = out.finish_reason
-        message = delta(index, text, calls)
+        message = delta(index, text, calls, reasoning)
         if finish is not None and num_calls[index]:
             finish = "tool_calls"
-        if message.content or message.tool_calls or out.logprobs or finish:
+        if message.content or message.reasoning_content or message.tool_calls or out.logprobs or finish:
             logprobs = chat_logprobs(out.logprobs, request.return_tokens_as_token_ids)
             yield chunk([ChunkChoice(index=index, delta=message, logprobs=logprobs, finish_reason=finish)])
     if request.include_usage:

@@ -122,6 +122,10 @@ class ToolCallReader:
             return "", calls
         return rest, []
 
+    def take_reasoning(self) -> str:
+        """Reasoning read since the last call, apart from the content (only formats with a channel for it)."""
+        return ""
+
     def _take(self) -> tuple[list[Call], str] | None:
         """A call closed at the start of the buffer, consumed: (its calls, "") or, when it does not read as
         one, ([], its text); None while it is still open."""
