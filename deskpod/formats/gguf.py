@@ -18,7 +18,7 @@ import numpy as np
 
 from deskpod.errors import CorruptModel
 from deskpod.formats.spec import ModelSpec, SpecError, spec_from_gguf
-from deskpod.formats.weights import FLOAT_DTYPES, BlockTensor, StoredTensor, WeightSource, spec_error
+from deskpod.formats.weights import FLOAT_DTYPES, BlockTensor, SchemeTensor, StoredTensor, WeightSource, spec_error
 
 GGUF_MAGIC = b"GGUF"
 
@@ -228,6 +228,9 @@ def _check_magic(path: Path, label: str) -> None:
 # type): read back in Hugging Face's rotate-half order. The others (qwen2, qwen3, gemma*, phi3: "neox")
 # are stored as Hugging Face has them.
 INTERLEAVED_QK = frozenset({"llama"})
+# what an architecture's GGUF calls a layer's tensor -> the canonical name: gpt-oss's `post_attention_norm` is
+# the norm before its MLP (Gemma's, of the same name, is one after attention)
+GGUF_RENAMES = {"gpt-oss": {"post_attention_norm": "ffn_norm"}}
 QK_TENSORS = ("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")
 
 
@@ -269,6 +272,33 @@ class GGUFBlockTensor(BlockTensor):
         return self._ordered(self.file.raw(self.stored_name or self.name, self.expert).data)
 
 
+@dataclass(frozen=True, eq=False, kw_only=True)
+class GGUFMxfp4Tensor(SchemeTensor):
+    """A tensor in ggml's MXFP4 blocks (gpt-oss's experts): each block of 32 is its E8M0 scale, then 16 bytes
+    holding element j in byte j's low nibble and j + 16 in its high one. Read as deskpod's mxfp4 (codes of a row
+    in pairs, the lower nibble first; the same E8M0 scales): the same values, never re-quantized."""
+
+    file: GGUFFile
+    stored_name: str = ""
+    expert: int | None = None
+
+    file_name = GGUFFloatTensor.file_name
+
+    def parts(self):
+        import torch
+
+        data = self.file.raw(self.stored_name or self.name, self.expert).data
+        blocks = data.reshape(data.shape[0], -1, 17)
+        scales, qs = blocks[..., 0], blocks[..., 1:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # the block's 32 elements in order
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(data.shape[0], -1)
+        return {"weight": torch.from_numpy(np.ascontiguousarray(self._ordered(packed))),
+                "weight_scale": torch.from_numpy(np.ascontiguousarray(self._ordered(scales)))}
+
+    def float(self):
+        raise TypeError(f"{self.name} is mxfp4: build a QuantizedTensor from its parts()")
+
+
 class GGUFWeights(WeightSource):
     """A GGUF file as a weight source: llama.cpp's tensor names are the canonical ones already."""
 
@@ -283,22 +313,30 @@ class GGUFWeights(WeightSource):
             raise spec_error(label, "the GGUF metadata", e) from None
         tensors = {info.name: _stored(self.gguf, info) for info in self.gguf.tensors()}
         _split_experts(tensors)
+        for stored, canonical in GGUF_RENAMES.get(self.gguf.architecture, {}).items():
+            for name in [n for n in tensors if n.startswith("blk.") and n.split(".")[2] == stored]:
+                tensor = tensors.pop(name)
+                renamed = f"blk.{name.split('.')[1]}.{canonical}.{name.split('.', 3)[3]}"
+                tensors[renamed] = replace(tensor, name=renamed, stored_name=tensor.stored_name or name)
         if spec.architecture in INTERLEAVED_QK:
             _to_rotate_half(tensors, spec, label)
         super().__init__(label, spec, tensors)
 
 
 def _stored(file: GGUFFile, info: TensorInfo) -> StoredTensor:
+    if info.ggml_type == "MXFP4":
+        return GGUFMxfp4Tensor(info.name, info.shape, "mxfp4", info.n_bytes, file=file)
     kind = GGUFFloatTensor if info.ggml_type in FLOAT_DTYPES else GGUFBlockTensor
     return kind(info.name, info.shape, info.ggml_type, info.n_bytes, file=file)
 
 
 def _split_experts(tensors: dict[str, StoredTensor]) -> None:
-    """llama.cpp stacks a layer's experts into one [experts, rows, cols] tensor (`blk.i.ffn_gate_exps`); the
-    canonical names are per expert (`blk.i.ffn_gate_exps.e`), each read alone from its slice of the file."""
+    """llama.cpp stacks a layer's experts into one [experts, rows, cols] tensor (`blk.i.ffn_gate_exps`; their
+    biases, gpt-oss's, [experts, rows]); the canonical names are per expert (`blk.i.ffn_gate_exps.e`), each read
+    alone from its slice of the file."""
     for name, tensor in list(tensors.items()):
         base, _, kind = name.rpartition(".")
-        if base.endswith("_exps") and len(tensor.shape) == 3:
+        if base.endswith("_exps") and len(tensor.shape) == (2 if kind == "bias" else 3):
             del tensors[name]
             count = tensor.shape[0]
             for e in range(count):

@@ -148,6 +148,8 @@ class GGUFConvention:
     sliding_pattern: int = 0  # every n-th layer is global, the others local (0: `attention.sliding_window` applies to all)
     local_theta: float | None = None  # RoPE base of local layers
     query_scale: Callable[[dict[str, int]], float] | None = None  # from the shape
+    attention_sinks: bool = False  # a learned logit per head in each softmax's denominator (`attn_sinks`)
+    swiglu: tuple[float, float] | None = None  # a clamped SwiGLU (alpha, limit) in the experts
 
 
 def _gemma3_query_scale(shape: dict[str, int]) -> float:
@@ -158,6 +160,8 @@ def _gemma3_query_scale(shape: dict[str, int]) -> float:
 
 GGUF_CONVENTIONS: dict[str, GGUFConvention] = {
     "olmoe": GGUFConvention(norm_topk=False),
+    # llama.cpp: every other layer local (the first one), softmax over the top-k router logits, OpenAI's SwiGLU
+    "gpt-oss": GGUFConvention(sliding_pattern=2, attention_sinks=True, swiglu=(1.702, 7.0)),
     "gemma3": GGUFConvention("gelu_tanh", sliding_pattern=6, local_theta=10000.0, query_scale=_gemma3_query_scale),
     # the same rule for Gemma 2, whose 27B has 46 layers
     "gemma2": GGUFConvention("gelu_tanh", sliding_pattern=2,
@@ -211,6 +215,8 @@ def spec_from_gguf(metadata: Mapping[str, Any], has_output: bool, source: str = 
         experts_per_token=value("expert_used_count", int, 0),
         norm_topk=bool(value("expert_weights_norm", bool, convention.norm_topk)),
         shared_expert_size=value("expert_shared_feed_forward_length", int, 0),
+        attention_sinks=convention.attention_sinks,
+        swiglu=convention.swiglu,
         unknown=tuple(unknown),
         source=source,
     )

@@ -124,3 +124,33 @@ def test_gpt_oss_with_its_experts_in_mxfp4_as_openai_publishes_them(tmp_path):
     assert all(isinstance(w, SchemeWeight) and w.scheme == "mxfp4" for w in weights), weights[:2]
     held = sum(t.numel() * t.element_size() for w in weights for t in w.buffers())
     assert held * 8 / sum(w.in_features * w.out_features for w in weights) == 4.25  # E2M1 codes, an E8M0 per 32
+
+
+def test_gpt_oss_gguf_as_llama_cpp_writes_it(tmp_path):
+    """llama.cpp's `gpt-oss` GGUF: its conventions (every other layer local, the sinks, OpenAI's SwiGLU, the
+    pre-MLP norm it calls post_attention_norm) and MXFP4 experts kept in their codes. llama.cpp's YaRN rounds
+    the correction range (transformers' truncate = true), so the reference model does too."""
+    from dataclasses import replace as with_config
+
+    from support.architectures import hf_logits, write_gpt_oss_gguf, write_hf_mxfp4
+    from support.loading import logits_of
+
+    import torch
+
+    from deskpod.quant.linear import SchemeWeight
+
+    case = CASES["gpt-oss"]
+    rope = {**case.config["rope_parameters"], "truncate": True}
+    folder = build_hf(with_config(case, config={**case.config, "rope_parameters": rope}), tmp_path / "float")
+    write_hf_mxfp4(folder, tmp_path / "mxfp4", tmp_path / "reference")
+    path = write_gpt_oss_gguf(tmp_path / "reference", tmp_path / "gpt-oss.gguf")
+    ids = prompts(1, 40)[0]
+    [want] = hf_logits(tmp_path / "reference", [ids])
+    loaded = load(path, "float32")
+    assert loaded.spec.architecture == "gpt-oss" and loaded.spec.attention_sinks and loaded.spec.swiglu
+    got = logits_of(loaded, ids)
+    assert want.abs().max() > 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    experts = [expert for m in load(path).model.modules() if isinstance(m, MoE) for expert in m.experts]
+    assert all(isinstance(linear.weight, SchemeWeight) and linear.weight.scheme == "mxfp4"
+               for expert in experts for linear in (expert.w_gate_up, expert.w_down))

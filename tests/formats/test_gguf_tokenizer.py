@@ -72,3 +72,71 @@ def test_sentencepiece_specials_and_decoding():
 def test_unknown_vocabulary_kinds_are_refused_by_name():
     with pytest.raises(UnsupportedModel, match="spm: tokenizer model 'rwkv'"):
         vocabulary_from_gguf({**spm_metadata(), "tokenizer.ggml.model": "rwkv"}, "spm")
+
+
+# --- o200k (llama.cpp's "gpt-4o" pre-tokenizer: gpt-oss, gpt-4o) ------------------------------------------
+
+O200K_TEXT = ("Hello World! I'M here, they'LL see: DON'T stop. HTTPServer's log/path\nx = 1234567 + 89;\r\n"
+              "\tÉcole naïve Ünïcode 日本語のテキスト 123abc ABCdef   trailing   \n\n  -- end --//\n")
+
+
+def o200k_reference(ranks: dict[bytes, int]):
+    """tiktoken's own o200k_base definition (its pattern), over these ranks instead of the downloaded ones."""
+    import tiktoken
+    import tiktoken_ext.openai_public as public
+
+    original, public.load_tiktoken_bpe = public.load_tiktoken_bpe, lambda *args, **kwargs: ranks
+    try:
+        spec = public.o200k_base()
+    finally:
+        public.load_tiktoken_bpe = original
+    return tiktoken.Encoding("o200k-small", pat_str=spec["pat_str"], mergeable_ranks=spec["mergeable_ranks"],
+                             special_tokens={})
+
+
+def test_gpt_4o_pre_tokenizer_splits_as_tiktoken_does():
+    """A byte-level BPE trained here, as a GGUF holds it (pre "gpt-4o") and as tiktoken ranks the same merges:
+    both give the same tokens for text with cases, contractions, digits, newlines, slashes and non-Latin
+    scripts — the pre-tokenizer is o200k's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(r"\s+|\w+|[^\w\s]+", behavior="isolated"), byte_level])
+    trained.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trained.train_from_iterator([O200K_TEXT.lower(), O200K_TEXT] * 30, trainer)
+    model = __import__("json").loads(trained.to_str())["model"]
+    vocab, merges = model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-4o", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [NORMAL] * len(tokens), "tokenizer.ggml.merges": merges}
+    ours = vocabulary_from_gguf(meta, "o200k-small").hf
+
+    to_bytes = {c: b for b, c in zip(range(256), _byte_level_alphabet())}
+    as_bytes = [bytes(to_bytes[c] for c in t) for t in tokens]
+    singles = sorted(b for b in as_bytes if len(b) == 1)
+    ranks = {b: i for i, b in enumerate(singles)}
+    for merge in merges:
+        a, b = merge.split(" ")
+        ranks.setdefault(bytes(to_bytes[c] for c in a + b), len(ranks))
+    reference = o200k_reference(ranks)
+    for text in (O200K_TEXT, O200K_TEXT.upper(), "x" + O200K_TEXT.swapcase()):
+        mine = [as_bytes[i] for i in ours.encode(text, add_special_tokens=False).ids]
+        theirs = [reference.decode_single_token_bytes(i) for i in reference.encode_ordinary(text)]
+        assert b"".join(mine) == text.encode()
+        assert mine == theirs
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte -> character table, in byte order (what byte-level BPE tokens are written in)."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in visible:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]

@@ -204,6 +204,51 @@ def write_gguf(case: Case, folder: Path, path: Path, quantized: bool = False) ->
     return path
 
 
+def write_gpt_oss_gguf(folder: Path, path: Path) -> Path:
+    """A gpt-oss folder as llama.cpp's converter writes it (arch `gpt-oss`): gate_up split into gate and up
+    (rows 0, 2, 4... and 1, 3, 5...) and transposed to [experts, out, in], the experts in MXFP4 by the gguf
+    package's quantizer, their biases beside them, the sinks as `attn_sinks.weight`."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    _metadata(w, config, "gpt-oss")
+    w.add_expert_feed_forward_length(config["intermediate_size"])
+    _tokenizer(w, folder, config["vocab_size"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, config["num_hidden_layers"])
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        for hf_name in f.keys():
+            value = f.get_tensor(hf_name).float()
+            layer = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else ""
+            kind = hf_name.rsplit(".", 1)[-1]
+            if kind == "gate_up_proj":  # [experts, in, out]
+                stacked = value.transpose(1, 2)
+                for part, rows in (("ffn_gate_exps", slice(0, None, 2)), ("ffn_up_exps", slice(1, None, 2))):
+                    _add_mxfp4(w, f"blk.{layer}.{part}.weight", stacked[:, rows].contiguous().numpy())
+            elif kind == "gate_up_proj_bias":
+                w.add_tensor(f"blk.{layer}.ffn_gate_exps.bias", value[:, 0::2].contiguous().numpy())
+                w.add_tensor(f"blk.{layer}.ffn_up_exps.bias", value[:, 1::2].contiguous().numpy())
+            elif kind == "down_proj":
+                _add_mxfp4(w, f"blk.{layer}.ffn_down_exps.weight", value.transpose(1, 2).contiguous().numpy())
+            elif kind == "down_proj_bias":
+                w.add_tensor(f"blk.{layer}.ffn_down_exps.bias", value.numpy())
+            elif kind == "sinks":
+                w.add_tensor(f"blk.{layer}.attn_sinks.weight", value.numpy())
+            else:
+                name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                assert name is not None, f"llama.cpp has no gpt-oss name for {hf_name}"
+                w.add_tensor(name, value.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add_mxfp4(w: gguf.GGUFWriter, name: str, values: np.ndarray) -> None:
+    w.add_tensor(name, gguf.quants.quantize(values.astype(np.float32), Q.MXFP4), raw_dtype=Q.MXFP4)
+
+
 def _stacked_experts(f):
     """(name, tensor) of a checkpoint, each layer's experts stacked into one [experts, rows, cols] tensor under
     the name without the expert's number, as llama.cpp's converter stores them."""

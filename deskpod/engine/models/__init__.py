@@ -26,7 +26,7 @@ FILES: dict[str, tuple[str, ...]] = {
     "gemma3": ("gemma3", "gemma3_text"),
     "gemma2": ("gemma2",),
     "olmoe": ("olmoe",),
-    "gpt_oss": ("gpt_oss",),  # (llama.cpp's GGUF name, "gpt-oss", is not: its MXFP4 experts are not read yet)
+    "gpt_oss": ("gpt_oss", "gpt-oss"),
 }
 REGISTRY: dict[str, str] = {name: file for file, names in FILES.items() for name in names}
 

@@ -2,8 +2,9 @@
 logit per head in every softmax's denominator), sliding-window layers (128 tokens) alternating with full ones,
 YaRN RoPE with its attention scaling, and experts with biases whose gated unit is a clamped SwiGLU.
 
-Float weights only (as transformers saves a model it built); the released checkpoints' MXFP4 experts
-(`*_blocks`, `*_scales`) and the harmony chat format are not read yet: those files are refused by name."""
+From config.json and safetensors (float, or the released checkpoints' MXFP4 experts, `*_blocks` / `*_scales`)
+and from llama.cpp's GGUF (`gpt-oss`: MXFP4 experts, its conventions in spec.GGUF_CONVENTIONS); the experts stay
+in MXFP4. Its harmony chat format is read by deskpod.server.openai.chat.harmony."""
 
 from __future__ import annotations
 
