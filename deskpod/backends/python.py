@@ -60,10 +60,15 @@ def settings(backend_config: Mapping[str, str]) -> dict[str, float]:
     if unknown:
         raise CorruptModel(f"--backend-config python: unknown setting(s) {', '.join(sorted(unknown))}; "
                            f"known: {', '.join(SETTINGS)}")
-    try:
-        return {key: float(backend_config.get(key, default)) for key, default in SETTINGS.items()}
-    except ValueError as e:
-        raise CorruptModel(f"--backend-config python: {e}") from e
+    values = {}
+    for key, default in SETTINGS.items():
+        try:
+            values[key] = float(backend_config.get(key, default))
+        except ValueError:
+            raise CorruptModel(f"--backend-config python,{key}: {backend_config[key]!r} is not a number") from None
+        if values[key] < 0:
+            raise CorruptModel(f"--backend-config python,{key}: must be 0 or more (0: no limit), got {values[key]:g}")
+    return values
 
 
 class StubProcess:
