@@ -256,10 +256,13 @@ class PythonInstance:
 
     async def execute(self, batch: Sequence[Pending], execution: Execution) -> list[Result]:
         """On the server's loop (the batcher awaits it): the work is the model process's, nothing here blocks."""
-        if self._restart is not None:
-            # a process that died is being started again: this batch waits for it
-            await asyncio.to_thread(self._restart.join)
-            self._restart = None
+        if self.stub.exit_reason is not None:  # it has just ended: wait until its successor is under way
+            await asyncio.to_thread(self.stub.ended.wait, self.settings["stub-timeout-seconds"] or None)
+        restart = self._restart
+        if restart is not None:  # a process that died is being started again: this batch waits for it
+            await asyncio.to_thread(restart.join)
+            if self._restart is restart:
+                self._restart = None
         self._loop = execution.loop
         stub = self.stub
         if stub.exit_reason is not None:
@@ -373,7 +376,8 @@ class PythonInstance:
                 stub.send({"op": "bls_response", "call": call, "final": True, "error": str(e)})
 
         if loop is None:
-            stub.send({"op": "bls_response", "call": call, "final": True, "error": "the server is not running"})
+            stub.send({"op": "bls_response", "call": call, "final": True,
+                       "error": "BLS requests can be made from execute (or a response sender's thread) only"})
         else:
             asyncio.run_coroutine_threadsafe(run(), loop)
 

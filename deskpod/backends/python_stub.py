@@ -131,7 +131,9 @@ class Stub:
             while True:
                 header, arrays = self.channel.receive()
                 if header["op"] == "bls_response":
-                    self._calls[header["call"]].put((header, arrays))
+                    answers = self._calls.get(header["call"])
+                    if answers is not None:  # (a caller that stopped reading its responses has left)
+                        answers.put((header, arrays))
                 elif header["op"] == "cancel":
                     self._cancelled.add(header["key"])
                 else:
@@ -223,6 +225,8 @@ class Stub:
         out: list[np.ndarray] = []
         result = _result(response, out) if response is not None else None
         self.channel.send({"op": "response", "key": request_key, "final": final, "result": result}, out)
+        if final:
+            self._cancelled.discard(request_key)
 
     def cancelled(self, request_key: int) -> bool:
         return request_key in self._cancelled
