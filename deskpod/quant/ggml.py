@@ -71,6 +71,13 @@ class BlockWeight(LinearWeight):
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.ggml_type}"
 
 
+def multi_matvec(x: torch.Tensor, weights: Sequence[BlockWeight], x_rows: Sequence[int]) -> torch.Tensor:
+    """[sum of out_features]: x[x_rows[i]] @ W_i^T for each weight, end to end, in one kernel call (a MoE decode
+    step's experts); each product exactly as BlockWeight.apply computes it for that row alone."""
+    return ggml_blocks().multi_matvec(x.float().contiguous(), [w.blocks for w in weights], [w.type_id for w in weights],
+                                      list(x_rows))
+
+
 def int8_rounded(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] rounded as the kernels round activations: to int8 per block of 32, scale max|x| / 127, in
     float32 with the same operations (round half to even of x * (1 / scale)), back to float."""

@@ -41,10 +41,23 @@ def expert_calls(model) -> tuple[list[list[int]], list[list[int]]]:
     return tokens, calls
 
 
-def test_decode_reads_only_the_chosen_experts_and_prefill_runs_each_once(moe_gguf):
+def test_decode_reads_only_the_chosen_experts_and_prefill_runs_each_once(moe_gguf, monkeypatch):
+    import deskpod.quant.ggml as ggml
+
     loaded = load(moe_gguf)
     engine = LLMEngine(loaded, EngineConfig(kv_cache_gb=0.01, context=128))
     tokens, calls = expert_calls(loaded.model)
+    # a decode token's experts run in two kernel calls (MoE.one_token): which experts' weights they were given
+    owner = {id(w): (li, e) for li, layer in enumerate(m for m in loaded.model.modules() if isinstance(m, MoE))
+             for e, expert in enumerate(layer.experts) for w in expert.buffers()}
+    given: set[tuple[int, int]] = set()
+    real = ggml.multi_matvec
+
+    def recording(x, weights, x_rows):
+        given.update(owner[id(w.blocks)] for w in weights)
+        return real(x, weights, x_rows)
+
+    monkeypatch.setattr(ggml, "multi_matvec", recording)
     engine.add_request(prompts(1, 30)[0], SamplingParams(temperature=0, max_tokens=3))
     engine.step()  # the prefill: 30 tokens
     top_k = loaded.spec.experts_per_token
@@ -54,8 +67,22 @@ def test_decode_reads_only_the_chosen_experts_and_prefill_runs_each_once(moe_ggu
     for counts in (*tokens, *calls):
         counts[:] = [0] * len(counts)
     engine.step()  # one decode token
-    for layer in tokens:
-        assert sum(layer) == top_k and sum(1 for c in layer if c) == top_k  # 2 of 8 experts read
+    assert all(sum(layer) == 0 for layer in tokens)  # not expert by expert ...
+    for li in range(len(tokens)):  # ... but 2 of 8 experts' weights given to the kernel, per layer
+        assert sum(1 for layer, _ in given if layer == li) == top_k
+
+
+def test_one_token_in_two_kernel_calls_equals_expert_by_expert(moe_gguf):
+    import torch
+
+    loaded = load(moe_gguf)
+    layers = [m for m in loaded.model.modules() if isinstance(m, MoE)]
+    x = torch.randn(1, loaded.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    for layer in layers:
+        assert layer.one_token() is not None
+        fused = layer(x)
+        layer._one_token = False  # the expert-by-expert path
+        assert torch.equal(fused, layer(x))
 
 
 def test_quantized_experts_stay_in_their_blocks(moe_gguf):

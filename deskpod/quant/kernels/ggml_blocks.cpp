@@ -444,6 +444,43 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor blocks, int64_t type, bool p
   return out;
 }
 
+// Several matrices, each against one row of x, in one pass of the threads: y_i = x[x_rows[i]] @ W_i^T, the
+// outputs laid end to end. A MoE decode step's chosen experts (gate and up against the token, each down against
+// its own activation row) cost one call rather than one per matrix; each product is exactly `matmul`'s.
+torch::Tensor multi_matvec(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types,
+                           std::vector<int64_t> x_rows, bool portable) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
+  TORCH_CHECK(weights.size() == types.size() && weights.size() == x_rows.size(),
+              "weights, types and x_rows must be as many");
+  const int64_t M = x.size(0), K = x.size(1), W = int64_t(weights.size());
+  std::vector<int64_t> start(W + 1, 0);
+  using Dot = decltype(for_type<Portable>(Q4_0));
+  std::vector<Dot> dots(W);
+  std::vector<const uint8_t*> rows_of(W);
+  std::vector<int64_t> row_bytes(W);
+  for (int64_t i = 0; i < W; ++i) {
+    check_weights(weights[i], types[i], K);
+    rows_of[i] = weights[i].data_ptr<uint8_t>(), row_bytes[i] = weights[i].size(1);
+    TORCH_CHECK(0 <= x_rows[i] && x_rows[i] < M, "x_rows[", i, "] = ", x_rows[i], " is not a row of x");
+    start[i + 1] = start[i] + weights[i].size(0);
+    dots[i] = for_type<Portable>(types[i]);
+#if HAVE_AVX2
+    if (!portable) dots[i] = for_type<Avx2>(types[i]);
+#endif
+  }
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
+  auto out = torch::empty({start[W]}, x.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, start[W], 16, [&](int64_t r0, int64_t r1) {
+    int64_t i = int64_t(std::upper_bound(start.begin(), start.end(), r0) - start.begin()) - 1;
+    for (int64_t r = r0; r < r1; ++r) {
+      while (r >= start[i + 1]) ++i;
+      dots[i](rows_of[i] + (r - start[i]) * row_bytes[i], xq, x_rows[i], 1, K, op + r, 1);
+    }
+  });
+  return out;
+}
+
 // The weights of rows `rows` (any order, repeats allowed) as float32 [len(rows), K]: prefill's tiles for a
 // float GEMM, and the embedding lookup of a token table.
 torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor rows, bool portable) {
@@ -487,6 +524,8 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, py::arg("x"), py::arg("blocks"), py::arg("type"), py::arg("portable") = false);
+  m.def("multi_matvec", &multi_matvec, py::arg("x"), py::arg("weights"), py::arg("types"), py::arg("x_rows"),
+        py::arg("portable") = false);
   m.def("dequantize_rows", &dequantize_rows, py::arg("blocks"), py::arg("type"), py::arg("K"), py::arg("rows"),
         py::arg("portable") = false);
   m.def("simd", []() { return bool(HAVE_AVX2); });
