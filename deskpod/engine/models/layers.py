@@ -297,6 +297,8 @@ class MoE(nn.Module):
 
 
 def one_token_experts(experts: list[MLP]) -> Callable | None:
+    """(x [1, hidden], [(expert, weight)] in expert order) -> the token's output, for experts whose projections
+    are GGUF blocks without biases (MoE.one_token); None for any other experts."""
     from deskpod.quant.ggml import BlockWeight, multi_matvec
     from deskpod.quant.linear import ConcatWeight
 
@@ -339,6 +341,12 @@ def grouped_experts(experts: list[MLP]) -> Callable | None:
         return None
     from deskpod.quant.kernels import triton_moe
 
+    biases = []
+    for i in (0, 1):
+        held = [pair[i].bias for pair in pairs]
+        if any((b is None) != (held[0] is None) for b in held):
+            return None
+        biases.append(None if held[0] is None else torch.stack(held))
     try:
         stacks = [triton_moe.stack_experts([pair[i].weight.qt for pair in pairs]) for i in (0, 1)]
     except ValueError:  # experts in different schemes (or one without a kernel): the per-expert path
@@ -347,19 +355,7 @@ def grouped_experts(experts: list[MLP]) -> Callable | None:
         for stack, linear in zip(stacks, pair):
             for name in stack.data:
                 linear.weight._buffers[name] = stack.data[name][e]
-    biases = []
-    for i in (0, 1):
-        held = [pair[i].bias for pair in pairs]
-        if any((b is None) != (held[0] is None) for b in held):
-            return None
-        biases.append(None if held[0] is None else torch.stack(held))
-    first = experts[0]
-    if first.swiglu is not None:
-        def activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-            return clamped_swiglu(gate, up, *first.swiglu)
-    else:
-        def activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-            return first.act(gate) * up
+    activation = experts[0].activate
 
     def run(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         return triton_moe.experts_forward(x, weights, chosen, stacks[0], stacks[1], activation, biases[0], biases[1])

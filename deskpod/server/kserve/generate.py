@@ -60,11 +60,15 @@ async def generate(model: str, raw: Request, version: str = "") -> Response:
     kserve = serving(raw)
     if kserve.in_repository(model):
         request = tensor_request(kserve.model_config(model, version), model, version, body)
-        responses = [r async for r in kserve.infer_stream(request) if r.outputs]
-        if len(responses) != 1:
-            raise InvalidRequest(f"model `{model}` sent {len(responses)} responses: generate returns exactly one; "
-                                 f"use POST /v2/models/{model}/generate_stream")
-        return JSONResponse(tensor_event(responses[0]))
+
+        async def answer() -> Response:
+            responses = [r async for r in kserve.infer_stream(request) if r.outputs]
+            if len(responses) != 1:
+                raise InvalidRequest(f"model `{model}` sent {len(responses)} responses: generate returns exactly "
+                                     f"one; use POST /v2/models/{model}/generate_stream")
+            return JSONResponse(tensor_event(responses[0]))
+
+        return await cancel_on_disconnect(raw, answer)
 
     async def run() -> Response:
         outputs = await (await start(model, version, raw, body)).collect()
@@ -81,9 +85,24 @@ async def generate_stream(model: str, raw: Request, version: str = "") -> Respon
         request = tensor_request(kserve.model_config(model, version), model, version, body)
         responses = kserve.infer_stream(request)
         first = await anext(responses)  # a refusal is still an HTTP status here
-        return StreamingResponse(tensor_events(first, responses), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return TensorEventStream(first, responses)
     return EventStream(await start(model, version, raw, body), model)
+
+
+class TensorEventStream(StreamingResponse):
+    """SSE of a repository model's responses; its request is cancelled however the response ends (a client
+    gone before the first byte included: Starlette then never starts the body iterator)."""
+
+    def __init__(self, first: InferResponse, responses: AsyncIterator[InferResponse]):
+        super().__init__(tensor_events(first, responses), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.responses = responses
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.responses.aclose()
 
 
 async def tensor_events(first: InferResponse, rest: AsyncIterator[InferResponse]) -> AsyncIterator[str]:
@@ -99,7 +118,7 @@ async def tensor_events(first: InferResponse, rest: AsyncIterator[InferResponse]
         log.warning("a stream of %s failed: %s", first.model, e)
         yield f"data: {json.dumps({'error': classify(e)[2]})}\n\n"
     finally:
-        await rest.aclose()
+        await rest.aclose()  # (at once when the client left mid-stream)
 
 
 class EventStream(StreamingResponse):
