@@ -12,6 +12,7 @@ load by the caller.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -71,11 +72,26 @@ class BlockWeight(LinearWeight):
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.ggml_type}"
 
 
-def multi_matvec(x: torch.Tensor, weights: Sequence[BlockWeight], x_rows: Sequence[int]) -> torch.Tensor:
-    """[sum of out_features]: x[x_rows[i]] @ W_i^T for each weight, end to end, in one kernel call (a MoE decode
-    step's experts); each product exactly as BlockWeight.apply computes it for that row alone."""
-    return ggml_blocks().multi_matvec(x.float().contiguous(), [w.blocks for w in weights], [w.type_id for w in weights],
-                                      list(x_rows))
+@dataclass(frozen=True)
+class Placed:
+    """A weight's work in multi_matmul: rows x_row.. of x (count of them) times its rows, written at out_row..
+    and columns col.. of the output."""
+
+    weight: BlockWeight
+    x_row: int
+    out_row: int
+    count: int
+    col: int = 0
+
+
+def multi_matmul(x: torch.Tensor, work: Sequence[Placed], out_rows: int, width: int) -> torch.Tensor:
+    """[out_rows, width] holding each weight's product where `work` places it, in one kernel call (a MoE
+    layer's experts); each product exactly as BlockWeight.apply computes it for those rows alone (up to
+    MATVEC_MAX_ROWS: beyond, apply expands tiles for a float GEMM)."""
+    return ggml_blocks().multi_matmul(
+        x.float().contiguous(), [p.weight.blocks for p in work], [p.weight.type_id for p in work],
+        [p.x_row for p in work], [p.out_row for p in work], [p.count for p in work], [p.col for p in work],
+        out_rows, width)
 
 
 def int8_rounded(x: torch.Tensor) -> torch.Tensor:

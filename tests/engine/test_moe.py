@@ -46,42 +46,43 @@ def test_decode_reads_only_the_chosen_experts_and_prefill_runs_each_once(moe_ggu
 
     loaded = load(moe_gguf)
     engine = LLMEngine(loaded, EngineConfig(kv_cache_gb=0.01, context=128))
-    tokens, calls = expert_calls(loaded.model)
-    # a decode token's experts run in two kernel calls (MoE.one_token): which experts' weights they were given
+    tokens, _ = expert_calls(loaded.model)
+    # the experts run two kernel calls a layer (MoE.block_experts): which experts' weights they were given, and
+    # for how many rows
     owner = {id(w): (li, e) for li, layer in enumerate(m for m in loaded.model.modules() if isinstance(m, MoE))
              for e, expert in enumerate(layer.experts) for w in expert.buffers()}
-    given: set[tuple[int, int]] = set()
-    real = ggml.multi_matvec
+    given: dict[tuple[int, int], int] = {}
+    real = ggml.multi_matmul
 
-    def recording(x, weights, x_rows):
-        given.update(owner[id(w.blocks)] for w in weights)
-        return real(x, weights, x_rows)
+    def recording(x, work, out_rows, width):
+        for placed in work:
+            given[owner[id(placed.weight.blocks)]] = placed.count
+        return real(x, work, out_rows, width)
 
-    monkeypatch.setattr(ggml, "multi_matvec", recording)
+    monkeypatch.setattr(ggml, "multi_matmul", recording)
     engine.add_request(prompts(1, 30)[0], SamplingParams(temperature=0, max_tokens=3))
     engine.step()  # the prefill: 30 tokens
     top_k = loaded.spec.experts_per_token
-    for layer_tokens, layer_calls in zip(tokens, calls):
-        assert sum(layer_tokens) == 30 * top_k  # every token went to top_k experts ...
-        assert max(layer_calls) == 1  # ... each chosen expert computing all its tokens in one call
-    for counts in (*tokens, *calls):
-        counts[:] = [0] * len(counts)
+    assert all(sum(layer) == 0 for layer in tokens)  # not expert by expert, but in the kernel calls:
+    for li in range(len(tokens)):  # every token went to top_k experts, each chosen expert over all its tokens
+        assert sum(n for (layer, _), n in given.items() if layer == li) == 30 * top_k
+    given.clear()
     engine.step()  # one decode token
-    assert all(sum(layer) == 0 for layer in tokens)  # not expert by expert ...
-    for li in range(len(tokens)):  # ... but 2 of 8 experts' weights given to the kernel, per layer
-        assert sum(1 for layer, _ in given if layer == li) == top_k
+    for li in range(len(tokens)):  # 2 of 8 experts' weights read, per layer
+        assert sorted(n for (layer, _), n in given.items() if layer == li) == [1] * top_k
 
 
-def test_one_token_in_two_kernel_calls_equals_expert_by_expert(moe_gguf):
+@pytest.mark.parametrize("tokens", [1, 30])
+def test_experts_in_two_kernel_calls_equal_expert_by_expert(moe_gguf, tokens):
     import torch
 
     loaded = load(moe_gguf)
     layers = [m for m in loaded.model.modules() if isinstance(m, MoE)]
-    x = torch.randn(1, loaded.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(tokens, loaded.spec.hidden_size, generator=torch.Generator().manual_seed(0))
     for layer in layers:
-        assert layer.one_token() is not None
+        assert layer.block_experts() is not None
         fused = layer(x)
-        layer._one_token = False  # the expert-by-expert path
+        layer._block_experts = False  # the expert-by-expert path
         assert torch.equal(fused, layer(x))
 
 

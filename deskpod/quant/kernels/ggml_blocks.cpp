@@ -444,24 +444,29 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor blocks, int64_t type, bool p
   return out;
 }
 
-// Several matrices, each against one row of x, in one pass of the threads: y_i = x[x_rows[i]] @ W_i^T, the
-// outputs laid end to end. A MoE decode step's chosen experts (gate and up against the token, each down against
-// its own activation row) cost one call rather than one per matrix; each product is exactly `matmul`'s.
-torch::Tensor multi_matvec(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types,
-                           std::vector<int64_t> x_rows, bool portable) {
+// Several matrices in one pass of the threads, each over a run of x's rows into its own block of one output
+// [out_rows, N]: out[out_row[i] + r, col[i] + n] = x[x_row[i] + r] @ W_i[n] for r < count[i]. A MoE layer's
+// experts (each over its tokens, sorted by expert) cost one call rather than one per matrix; every product
+// is exactly `matmul`'s (rows are quantized alone and taken ROWS at a time from the run's start).
+torch::Tensor multi_matmul(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types,
+                           std::vector<int64_t> x_row, std::vector<int64_t> out_row, std::vector<int64_t> count,
+                           std::vector<int64_t> col, int64_t out_rows, int64_t N, bool portable) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
-  TORCH_CHECK(weights.size() == types.size() && weights.size() == x_rows.size(),
-              "weights, types and x_rows must be as many");
-  const int64_t M = x.size(0), K = x.size(1), W = int64_t(weights.size());
+  const size_t W = weights.size();
+  TORCH_CHECK(types.size() == W && x_row.size() == W && out_row.size() == W && count.size() == W && col.size() == W,
+              "weights, types, x_row, out_row, count and col must be as many");
+  const int64_t M = x.size(0), K = x.size(1);
   std::vector<int64_t> start(W + 1, 0);
   using Dot = decltype(for_type<Portable>(Q4_0));
   std::vector<Dot> dots(W);
   std::vector<const uint8_t*> rows_of(W);
   std::vector<int64_t> row_bytes(W);
-  for (int64_t i = 0; i < W; ++i) {
+  for (size_t i = 0; i < W; ++i) {
     check_weights(weights[i], types[i], K);
+    TORCH_CHECK(count[i] >= 0 && 0 <= x_row[i] && x_row[i] + count[i] <= M && 0 <= out_row[i] &&
+                out_row[i] + count[i] <= out_rows && 0 <= col[i] && col[i] + weights[i].size(0) <= N,
+                "weight ", i, "'s rows or columns fall outside x or the output");
     rows_of[i] = weights[i].data_ptr<uint8_t>(), row_bytes[i] = weights[i].size(1);
-    TORCH_CHECK(0 <= x_rows[i] && x_rows[i] < M, "x_rows[", i, "] = ", x_rows[i], " is not a row of x");
     start[i + 1] = start[i] + weights[i].size(0);
     dots[i] = for_type<Portable>(types[i]);
 #if HAVE_AVX2
@@ -469,13 +474,17 @@ torch::Tensor multi_matvec(torch::Tensor x, std::vector<torch::Tensor> weights, 
 #endif
   }
   const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
-  auto out = torch::empty({start[W]}, x.options());
+  auto out = torch::zeros({out_rows, N}, x.options());
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, start[W], 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, start[W], 16, [&](int64_t r0, int64_t r1) {  // over (weight, output column) pairs
     int64_t i = int64_t(std::upper_bound(start.begin(), start.end(), r0) - start.begin()) - 1;
     for (int64_t r = r0; r < r1; ++r) {
       while (r >= start[i + 1]) ++i;
-      dots[i](rows_of[i] + (r - start[i]) * row_bytes[i], xq, x_rows[i], 1, K, op + r, 1);
+      const int64_t n = r - start[i];
+      for (int64_t m = 0; m < count[i]; m += ROWS) {
+        const int rows = int(std::min<int64_t>(ROWS, count[i] - m));
+        dots[i](rows_of[i] + n * row_bytes[i], xq, x_row[i] + m, rows, K, op + (out_row[i] + m) * N + col[i] + n, N);
+      }
     }
   });
   return out;
@@ -524,7 +533,8 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, py::arg("x"), py::arg("blocks"), py::arg("type"), py::arg("portable") = false);
-  m.def("multi_matvec", &multi_matvec, py::arg("x"), py::arg("weights"), py::arg("types"), py::arg("x_rows"),
+  m.def("multi_matmul", &multi_matmul, py::arg("x"), py::arg("weights"), py::arg("types"), py::arg("x_row"),
+        py::arg("out_row"), py::arg("count"), py::arg("col"), py::arg("out_rows"), py::arg("N"),
         py::arg("portable") = false);
   m.def("dequantize_rows", &dequantize_rows, py::arg("blocks"), py::arg("type"), py::arg("K"), py::arg("rows"),
         py::arg("portable") = false);
