@@ -113,6 +113,18 @@ def _tokenizer(w, size: int) -> None:
     w.add_eos_token_id(1)
 
 
+def per_expert(measure):
+    """`measure()` with every MoE layer running its experts one by one (MoE.block_experts off)."""
+    from deskpod.engine.models.layers import MoE
+
+    saved = MoE.block_experts
+    MoE.block_experts = lambda self: None
+    try:
+        return measure()
+    finally:
+        MoE.block_experts = saved
+
+
 def resident_weights(path: Path) -> int:
     """Bytes of weights deskpod holds for the file (its loader's count), in this process."""
     from deskpod.engine.config import EngineConfig
@@ -132,6 +144,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the GGUFs (default: a temporary folder)")
+    parser.add_argument("--per-expert", action="store_true",
+                        help="also measure deskpod running each layer's experts one by one (as before they ran two "
+                             "kernel calls at a time), in the same rounds")
     args = parser.parse_args()
     args.weights = "compact"
     folder = args.dir or Path(tempfile.mkdtemp(prefix="deskpod-moe-"))
@@ -144,10 +159,13 @@ def main() -> int:
             write_model(path, experts, TYPES[args.type])
         size = path.stat().st_size
         held = resident_weights(path)
-        results: dict[str, list[dict]] = {"deskpod": [], "llamacpp": []}
+        results: dict[str, list[dict]] = {"deskpod": [], "llamacpp": []} | ({"per-expert": []} if args.per_expert else {})
         for r in range(args.rounds):
-            for name, measure in (("deskpod", lambda: measure_deskpod(path, args)),
-                                  ("llamacpp", lambda: measure_peer("llamacpp", path, args))):
+            measures = [("deskpod", lambda: measure_deskpod(path, args)),
+                        ("llamacpp", lambda: measure_peer("llamacpp", path, args))]
+            if args.per_expert:
+                measures.append(("per-expert", lambda: per_expert(lambda: measure_deskpod(path, args))))
+            for name, measure in measures:
                 try:
                     results[name].append(measure())
                 except PeerError as e:
@@ -174,6 +192,10 @@ def main() -> int:
                      f" {ours['prefill_tok_s']:16.1f} {theirs['prefill_tok_s']:10.1f}"
                      f" {ours['prefill_tok_s'] / theirs['prefill_tok_s']:5.2f}x")
         print(line)
+    for experts, _, _, summary in rows if args.per_expert else ():
+        ours, alone = summary["deskpod"], summary["per-expert"]
+        print(f"{experts} experts, deskpod two kernel calls a layer / expert by expert: decode "
+              f"{ours['decode_tok_s'] / alone['decode_tok_s']:.2f}x, prefill {ours['prefill_tok_s'] / alone['prefill_tok_s']:.2f}x")
     if len(rows) > 1:
         small, large = rows[0][3]["deskpod"], rows[-1][3]["deskpod"]
         print(f"deskpod decode with {rows[-1][0]} experts / with {rows[0][0]}: "
