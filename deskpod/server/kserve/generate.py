@@ -18,8 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
 
 from deskpod.backends.types import InferResponse
 from deskpod.errors import InvalidRequest
@@ -27,7 +26,7 @@ from deskpod.server.kserve.generate_tensors import tensor_event, tensor_request
 from deskpod.server.kserve.errors import classify
 from deskpod.server.kserve.http_router import TritonRoute, read_json, serving
 from deskpod.server.kserve.llm import SAMPLING, TEXT_INPUT, VERSION
-from deskpod.server.openai.generation import Generation, cancel_on_disconnect
+from deskpod.server.openai.generation import ClosingEventStream, Generation, cancel_on_disconnect
 
 log = logging.getLogger("deskpod.server")
 router = APIRouter(route_class=TritonRoute)
@@ -85,29 +84,14 @@ async def generate_stream(model: str, raw: Request, version: str = "") -> Respon
         request = tensor_request(kserve.model_config(model, version), model, version, body)
         responses = kserve.infer_stream(request)
         first = await anext(responses)  # a refusal is still an HTTP status here
-        return TensorEventStream(first, responses)
-    return EventStream(await start(model, version, raw, body), model)
-
-
-class TensorEventStream(StreamingResponse):
-    """SSE of a repository model's responses; its request is cancelled however the response ends (a client
-    gone before the first byte included: Starlette then never starts the body iterator)."""
-
-    def __init__(self, first: InferResponse, responses: AsyncIterator[InferResponse]):
-        super().__init__(tensor_events(first, responses), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
-        self.responses = responses
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.responses.aclose()
+        # the request is cancelled however the response ends (a decoupled model then sees is_cancelled())
+        return ClosingEventStream(tensor_events(first, responses), responses.aclose)
+    generation = await start(model, version, raw, body)
+    return ClosingEventStream(generation_events(generation, model), generation.close)
 
 
 async def tensor_events(first: InferResponse, rest: AsyncIterator[InferResponse]) -> AsyncIterator[str]:
-    """A repository model's responses as server-sent events; an error after the first is an event {"error"}.
-    The client leaving cancels this, which cancels the request (a decoupled model sees is_cancelled())."""
+    """A repository model's responses as server-sent events; an error after the first is an event {"error"}."""
     try:
         if first.outputs:
             yield f"data: {json.dumps(tensor_event(first))}\n\n"
@@ -118,30 +102,15 @@ async def tensor_events(first: InferResponse, rest: AsyncIterator[InferResponse]
         log.warning("a stream of %s failed: %s", first.model, e)
         yield f"data: {json.dumps({'error': classify(e)[2]})}\n\n"
     finally:
-        await rest.aclose()  # (at once when the client left mid-stream)
+        await rest.aclose()  # at once when the client leaves mid-stream
 
 
-class EventStream(StreamingResponse):
-    """SSE of one generation, aborted however the response ends (a client gone before the first byte
-    included: Starlette then never starts the body iterator)."""
-
-    def __init__(self, generation: Generation, model: str):
-        super().__init__(self.events(generation, model), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
-        self.generation = generation
-
-    @staticmethod
-    async def events(generation: Generation, model: str) -> AsyncIterator[str]:
-        try:
-            async for out in generation:
-                if out.text or out.finish_reason:
-                    yield f"data: {json.dumps(event(model, out.text, out.finish_reason))}\n\n"
-        except Exception as e:  # the status line is sent: say it in the stream
-            log.exception("generation %s failed while streaming", generation.request_id)
-            yield f"data: {json.dumps({'error': classify(e)[2]})}\n\n"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.generation.close()
+async def generation_events(generation: Generation, model: str) -> AsyncIterator[str]:
+    """One generation's new text as server-sent events; an error after the first is an event {"error"}."""
+    try:
+        async for out in generation:
+            if out.text or out.finish_reason:
+                yield f"data: {json.dumps(event(model, out.text, out.finish_reason))}\n\n"
+    except Exception as e:  # the status line is sent: say it in the stream
+        log.exception("generation %s failed while streaming", generation.request_id)
+        yield f"data: {json.dumps({'error': classify(e)[2]})}\n\n"

@@ -202,21 +202,25 @@ async def sse_stream(generation: Generation | Choices, events: AsyncIterator[Any
     yield sse("[DONE]")
 
 
-class GenerationStreamingResponse(StreamingResponse):
-    """A StreamingResponse that aborts its generations however it ends, even if the client left before
-    the first byte (Starlette then never starts the body iterator, so only this can clean up)."""
+class ClosingEventStream(StreamingResponse):
+    """Server-sent events that run `close` however the response ends, even if the client left before the first
+    byte (Starlette then never starts the body iterator, so only this can clean up): an aborted generation, a
+    cancelled request."""
 
-    def __init__(self, generation: Generation | Choices, events: AsyncIterator[Any]):
-        super().__init__(
-            sse_stream(generation, events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-        self.generation = generation
+    def __init__(self, events: AsyncIterator[str], close: Callable[[], Awaitable[Any]]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.close = close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.generation.close()
+            await self.close()
+
+
+def generation_stream(generation: Generation | Choices, events: AsyncIterator[Any]) -> ClosingEventStream:
+    """The SSE of an OpenAI route's chunks, its generations aborted however it ends."""
+    return ClosingEventStream(sse_stream(generation, events), generation.close)
 
 
 async def cancel_on_disconnect(request: Request, handler: Callable[[], Awaitable[Response]]) -> Response:

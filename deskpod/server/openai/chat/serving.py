@@ -34,7 +34,7 @@ from deskpod.server.openai.chat.protocol import (
 )
 from deskpod.server.openai.chat.harmony import HarmonyReader, speaks_harmony
 from deskpod.server.openai.chat.tool_calls import Call, ForcedReader, ToolCallReader, call_id, forced_schema, markers, reader_for
-from deskpod.server.openai.generation import Choices, GenerationStreamingResponse
+from deskpod.server.openai.generation import Choices, generation_stream
 from deskpod.server.openai.protocol import UsageInfo, clamp_logprob, now, prompt_logprobs_body, random_id
 from deskpod.server.registry import ModelRegistry
 
@@ -216,6 +216,6 @@ class OpenAIServingChat:
                                       lambda: self.metrics.timer(request.model), "messages")
         if request.stream:
             events = chunks(request, request_id, choices.stream(), len(choices.generations), plan, prefix)
-            return GenerationStreamingResponse(choices, events)
+            return generation_stream(choices, events)
         outputs = await choices.collect()
         return JSONResponse(full_response(request, request_id, outputs, plan, prefix).model_dump(mode="json"))

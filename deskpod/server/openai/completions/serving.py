@@ -17,7 +17,7 @@ from deskpod.server.openai.completions.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from deskpod.server.openai.generation import Choices, GenerationStreamingResponse
+from deskpod.server.openai.generation import Choices, generation_stream
 from deskpod.server.openai.protocol import UsageInfo, clamp_logprob, now, prompt_logprobs_body, random_id
 from deskpod.server.registry import ModelRegistry
 
@@ -144,6 +144,6 @@ class OpenAIServingCompletion:
                                       lambda: self.metrics.timer(request.model), "prompt")
         if request.stream:
             events = chunks(request, request_id, choices.stream(), len(choices.generations), request.n, echo)
-            return GenerationStreamingResponse(choices, events)
+            return generation_stream(choices, events)
         outputs = await choices.collect()
         return JSONResponse(full_response(request, request_id, outputs, request.n, echo).model_dump(mode="json"))
