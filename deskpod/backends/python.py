@@ -37,13 +37,13 @@ from deskpod.errors import BackendError, CorruptModel, DeskpodError, InvalidRequ
 
 from . import custom_metrics
 from .base import Execution, ModelContext, Pending, Result
+from .python_utils import TritonError
 from .config import config_to_json
 from .stub_channel import Channel, ChannelClosed, make_arena
 from .types import InferRequest
 
 log = logging.getLogger(__name__)
 
-INVALID_ARG = 3  # pb_utils.TritonError.INVALID_ARG: a response error that is the client's to fix
 SETTINGS = {"stub-timeout-seconds": 30.0, "execute-timeout-seconds": 0.0, "memory-limit-mb": 0.0}  # 0: no limit
 
 
@@ -316,7 +316,7 @@ class PythonInstance:
         if result is None:
             return None  # a decoupled request: its responses come through its sink
         if "error" in result:
-            kind = InvalidRequest if result["code"] == INVALID_ARG else BackendError
+            kind = InvalidRequest if result["code"] == TritonError.INVALID_ARG else BackendError  # the client's to fix
             return kind(f"model {self.config.name!r}: {result['error']}")
         return {name: arrays[index] for name, index in result["outputs"]}
 

@@ -231,6 +231,10 @@ class SafetensorsFloatTensor(StoredTensor):
 
 # gpt-oss's fused experts: model.layers.{i}.mlp.experts.{gate_up_proj,down_proj}[_bias]
 _FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
+# each fused projection -> the canonical projections it holds and which of its outputs are each one's (gate and
+# up interleave: outputs 0, 2, 4... are the gate's)
+FUSED_EXPERT_PARTS = {"gate_up_proj": [("ffn_gate_exps", slice(0, None, 2)), ("ffn_up_exps", slice(1, None, 2))],
+                      "down_proj": [("ffn_down_exps", slice(None))]}
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -353,8 +357,7 @@ class SafetensorsWeights(WeightSource):
         (columns 0, 2, 4... gate; 1, 3, 5... up): per expert, the canonical [out, in] gate, up and down."""
         layer, kind, bias = match[1], match[2], match[3]
         experts = entry.shape[0]
-        parts = {"gate_up_proj": [("ffn_gate_exps", slice(0, None, 2)), ("ffn_up_exps", slice(1, None, 2))],
-                 "down_proj": [("ffn_down_exps", slice(None))]}[kind]
+        parts = FUSED_EXPERT_PARTS[kind]
         found = {}
         for e in range(experts):
             for canonical, columns in parts:
@@ -376,8 +379,7 @@ class SafetensorsWeights(WeightSource):
             raise CorruptModel(f"{self.label}: {module}_blocks {list(entry.shape)} ({entry.dtype}) and its _scales "
                                f"{list(scales.shape) if scales else 'missing'} are not MXFP4's [experts, out, in/32, 16] "
                                f"uint8 and [experts, out, in/32]")
-        parts = {"gate_up_proj": [("ffn_gate_exps", slice(0, None, 2)), ("ffn_up_exps", slice(1, None, 2))],
-                 "down_proj": [("ffn_down_exps", slice(None))]}[kind]
+        parts = FUSED_EXPERT_PARTS[kind]
         nbytes = (entry.n_bytes + scales.n_bytes) // experts // len(parts)
         found = {}
         for e in range(experts):

@@ -276,16 +276,13 @@ class MoE(nn.Module):
             # in expert order, as the grouped path adds them: the sum must not depend on the batch
             order = sorted(zip(chosen[0].tolist(), weights[0].tolist()))
             if x.dtype == torch.float32 and x.device.type == "cpu" and (blocks := self.block_experts()) is not None:
-                y = blocks(x, [(e, 0, row, 1) for row, (e, _) in enumerate(order)], len(order))
-                out = None
-                for row, (_, weight) in enumerate(order):
-                    term = y[row : row + 1] * weight
-                    out = term if out is None else out + term
-                return out.reshape(shape)
+                rows = blocks(x, [(e, 0, row, 1) for row, (e, _) in enumerate(order)], len(order))
+                outputs = (rows[row : row + 1] for row in range(len(order)))
+            else:
+                outputs = (self.experts[expert](x) for expert, _ in order)
             out = None
-            for expert, weight in order:
-                y = self.experts[expert](x) * weight
-                out = y if out is None else out + y
+            for y, (_, weight) in zip(outputs, order):
+                out = y * weight if out is None else out + y * weight
             return out.reshape(shape)
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)
