@@ -122,16 +122,27 @@ class BlockPool:
         request.block_ids.extend(self._take_free() for _ in range(num_new_blocks))
         return True
 
+    def trim(self, request: Request) -> None:
+        """Give back the blocks past `request.num_computed_tokens`: they held only guesses the model rejected
+        (speculative decoding), and the next step asks for what it needs."""
+        keep = self.blocks_for(request.num_computed_tokens)
+        for block_id in reversed(request.block_ids[keep:]):
+            self._release(block_id)
+        del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Give back all of `request`'s blocks; those it was the last to hold join the free list."""
         for block_id in reversed(request.block_ids):  # tail first: a prompt's head is likelier to be shared
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self._free[block_id] = None
-                if not self._is_cached(block_id):
-                    self._free.move_to_end(block_id, last=False)  # nothing to keep: hand it out first
+            self._release(block_id)
         request.block_ids.clear()
         self._num_hashed.pop(request.request_id, None)
+
+    def _release(self, block_id: int) -> None:
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] == 0:
+            self._free[block_id] = None
+            if not self._is_cached(block_id):
+                self._free.move_to_end(block_id, last=False)  # nothing to keep: hand it out first
 
     def forget_cached(self) -> None:
         """Drop the prefix cache: the blocks' contents can no longer be trusted (a linked box that held part of

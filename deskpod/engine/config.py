@@ -4,8 +4,9 @@ engine, and how much memory its KV cache may take. Light (no torch): `deskpod --
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from deskpod.errors import DeskpodError
 
@@ -35,6 +36,66 @@ def resolve_device(device: str) -> str:
     return device
 
 
+SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_HELP = ("speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                    "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (all but method optional): guesses the next "
+                    "tokens from earlier text and checks them in one step; the same replies, faster when the reply "
+                    "repeats its prompt (editing, summaries, quoting)")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding without a second model (vLLM's `ngram` method, prompt lookup): the tokens that followed
+    the latest earlier occurrence of the sequence's last n tokens are proposed as the next ones, and one forward
+    pass checks them all. The reply is exactly what decoding token by token gives, sampled or greedy."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # the most tokens proposed per step
+    prompt_lookup_max: int = 4  # the longest suffix looked up (the longest that occurs wins)
+    prompt_lookup_min: int = 2  # the shortest: shorter matches propose too often to pay for their checking
+    disable_by_batch_size: int | None = None  # propose nothing while this many requests or more are running
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in SPECULATIVE_METHODS, f"method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}"),
+            (_is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= 64,
+             f"num_speculative_tokens must be an integer from 1 to 64, got {self.num_speculative_tokens!r}"),
+            (_is_int(self.prompt_lookup_min) and self.prompt_lookup_min >= 1,
+             f"prompt_lookup_min must be an integer, at least 1, got {self.prompt_lookup_min!r}"),
+            (_is_int(self.prompt_lookup_max) and _is_int(self.prompt_lookup_min) and self.prompt_lookup_max >= self.prompt_lookup_min,
+             f"prompt_lookup_max must be an integer, at least prompt_lookup_min ({self.prompt_lookup_min}), got {self.prompt_lookup_max!r}"),
+            (self.disable_by_batch_size is None or (_is_int(self.disable_by_batch_size) and self.disable_by_batch_size >= 1),
+             f"disable_by_batch_size must be an integer, at least 1, got {self.disable_by_batch_size!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DeskpodError(f"--speculative-config: {message}")
+
+    @classmethod
+    def from_json(cls, text: str | None) -> SpeculativeConfig | None:
+        """vLLM's --speculative-config: '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'.
+        A key deskpod does not know is refused by name, never ignored. None (the option not given): None."""
+        if text is None:
+            return None
+        try:
+            settings = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DeskpodError(f"--speculative-config is not JSON ({e}): write it as "
+                               "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'") from None
+        if not isinstance(settings, dict):
+            raise DeskpodError("--speculative-config must be a JSON object, e.g. '{\"method\": \"ngram\"}'")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise DeskpodError(f"--speculative-config: unknown key(s) {', '.join(map(repr, unknown))}; "
+                               f"deskpod reads {', '.join(known)}")
+        return cls(**settings)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     weights: str = "compact"  # one of WEIGHT_MODES
@@ -48,6 +109,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     memory_fraction: float | None = None  # share of free memory for the KV pool
     kv_cache_gb: float | None = None  # or an absolute size
+    speculative: SpeculativeConfig | None = None  # propose and check several tokens a step (None: one a step)
 
     def __post_init__(self) -> None:
         checks = [

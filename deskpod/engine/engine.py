@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deskpod.engine.config import EngineConfig
+from deskpod.engine.drafting import NgramDrafter
 from deskpod.engine.lanes import Lanes
 from deskpod.engine.loader import LoadedModel, kv_dtype_bytes, model_shape
 from deskpod.engine.request import Request, RequestStatus
@@ -64,6 +65,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    draft_tokens_total: int = 0  # speculative decoding: tokens proposed, and of them those the model confirmed
+    accepted_tokens_total: int = 0
 
 
 @dataclass
@@ -78,6 +81,7 @@ class _Tracked:
     eos: bool = False
     constraint: GrammarConstraint | None = None  # its structured output, which ends it when complete
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # gathered over the prompt's chunks
+    drafter: NgramDrafter | None = None  # speculative decoding's guesses from its own tokens
 
 
 def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
@@ -113,9 +117,9 @@ class LLMEngine:
         lanes = link.pipeline_depth if link is not None else 1
         if lanes > 1 and num_blocks // lanes >= -(-self.context // config.block_size):
             # a pipeline: one lane of requests per box, their batches in flight at once
-            self.scheduler: Scheduler | Lanes = Lanes(sched, self._stop_check, lanes)
+            self.scheduler: Scheduler | Lanes = Lanes(sched, self._stop_check, lanes, self._draft if config.speculative else None)
         else:
-            self.scheduler = Scheduler(sched, self._stop_check)
+            self.scheduler = Scheduler(sched, self._stop_check, drafter=self._draft if config.speculative else None)
         self._in_flight: collections.deque = collections.deque()  # (lane, its SchedulerOutput, PendingStep)
         self._next_lane = 0
         self.runner = ModelRunner(loaded, num_blocks, config)
@@ -123,6 +127,7 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._prompt_tokens = self._generated_tokens = 0
+        self._drafted = self._accepted = 0
 
     def chat_prompt(self, messages: list[dict], **options) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, **options)
@@ -145,7 +150,8 @@ class LLMEngine:
         self.scheduler.add(request, after=after)  # QueueFull when the queue is full
         self.runner.add(request_id, Sampler(params, prompt_ids, end_ids, constraint))
         text = TextStream(self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
-        self._tracked[request_id] = _Tracked(params, text, constraint=constraint)
+        drafter = NgramDrafter(self.config.speculative) if self.config.speculative else None
+        self._tracked[request_id] = _Tracked(params, text, constraint=constraint, drafter=drafter)
         self._prompt_tokens += len(prompt_ids)
         return request_id
 
@@ -198,8 +204,26 @@ class LLMEngine:
         for request_id, entries in result.prompt_logprobs.items():
             if request_id in self._tracked:
                 self._tracked[request_id].prompt_logprobs += entries
+        self._count_drafts(out, result.tokens)
         advanced = scheduler.update(out, result.tokens)
-        return [f for f in failed if f] + [self._output(r, result.logprobs.get(r.request_id)) for r in advanced]
+        return [f for f in failed if f] + [self._output(r, n, result.logprobs.get(r.request_id)) for r, n in advanced]
+
+    def _draft(self, request: Request) -> list[int]:
+        """Speculative decoding's guesses at what follows `request`, as many as it may still generate."""
+        tracked, spec = self._tracked.get(request.request_id), self.config.speculative
+        if tracked is None or tracked.drafter is None:
+            return []
+        if spec.disable_by_batch_size and len(self.scheduler.running) >= spec.disable_by_batch_size:
+            return []
+        # room for the guesses and the token after them, within max_tokens and the context
+        room = min(tracked.params.max_tokens - len(request.output_token_ids), self.context - request.num_tokens) - 1
+        return tracked.drafter.propose(request.all_token_ids, min(spec.num_speculative_tokens, room))
+
+    def _count_drafts(self, out, sampled: dict[str, list[int]]) -> None:
+        for s in out.scheduled:
+            if s.draft and s.request_id in sampled:
+                self._drafted += len(s.draft)
+                self._accepted += len(sampled[s.request_id]) - 1
 
     def _failed(self, request_id: str, error: Exception) -> RequestOutput | None:
         """End a request whose share of the step failed (the scheduler forgets it, its blocks are freed)."""
@@ -221,7 +245,8 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting), kv_usage=pool.usage,
             kv_blocks_total=self.scheduler.config.num_blocks, kv_blocks_free=pool.num_free,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=self._generated_tokens,
+            generation_tokens_total=self._generated_tokens, draft_tokens_total=self._drafted,
+            accepted_tokens_total=self._accepted,
         )
 
     def _stop_check(self, request: Request) -> RequestStatus | None:
@@ -252,10 +277,11 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _output(self, request: Request, logprob: TokenLogprob | None) -> RequestOutput:
+    def _output(self, request: Request, count: int, logprobs: list[TokenLogprob] | None) -> RequestOutput:
+        """What the step added to `request`: its last `count` tokens (the end token left out)."""
         tracked = self._tracked[request.request_id]
         finished = request.status.finished
-        token_ids = [] if tracked.eos else request.output_token_ids[-1:]
+        token_ids = request.output_token_ids[len(request.output_token_ids) - count : len(request.output_token_ids) - tracked.eos]
         delta, tracked.delta = tracked.delta, ""
         if finished:
             del self._tracked[request.request_id]
@@ -263,7 +289,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=request.request_id, token_ids=token_ids, text=delta,
             finish_reason=FINISH_REASONS[request.status] if finished else None,
-            logprobs=[logprob] if logprob and token_ids else None,
+            logprobs=logprobs[: len(token_ids)] if logprobs and token_ids else None,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_token_ids) - tracked.eos,
             arrival_time=tracked.arrival, first_token_time=tracked.first_token,

@@ -14,17 +14,17 @@ from collections import ChainMap
 from dataclasses import replace
 
 from deskpod.engine.request import Request
-from deskpod.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StopCheck
+from deskpod.engine.scheduler import Drafter, Scheduler, SchedulerConfig, SchedulerOutput, StopCheck
 
 
 class Lanes:
-    def __init__(self, config: SchedulerConfig, stop_check: StopCheck, count: int):
+    def __init__(self, config: SchedulerConfig, stop_check: StopCheck, count: int, drafter: Drafter | None = None):
         per_lane = replace(config, num_blocks=config.num_blocks // count,
                            max_num_seqs=math.ceil(config.max_num_seqs / count),
                            max_num_batched_tokens=math.ceil(config.max_num_batched_tokens / count),
                            max_waiting=math.ceil(config.max_waiting / count))
         self.config = config
-        self.lanes = [Scheduler(per_lane, stop_check, block_offset=i * per_lane.num_blocks) for i in range(count)]
+        self.lanes = [Scheduler(per_lane, stop_check, i * per_lane.num_blocks, drafter) for i in range(count)]
         self._lane_of: dict[str, int] = {}
         self.pool = _Pools(self.lanes)
 

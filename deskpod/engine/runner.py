@@ -32,8 +32,8 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class StepResult:
-    tokens: dict[str, int]  # request id -> sampled token, for the requests that sampled
-    logprobs: dict[str, TokenLogprob]  # for the requests that asked for them
+    tokens: dict[str, list[int]]  # request id -> sampled tokens (one, or a draft's kept part and one more)
+    logprobs: dict[str, list[TokenLogprob]]  # for the requests that asked for them, one per sampled token
     failed: dict[str, Exception] = field(default_factory=dict)  # request id -> why its share of the step failed
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # prompt tokens computed this step
 
@@ -111,9 +111,15 @@ class ModelRunner:
     def _inputs(self, scheduled: tuple[ScheduledRequest, ...]) -> tuple[torch.Tensor, list[int], AttentionBatch]:
         ids = torch.tensor([t for s in scheduled for t in s.token_ids], device=self.device)
         rows = [self._logit_rows(s) for s in scheduled]
-        batch = AttentionBatch.build([(len(s.token_ids), s.start, list(s.block_table), n) for s, n in zip(scheduled, rows)],
-                                     self.block_size).to(self.device)
-        return ids, rows, batch
+        sequences = []
+        for s, n in zip(scheduled, rows):
+            table = list(s.block_table)
+            if s.draft:  # each row a decoding token of its own (its keys up to itself): the same arithmetic as
+                # decoding one token a step, so checking a draft never changes a reply
+                sequences += [(1, s.start + j, table, 1) for j in range(len(s.token_ids))]
+            else:
+                sequences.append((len(s.token_ids), s.start, table, n))
+        return ids, rows, AttentionBatch.build(sequences, self.block_size).to(self.device)
 
     def _run(self, scheduled: tuple[ScheduledRequest, ...]) -> StepResult:
         ids, rows, batch = self._inputs(scheduled)
@@ -125,10 +131,10 @@ class ModelRunner:
         for s, n in zip(scheduled, rows):
             mine, first = logits[first : first + n], first + n
             try:
-                if n > int(s.sample):
+                if n > int(s.sample) and not s.draft:
                     self._prompt_logprobs(s, mine, result)
                 if s.sample:
-                    self._sample(s, mine[-1], result)
+                    self._sample(s, mine[-1 - len(s.draft) :], result)
             except Exception as e:  # noqa: BLE001 - this request's sampling only
                 if not isinstance(e, DeskpodError):  # a refusal of the request's own settings is not a bug
                     log.exception("sampling failed for request %s", s.request_id)
@@ -136,8 +142,10 @@ class ModelRunner:
         return result
 
     def _logit_rows(self, s: ScheduledRequest) -> int:
-        """How many of the chunk's last rows need logits: the last when it samples, every row of a prompt chunk
-        when the request wants its prompt's logprobs."""
+        """How many of the chunk's last rows need logits: the last when it samples (and the draft's rows), every
+        row of a prompt chunk when the request wants its prompt's logprobs."""
+        if s.draft:
+            return 1 + len(s.draft)
         sampler, last_prompt = self._samplers[s.request_id], len(self._samplers[s.request_id].prompt_ids) - 1
         if sampler.params.prompt_logprobs is None or self._prompt_logprobs_done.get(s.request_id, 0) >= last_prompt:
             return int(s.sample)
@@ -157,11 +165,21 @@ class ModelRunner:
             self._prompt_logprobs_done[s.request_id] = s.start + len(logits) - int(s.sample)
             result.prompt_logprobs[s.request_id] = entries
 
-    def _sample(self, s: ScheduledRequest, row: torch.Tensor, result: StepResult) -> None:
-        sampler = self._samplers[s.request_id]
-        result.tokens[s.request_id] = token = sampler(row)
-        if sampler.params.logprobs is not None:
-            result.logprobs[s.request_id] = self._logprob(row, token, sampler.params.logprobs)
+    def _sample(self, s: ScheduledRequest, rows: torch.Tensor, result: StepResult) -> None:
+        """Sample row after row (one, or one per draft token and the one after) while each agrees with the draft.
+        Each token is drawn from the distribution it would be drawn from a token a step, by the same sampler
+        state, so a draft changes how fast the reply comes, never what it is, greedy or seeded."""
+        sampler, tokens, logprobs = self._samplers[s.request_id], [], []
+        for j, row in enumerate(rows):
+            token = sampler(row)
+            tokens.append(token)
+            if sampler.params.logprobs is not None:
+                logprobs.append(self._logprob(row, token, sampler.params.logprobs))
+            if j == len(s.draft) or token != s.draft[j] or sampler.ended:
+                break
+        result.tokens[s.request_id] = tokens
+        if logprobs:
+            result.logprobs[s.request_id] = logprobs
 
     def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
         logp = torch.log_softmax(logits, dim=-1)

@@ -165,6 +165,12 @@ class Sampler:
             self.constraint.accept(token)
         return token
 
+    @property
+    def ended(self) -> bool:
+        """The last token ends the output (an end token, or a complete structured output): nothing is sampled after it."""
+        last = self.output_ids[-1:]
+        return bool(last) and (last[0] in self.end_ids or (self.constraint is not None and self.constraint.finished))
+
     def processed(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits after masks, bias and penalties (a new tensor: the caller's are reported as they are)."""
         p = self.params

@@ -16,12 +16,17 @@ When a running request needs a block and the pool has none, the latest-arrived r
 preempted: its blocks go back (its full ones stay in the prefix cache while nobody needs their memory)
 and it waits at the front of the queue to compute all its tokens again, output kept, so it resumes
 exactly where it stopped.
+
+With a drafter (speculative decoding), a decoding request computes its last token and the drafter's guesses
+for the next ones in one step, every row sampled in turn: the guesses up to the first the sampler disagrees
+with are kept, and the sampled token after them. Only the kept tokens count as computed, so the keys and
+values of the rejected guesses are overwritten by the next step.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +73,8 @@ class ScheduledRequest:
     block_table: tuple[int, ...]  # position p's keys and values go to block block_table[p // block_size]
     sample: bool  # True when the chunk reaches the request's last token: sample the next one
     params: Any  # the request's sampling parameters, opaque to the scheduler
+    draft: tuple[int, ...] = ()  # guesses at the tokens after the request's last, the end of token_ids: each row
+    # from the request's last on is sampled in turn until one differs from the guess before it
 
 
 @dataclass(frozen=True)
@@ -84,14 +91,20 @@ class SchedulerOutput:
 StopCheck = Callable[[Request], RequestStatus | None]
 """Called after each sampled token: a FINISHED_* status to end the request, or None to go on."""
 
+Drafter = Callable[[Request], Sequence[int]]
+"""Guesses at the tokens that follow a decoding request's last ([] for none): speculative decoding."""
+
 
 class Scheduler:
     """Owns the live requests and the block pool; `stop_check` decides when a request is done."""
 
-    def __init__(self, config: SchedulerConfig, stop_check: StopCheck, block_offset: int = 0):
-        """`block_offset`: where this scheduler's blocks start in the KV cache (several share one, see Lanes)."""
+    def __init__(self, config: SchedulerConfig, stop_check: StopCheck, block_offset: int = 0,
+                 drafter: Drafter | None = None):
+        """`block_offset`: where this scheduler's blocks start in the KV cache (several share one, see Lanes);
+        `drafter`: guesses for decoding requests to check in their step."""
         self.config = config
         self.stop_check = stop_check
+        self.drafter = drafter
         self.block_offset = block_offset
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.requests: dict[str, Request] = {}  # live ones: waiting or running
@@ -148,13 +161,23 @@ class Scheduler:
 
     def _schedule_running(self, request: Request, step: _Step) -> None:
         num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
-        while not self.pool.allocate_for(request, num_new):
+        draft = self._draft(request, step.budget) if num_new == 1 else ()
+        if draft and self.pool.allocate_for(request, 1 + len(draft)):
+            step.add(request, 1, draft)
+            return
+        while not self.pool.allocate_for(request, num_new):  # guesses are never worth preempting anyone
             victim = self.running[-1]  # the latest arrival; the ones before `request` are already scheduled
             self._preempt(victim)
             step.preempted.append(victim)
             if victim is request:
                 return
         step.add(request, num_new)
+
+    def _draft(self, request: Request, budget: int) -> tuple[int, ...]:
+        if self.drafter is None or budget < 2:
+            return ()
+        room = min(budget, self.config.max_tokens_per_request - request.num_tokens) - 1
+        return tuple(self.drafter(request))[: max(0, room)]
 
     def _schedule_waiting(self, step: _Step) -> None:
         while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -182,22 +205,37 @@ class Scheduler:
         self.waiting.appendleft(request)  # victims go latest-arrived first, so the front stays in order
         self.num_preemptions += 1
 
-    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
-        """Record a step's results: the computed tokens, one sampled token per request that sampled.
+    def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> list[tuple[Request, int]]:
+        """Record a step's results: the computed tokens, and the tokens sampled for each request that sampled
+        (one, or with a draft the guesses it kept and the token after them).
 
-        Returns the requests that got a token (finished ones included: see their status)."""
+        Returns the requests that got tokens, each with how many it kept (finished ones included: see their
+        status; a request that ends keeps none past its end)."""
         advanced = []
         for s in output.scheduled:
             request = self.requests.get(s.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # cancelled while the step ran
-            request.num_computed_tokens += len(s.token_ids)
+            tokens = sampled[s.request_id] if s.sample else ()
+            kept = len(tokens) - 1  # guesses confirmed: their keys and values are right
+            if s.draft and (not 0 <= kept <= len(s.draft) or tuple(tokens[:kept]) != s.draft[:kept]):
+                raise ValueError(f"request {s.request_id!r}: sampled {list(tokens)} do not follow the draft {list(s.draft)}")
+            request.num_computed_tokens += len(s.token_ids) - len(s.draft) + max(kept, 0)
+            if s.draft:
+                self.pool.trim(request)
             self.pool.cache_full_blocks(request)
             if s.sample:
-                request.append_output(sampled[s.request_id])
-                advanced.append(request)
-                self._check_stop(request)
+                advanced.append((request, self._append(request, tokens)))
         return advanced
+
+    def _append(self, request: Request, tokens: Sequence[int]) -> int:
+        """Append tokens one by one until the request ends; how many it took."""
+        for count, token in enumerate(tokens, start=1):
+            request.append_output(token)
+            self._check_stop(request)
+            if request.status.finished:
+                return count
+        return len(tokens)
 
     def _check_stop(self, request: Request) -> None:
         status = self.stop_check(request)
@@ -223,16 +261,17 @@ class _Step:
         self.scheduled: list[ScheduledRequest] = []
         self.preempted: list[Request] = []
 
-    def add(self, request: Request, num_new: int) -> None:
+    def add(self, request: Request, num_new: int, draft: tuple[int, ...] = ()) -> None:
         start = request.num_computed_tokens
         self.scheduled.append(
             ScheduledRequest(
                 request.request_id,
-                tuple(request.all_token_ids[start : start + num_new]),
+                tuple(request.all_token_ids[start : start + num_new]) + draft,
                 start,
                 tuple(b + self.block_offset for b in request.block_ids),
                 start + num_new == request.num_tokens,
                 request.params,
+                draft,
             )
         )
-        self.budget -= num_new
+        self.budget -= num_new + len(draft)

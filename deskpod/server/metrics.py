@@ -12,6 +12,8 @@ deskpod_num_requests_running{model}
 deskpod_kv_cache_usage_ratio{model}             0..1, blocks held by live requests
 deskpod_kv_cache_blocks_total{model} / deskpod_kv_cache_blocks_free{model}
 deskpod_num_preemptions_total{model}
+deskpod_spec_decode_num_draft_tokens_total{model}     speculative decoding: tokens guessed,
+deskpod_spec_decode_num_accepted_tokens_total{model}  and of them those the model confirmed
 deskpod_embedding_input_tokens_total{model}
 deskpod_link_node_up{model,node,address,role}   a linked model: each box serving (1) or not; its weight bytes,
 deskpod_link_wait_seconds_total{model,kind}     and the seconds steps waited on the link (exchange, handoff)
@@ -19,7 +21,8 @@ deskpod_link_wait_seconds_total{model,kind}     and the seconds steps waited on 
 The same figures under vLLM's names too, labelled `model_name`, so that a dashboard made for vLLM reads
 deskpod: vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc (and its older name
 vllm:gpu_cache_usage_perc), vllm:prompt_tokens_total, vllm:generation_tokens_total,
-vllm:num_preemptions_total, vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds (and the
+vllm:num_preemptions_total, vllm:spec_decode_num_draft_tokens_total / _accepted_tokens_total,
+vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds (and the
 older vllm:time_per_output_token_seconds), vllm:e2e_request_latency_seconds, vllm:request_success_total.
 
 With a model repository, Triton's nv_inference_* series too (deskpod.server.kserve.metrics.TritonCollector,
@@ -55,6 +58,8 @@ ENGINE_STATS = {
     "num_preemptions": ("deskpod_num_preemptions", "Requests preempted for want of KV blocks", True),
     "prompt_tokens_total": ("deskpod_prompt_tokens", "Prompt tokens admitted", True),
     "generation_tokens_total": ("deskpod_generation_tokens", "Tokens generated", True),
+    "draft_tokens_total": ("deskpod_spec_decode_num_draft_tokens", "Tokens guessed by speculative decoding", True),
+    "accepted_tokens_total": ("deskpod_spec_decode_num_accepted_tokens", "Guessed tokens the model confirmed", True),
 }
 # engine stat -> vLLM's names for it
 VLLM_STATS = {
@@ -64,6 +69,8 @@ VLLM_STATS = {
     "num_preemptions": ["vllm:num_preemptions"],
     "prompt_tokens_total": ["vllm:prompt_tokens"],
     "generation_tokens_total": ["vllm:generation_tokens"],
+    "draft_tokens_total": ["vllm:spec_decode_num_draft_tokens"],
+    "accepted_tokens_total": ["vllm:spec_decode_num_accepted_tokens"],
 }
 
 

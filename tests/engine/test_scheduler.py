@@ -55,12 +55,21 @@ class FakeRunner:
         self.block_size = config.block_size
         self.slots: list[list[int | None]] = [[None] * config.block_size for _ in range(config.num_blocks)]
 
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
         for s in out.scheduled:  # write every request's keys and values first, as a forward pass does
             for position, token in enumerate(s.token_ids, start=s.start):
                 self.slots[s.block_table[position // self.block_size]][position % self.block_size] = token
-        ends = {s.request_id: (s.block_table, s.start + len(s.token_ids)) for s in out.scheduled if s.sample}
-        return {request_id: next_token(self.read(*end)) for request_id, end in ends.items()}
+        return {s.request_id: self.sample(s) for s in out.scheduled if s.sample}
+
+    def sample(self, s) -> list[int]:
+        """The token after the chunk, or with a draft each row's in turn while it agrees with the draft."""
+        first_row = s.start + len(s.token_ids) - len(s.draft)
+        tokens = []
+        for j in range(len(s.draft) + 1):
+            tokens.append(next_token(self.read(s.block_table, first_row + j)))
+            if j == len(s.draft) or tokens[-1] != s.draft[j]:
+                break
+        return tokens
 
     def read(self, block_table: tuple[int, ...], num_tokens: int) -> list[int]:
         tokens = [self.slots[block_table[p // self.block_size]][p % self.block_size] for p in range(num_tokens)]
@@ -68,10 +77,10 @@ class FakeRunner:
         return tokens  # type: ignore[return-value]
 
 
-def make_scheduler(**config) -> tuple[Scheduler, FakeRunner]:
+def make_scheduler(drafter=None, **config) -> tuple[Scheduler, FakeRunner]:
     defaults = {"max_num_seqs": 8, "max_num_batched_tokens": 64, "block_size": 4, "num_blocks": 64}
     cfg = SchedulerConfig(**{**defaults, **config})
-    return Scheduler(cfg, stop_check), FakeRunner(cfg)
+    return Scheduler(cfg, stop_check, drafter=drafter), FakeRunner(cfg)
 
 
 def request(request_id: str, prompt: list[int], max_tokens: int = 8) -> Request:
@@ -286,7 +295,7 @@ def test_a_request_cancelled_while_its_step_runs_is_ignored_by_update():
     out = scheduler.schedule()
     sampled = runner.execute(out)
     scheduler.cancel("a")
-    assert [r.request_id for r in scheduler.update(out, sampled)] == ["b"]
+    assert [(r.request_id, count) for r, count in scheduler.update(out, sampled)] == [("b", 1)]
     check_invariants(scheduler, out)
     run_to_end(scheduler, runner)
 
@@ -326,16 +335,36 @@ def test_config_is_checked_at_construction(bad):
 # --- everything at once -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_traffic_keeps_the_invariants_and_every_output_exact(seed):
+class GuessingDrafter:
+    """Speculative decoding's guesses, right for a random number of tokens and then wrong (the fake model is
+    known, so the right ones can be made)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.drafted, self.accepted = rng, 0, 0
+
+    def __call__(self, r: Request) -> list[int]:
+        tokens, guesses = list(r.all_token_ids), []
+        right = self.rng.choice([0, 0, 1, 2, 3, 5])
+        for _ in range(self.rng.choice([0, 1, 3, 6])):
+            guess = next_token(tokens) if len(guesses) < right else self.rng.randrange(2, 60)
+            guesses.append(guess)
+            tokens.append(guess)
+        return guesses
+
+
+@pytest.mark.parametrize("seed,speculative", [(0, False), (1, False), (2, False), (3, True), (4, True), (5, True)])
+def test_random_traffic_keeps_the_invariants_and_every_output_exact(seed, speculative):
+    """With speculative decoding too: rejected guesses leave keys and values the model must never read."""
     rng = random.Random(seed)
-    scheduler, runner = make_scheduler(num_blocks=40, max_num_seqs=6, max_num_batched_tokens=24, max_waiting=8)
+    drafter = GuessingDrafter(random.Random(seed)) if speculative else None
+    scheduler, runner = make_scheduler(drafter, num_blocks=40, max_num_seqs=6, max_num_batched_tokens=24, max_waiting=8)
+    kept = drafted = 0
     systems = [prompt_of(rng.choice([4, 8, 12]), 100 + i) for i in range(3)]  # shared prompt heads
     requests: dict[str, tuple[Request, list[int]]] = {}
     cache_hits = rejected = 0
     started: set[str] = set()
     for step_number in range(200):
-        if rng.random() < 0.4:
+        if rng.random() < (0.6 if speculative else 0.4):  # guesses drain the queue faster: keep it full
             prompt = (rng.choice(systems) if rng.random() < 0.6 else []) + prompt_of(rng.randint(1, 30), rng.random())
             r = request(f"r{step_number}", prompt, max_tokens=rng.randint(1, 40))
             try:
@@ -352,6 +381,8 @@ def test_random_traffic_keeps_the_invariants_and_every_output_exact(seed):
             scheduler.cancel(rng.choice(list(scheduler.requests) or live))
         scheduler.update(out, sampled)
         check_invariants(scheduler, out)
+        drafted += sum(len(s.draft) for s in out.scheduled)
+        kept += sum(len(sampled[s.request_id]) - 1 for s in out.scheduled if s.draft)
         for s in out.scheduled:  # a request's first chunk (again, after a preemption) starting past 0
             if s.request_id not in started and s.start > 0:
                 cache_hits += 1
@@ -360,6 +391,7 @@ def test_random_traffic_keeps_the_invariants_and_every_output_exact(seed):
     run_to_end(scheduler, runner)
 
     assert scheduler.num_preemptions > 0 and rejected > 0 and cache_hits > 0
+    assert (drafted > kept > 0) == speculative  # guesses were made, some kept and some not
     for r, prompt in requests.values():
         assert r.status.finished and r.block_ids == []
         if r.status != RequestStatus.FINISHED_CANCELLED:

@@ -333,6 +333,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Never fused: GCC would fuse the offsets' multiply-add in some of the R-row variants and not in others, and a
+// row's result must not depend on how many rows share its step (speculative decoding checks its guesses as
+// rows of one step, and must give the reply decoding a token a step gives).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 // R rows of x against one row of weights, two slices at a time with separate accumulators (so the FMA chains
 // overlap); R is a compile-time constant so every accumulator stays in a register.
 template <int64_t type, int R>
@@ -373,6 +378,7 @@ void dot_rows_avx2(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int6
   if (i < slices) slice(i, 0);
   for (int r = 0; r < R; ++r) out[r * out_stride] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + offsets[0][r] + offsets[1][r];
 }
+#pragma GCC pop_options
 
 template <int64_t type>
 struct Avx2 {
