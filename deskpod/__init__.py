@@ -1,7 +1,7 @@
 """deskpod: the software of a personal AI supercomputer."""
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "SpeculativeConfig"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from deskpod.engine.sampler import SamplingParams
 
         return SamplingParams
+    if name == "SpeculativeConfig":
+        from deskpod.engine.config import SpeculativeConfig
+
+        return SpeculativeConfig
     raise AttributeError(f"module 'deskpod' has no attribute {name!r}")

@@ -92,6 +92,38 @@ def greedy(args: argparse.Namespace) -> dict[str, Any]:
     return {"token_ids": out}
 
 
+def timed_greedy(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy ids and their timing, the median over repeats (after one warm-up): seconds to the first token and
+    from it to the last. --prompt-lookup K: llama-cpp-python's prompt-lookup speculative decoding
+    (LlamaPromptLookupDecoding, K guesses a step, n-grams of up to 2 tokens)."""
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=args.prompt_lookup) if args.prompt_lookup else None
+    # a draft model turns logits_all on, but llama-cpp-python 0.3.36 sizes its score buffer from the argument
+    # (n_batch rows without it): a prompt longer than n_batch then fails, so it is passed explicitly
+    llama = Llama(model_path=args.gguf, n_ctx=N_CTX, n_threads=args.threads, n_threads_batch=args.threads,
+                  draft_model=draft, logits_all=draft is not None, verbose=False)
+    room = min(args.max_tokens, N_CTX - len(args.prompt_ids))
+
+    def one() -> tuple[list[int], float, float]:
+        llama.reset()
+        out: list[int] = []
+        with Stopwatch() as whole:
+            for token in llama.generate(args.prompt_ids, temp=0.0, repeat_penalty=1.0, reset=True):
+                if not out:
+                    first = whole.elapsed()
+                out.append(int(token))
+                if is_end(llama, token) or len(out) >= room:
+                    break
+        return out, first, whole.seconds - first
+
+    one()  # warm-up
+    runs = [one() for _ in range(args.repeats)]
+    return {"token_ids": runs[0][0], "first_token_s": sorted(r[1] for r in runs)[len(runs) // 2],
+            "rest_s": sorted(r[2] for r in runs)[len(runs) // 2], "rest_runs_s": [r[2] for r in runs],
+            "prompt_lookup": args.prompt_lookup}
+
+
 def teacher_forced(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate the whole sequence at once; the argmax and top-1 margin at every position."""
     llama = load(args, logits_all=True)
@@ -143,6 +175,7 @@ COMMANDS = {
     "tokenize": (tokenize, ["gguf", "text", "chat", "threads"]),
     "greedy": (greedy, ["gguf", "prompt_ids", "max_tokens", "threads"]),
     "teacher-forced": (teacher_forced, ["gguf", "ids", "threads"]),
+    "timed-greedy": (timed_greedy, ["gguf", "prompt_ids", "max_tokens", "prompt_lookup", "repeats", "threads"]),
     "speed": (speed, ["gguf", "prompt_tokens", "gen_tokens", "repeats", "threads"]),
 }
 

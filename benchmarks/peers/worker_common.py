@@ -38,6 +38,7 @@ ARGUMENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gen_tokens": ("--gen-tokens", dict(type=int, default=64, help="decode steps (default 64)")),
     "repeats": ("--repeats", dict(type=int, default=3, help="timed runs; the median is reported (default 3)")),
     "threads": ("--threads", dict(type=int, default=2, help="CPU threads (default 2)")),
+    "prompt_lookup": ("--prompt-lookup", dict(type=int, default=0, help="guesses per step by prompt lookup (default 0: off)")),
 }
 
 
@@ -61,6 +62,10 @@ class Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+
+    def elapsed(self) -> float:
+        """Seconds so far, inside the block."""
+        return time.perf_counter() - self.start
 
 
 def main(description: str, commands: dict[str, tuple[Command, list[str]]], argv: list[str] | None = None) -> None:
