@@ -38,7 +38,7 @@ def resolve_device(device: str) -> str:
 
 SPECULATIVE_METHODS = ("ngram",)
 SPECULATIVE_HELP = ("speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-                    "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (all but method optional): guesses the next "
+                    "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (each key optional): guesses the next "
                     "tokens from earlier text and checks them in one step; the same replies, faster when the reply "
                     "repeats its prompt (editing, summaries, quoting)")
 
