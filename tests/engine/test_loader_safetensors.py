@@ -135,14 +135,21 @@ def smollm2_fp8(smollm2_gguf, tmp_path_factory):
 
 def test_smollm2_fp8_agrees_with_the_original(smollm2_compact, smollm2_fp8):
     """Teacher-forced: the original's greedy 32 tokens, and at each position whether FP8's argmax is the
-    same token. (Free-running greedy agreement compounds one near-tie into a different continuation:
-    benchmarks/quant_quality.py reports both.) Measured: 30/32 on each; NVFP4 gets 24-25."""
+    same token; where it is not, the original's token must be FP8's runner-up by a sliver of the logits' range.
+    (Free-running greedy agreement compounds one near-tie into a different continuation:
+    benchmarks/quant_quality.py reports both.) Measured: 55-58 of 64, every miss within 3% of the range; the
+    reply to the first prompt is French word salad, where nearly every position is a near-tie."""
     prompts = [smollm2_compact.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    agree = 0
     for prompt, done in zip(prompts, generate_batch(smollm2_compact, prompts, params)):
         ids = prompt + done.token_ids
-        predicted = logits(smollm2_fp8, ids)[len(prompt) - 1 : -1].argmax(-1).tolist()
-        assert sum(a == b for a, b in zip(predicted, done.token_ids)) >= 28
+        rows = logits(smollm2_fp8, ids)[len(prompt) - 1 : -1]
+        for row, theirs in zip(rows, done.token_ids):
+            agree += int(row.argmax()) == theirs
+            if int(row.argmax()) != theirs:
+                assert int((row > row[theirs]).sum()) == 1 and row.max() - row[theirs] < 0.04 * (row.max() - row.min())
+    assert agree >= 0.8 * 2 * 32
 
 
 def test_smollm2_fp8_memory(smollm2_fp8, smollm2_compact):

@@ -5,6 +5,12 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#else
+#define HAVE_AVX2 0
+#endif
 
 namespace {
 
@@ -26,6 +32,114 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   }
   return out;
 }
+
+#if HAVE_AVX2
+// The horizontal sums of 8 vectors, as the 8 lanes of one: three rounds of pairwise adds instead of a full
+// reduction per vector.
+inline __m256 sums_of_8(const __m256* a) {
+  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  // lanes: s0123 = [a0 a1 a2 a3 | a0 a1 a2 a3] halves, s4567 likewise for a4..a7
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// e^x for 8 floats (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial for e^r; within 2 ulp
+// of std::exp over the range a softmax uses, x <= 0).
+inline __m256 exp_8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+// One sequence's query group (the G heads sharing kv head h) over its visible keys first..end, vectorised:
+// scores 8 keys at a time, the softmax's exponentials 8 at a time, and the weighted sum of values kept in
+// registers, normalised once at the end. D must be a multiple of 16.
+void attend_group_avx2(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t bs, int64_t KV,
+                       int64_t h, int64_t G, int64_t D, int64_t first, int64_t end, float scale, float cap,
+                       const float* sinks, float* out, std::vector<float>& scores) {
+  const int64_t L = end - first, Lpad = (L + 7) / 8 * 8;
+  scores.resize(G * Lpad);
+  auto key = [&](const float* cache, int64_t t) {
+    return cache + ((table[t / bs] * bs + t % bs) * KV + h) * D;
+  };
+  for (int64_t t0 = first; t0 < end; t0 += 8) {
+    const int n = int(std::min<int64_t>(8, end - t0));
+    const float* k[8];
+    for (int j = 0; j < 8; ++j) k[j] = key(kp, t0 + std::min(j, n - 1));  // a short tail repeats its last key
+    // the cache's blocks lie anywhere in memory, so the hardware cannot guess the next ones: ask for them now
+    for (int64_t t = t0 + 8; t < std::min(t0 + 16, end); ++t)
+      for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(key(kp, t) + d), _MM_HINT_T0);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qg + d);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), acc[j]);
+      }
+      _mm256_storeu_ps(scores.data() + g * Lpad + (t0 - first), _mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)));
+    }
+  }
+  std::vector<float> totals(G);
+  for (int64_t g = 0; g < G; ++g) {  // softmax's numerators, in place; the denominator divides the output once
+    float* row = scores.data() + g * Lpad;
+    if (cap > 0.f)
+      for (int64_t t = 0; t < L; ++t) row[t] = cap * std::tanh(row[t] / cap);
+    const float sink = sinks ? sinks[g] : -INFINITY;
+    float top = sink;
+    for (int64_t t = 0; t < L; ++t) top = std::max(top, row[t]);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t t = 0; t < Lpad; t += 8) {
+      __m256 e = exp_8(_mm256_sub_ps(_mm256_loadu_ps(row + t), _mm256_set1_ps(top)));
+      if (t + 8 > L) {  // the padding lanes (scores of a repeated key) count for nothing
+        alignas(32) float keep[8];
+        for (int j = 0; j < 8; ++j) keep[j] = t + j < L ? 1.f : 0.f;
+        e = _mm256_mul_ps(e, _mm256_load_ps(keep));
+      }
+      _mm256_storeu_ps(row + t, e);
+      total = _mm256_add_ps(total, e);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, total);
+    float sum = sinks ? std::exp(sink - top) : 0.f;
+    for (int j = 0; j < 8; ++j) sum += lanes[j];
+    totals[g] = sum;
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {  // weighted values: 4 heads x 16 columns in 8 registers at a time
+    const int gn = int(std::min<int64_t>(4, G - g0));
+    for (int64_t d = 0; d < D; d += 16) {
+      __m256 acc[4][2];
+      for (int g = 0; g < 4; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+      for (int64_t t = first; t < end; ++t) {
+        const float* v = key(vp, t) + d;
+        if (t + 8 < end) _mm_prefetch(reinterpret_cast<const char*>(key(vp, t + 8) + d), _MM_HINT_T0);
+        const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+        for (int g = 0; g < gn; ++g) {
+          const __m256 p = _mm256_set1_ps(scores[(g0 + g) * Lpad + t - first]);
+          acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(p, v1, acc[g][1]);
+        }
+      }
+      for (int g = 0; g < gn; ++g) {
+        const __m256 inv = _mm256_set1_ps(1.f / totals[g0 + g]);
+        _mm256_storeu_ps(out + (g0 + g) * D + d, _mm256_mul_ps(acc[g][0], inv));
+        _mm256_storeu_ps(out + (g0 + g) * D + d + 8, _mm256_mul_ps(acc[g][1], inv));
+      }
+    }
+  }
+}
+#endif
 
 // Attention of one new query per sequence over its keys in a paged cache, read in place.
 // q: [B, H, D]; caches: [num_blocks, block_size, KV, D]; block_tables: [B, max_blocks]; context_lens: [B].
@@ -58,6 +172,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KV, h = i % KV, end = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, end - window) : 0, L = end - first;
+#if HAVE_AVX2
+      if (D % 16 == 0 && L > 0) {
+        attend_group_avx2(qp + (b * H + h * G) * D, kp, vp, tables + b * width, bs, KV, h, G, D, first, end,
+                          float(scale), cap, sp ? sp + h * G : nullptr, op + (b * H + h * G) * D, scores);
+        continue;
+      }
+#endif
       scores.assign(G * L, 0.f);
       for (int64_t t = first; t < end; ++t) {
         const int64_t slot = tables[b * width + t / bs] * bs + t % bs;
