@@ -162,13 +162,15 @@ def test_decode_kernel_matches_reference():
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 1, 128), (4, 4, 256), (16, 2, 80), (64, 8, 64)])
 def test_decode_kernel_matches_reference_for_every_shape(heads, kv_heads, head_dim):
     """Group sizes 1 to 8, head sizes the vectorised path takes (multiples of 16) and one it leaves to the
-    plain loop (80); contexts of 1 key, fewer than 8 and not a multiple of 8; a window, a softcap, sinks."""
+    plain loop (80); contexts of 1 key, fewer than 8, not a multiple of 8, and of several 128-key pieces
+    (combined after); windows within a piece and across pieces, a softcap, sinks."""
     torch.manual_seed(heads + head_dim)
-    k, v = torch.randn(40, 16, kv_heads, head_dim), torch.randn(40, 16, kv_heads, head_dim)
-    q = torch.randn(5, heads, head_dim)
-    tables = torch.randperm(40)[:30].view(5, 6)
-    lens = torch.tensor([1, 7, 45, 96, 61])
-    for window, softcap, sinks in ((0, 0.0, None), (13, 0.0, None), (0, 30.0, None), (0, 0.0, torch.randn(heads) * 3)):
+    k, v = torch.randn(110, 16, kv_heads, head_dim), torch.randn(110, 16, kv_heads, head_dim)
+    q = torch.randn(5, heads, head_dim) * 2
+    tables = torch.randperm(110)[:100].view(5, 20)
+    lens = torch.tensor([1, 7, 129, 300, 61])
+    for window, softcap, sinks in ((0, 0.0, None), (13, 0.0, None), (200, 0.0, None), (0, 30.0, None),
+                                   (150, 0.0, torch.randn(heads) * 3)):
         got = decode_attention(q, k, v, tables, lens, head_dim**-0.5, window, softcap, sinks)
         want = decode_attention_reference(q, k, v, tables, lens, head_dim**-0.5, window, softcap, sinks)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

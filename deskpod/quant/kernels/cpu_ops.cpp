@@ -62,24 +62,29 @@ inline __m256 exp_8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
 
-// One sequence's query group (the G heads sharing kv head h) over its visible keys first..end, vectorised:
-// scores 8 keys at a time, the softmax's exponentials 8 at a time, and the weighted sum of values kept in
-// registers, normalised once at the end. D must be a multiple of 16.
-void attend_group_avx2(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t bs, int64_t KV,
-                       int64_t h, int64_t G, int64_t D, int64_t first, int64_t end, float scale, float cap,
-                       const float* sinks, float* out, std::vector<float>& scores) {
-  const int64_t L = end - first, Lpad = (L + 7) / 8 * 8;
+// Keys per piece: a sequence's keys are attended to in pieces of this many, each by any thread, and the pieces
+// combined (flash-decoding), so that one long sequence keeps every core busy. Fixed, never derived from the
+// batch or the thread count: a row's arithmetic depends on its own context only.
+constexpr int64_t KEYS_PER_PIECE = 128;
+
+// One piece of a sequence: the G query heads sharing kv head h over keys t_begin..t_end, vectorised: scores 8
+// keys at a time, their exponentials 8 at a time, the weighted values summed in registers. Writes the piece's
+// unnormalised output [G, D], and per head its largest score and the sum of its exponentials. D % 16 == 0.
+void attend_piece_avx2(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t bs, int64_t KV,
+                       int64_t h, int64_t G, int64_t D, int64_t t_begin, int64_t t_end, float scale, float cap,
+                       float* out, float* maxima, float* totals, std::vector<float>& scores) {
+  const int64_t L = t_end - t_begin, Lpad = (L + 7) / 8 * 8;
   scores.resize(G * Lpad);
-  auto key = [&](const float* cache, int64_t t) {
+  auto row_of = [&](const float* cache, int64_t t) {
     return cache + ((table[t / bs] * bs + t % bs) * KV + h) * D;
   };
-  for (int64_t t0 = first; t0 < end; t0 += 8) {
-    const int n = int(std::min<int64_t>(8, end - t0));
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += 8) {
+    const int n = int(std::min<int64_t>(8, t_end - t0));
     const float* k[8];
-    for (int j = 0; j < 8; ++j) k[j] = key(kp, t0 + std::min(j, n - 1));  // a short tail repeats its last key
+    for (int j = 0; j < 8; ++j) k[j] = row_of(kp, t0 + std::min(j, n - 1));  // a short tail repeats its last key
     // the cache's blocks lie anywhere in memory, so the hardware cannot guess the next ones: ask for them now
-    for (int64_t t = t0 + 8; t < std::min(t0 + 16, end); ++t)
-      for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(key(kp, t) + d), _MM_HINT_T0);
+    for (int64_t t = t0 + 8; t < std::min(t0 + 16, t_end); ++t)
+      for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(row_of(kp, t) + d), _MM_HINT_T0);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + g * D;
       __m256 acc[8];
@@ -88,16 +93,14 @@ void attend_group_avx2(const float* q, const float* kp, const float* vp, const i
         const __m256 qv = _mm256_loadu_ps(qg + d);
         for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), acc[j]);
       }
-      _mm256_storeu_ps(scores.data() + g * Lpad + (t0 - first), _mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)));
+      _mm256_storeu_ps(scores.data() + g * Lpad + (t0 - t_begin), _mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)));
     }
   }
-  std::vector<float> totals(G);
-  for (int64_t g = 0; g < G; ++g) {  // softmax's numerators, in place; the denominator divides the output once
+  for (int64_t g = 0; g < G; ++g) {  // the softmax's numerators, in place
     float* row = scores.data() + g * Lpad;
     if (cap > 0.f)
       for (int64_t t = 0; t < L; ++t) row[t] = cap * std::tanh(row[t] / cap);
-    const float sink = sinks ? sinks[g] : -INFINITY;
-    float top = sink;
+    float top = -INFINITY;
     for (int64_t t = 0; t < L; ++t) top = std::max(top, row[t]);
     __m256 total = _mm256_setzero_ps();
     for (int64_t t = 0; t < Lpad; t += 8) {
@@ -112,32 +115,86 @@ void attend_group_avx2(const float* q, const float* kp, const float* vp, const i
     }
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, total);
-    float sum = sinks ? std::exp(sink - top) : 0.f;
+    float sum = 0.f;
     for (int j = 0; j < 8; ++j) sum += lanes[j];
-    totals[g] = sum;
+    maxima[g] = top, totals[g] = sum;
   }
   for (int64_t g0 = 0; g0 < G; g0 += 4) {  // weighted values: 4 heads x 16 columns in 8 registers at a time
     const int gn = int(std::min<int64_t>(4, G - g0));
     for (int64_t d = 0; d < D; d += 16) {
       __m256 acc[4][2];
       for (int g = 0; g < 4; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-      for (int64_t t = first; t < end; ++t) {
-        const float* v = key(vp, t) + d;
-        if (t + 8 < end) _mm_prefetch(reinterpret_cast<const char*>(key(vp, t + 8) + d), _MM_HINT_T0);
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const float* v = row_of(vp, t) + d;
+        if (t + 8 < t_end) _mm_prefetch(reinterpret_cast<const char*>(row_of(vp, t + 8) + d), _MM_HINT_T0);
         const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
         for (int g = 0; g < gn; ++g) {
-          const __m256 p = _mm256_set1_ps(scores[(g0 + g) * Lpad + t - first]);
+          const __m256 p = _mm256_set1_ps(scores[(g0 + g) * Lpad + t - t_begin]);
           acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);
           acc[g][1] = _mm256_fmadd_ps(p, v1, acc[g][1]);
         }
       }
       for (int g = 0; g < gn; ++g) {
-        const __m256 inv = _mm256_set1_ps(1.f / totals[g0 + g]);
-        _mm256_storeu_ps(out + (g0 + g) * D + d, _mm256_mul_ps(acc[g][0], inv));
-        _mm256_storeu_ps(out + (g0 + g) * D + d + 8, _mm256_mul_ps(acc[g][1], inv));
+        _mm256_storeu_ps(out + (g0 + g) * D + d, acc[g][0]);
+        _mm256_storeu_ps(out + (g0 + g) * D + d + 8, acc[g][1]);
       }
     }
   }
+}
+
+// All of paged_decode_attention on the vectorised path: every (sequence, kv head, piece of keys) is a task for
+// any thread; then each sequence's pieces are combined, each scaled by e^(its maximum - the overall maximum),
+// with the head's sink in the denominator.
+void paged_decode_attention_avx2(const float* qp, const float* kp, const float* vp, const int64_t* tables,
+                                 const int64_t* lens, int64_t width, int64_t B, int64_t KV, int64_t G, int64_t D,
+                                 int64_t bs, int64_t window, float scale, float cap, const float* sinks, float* op) {
+  std::vector<int64_t> firsts(B), piece_start(B + 1, 0);  // where each sequence's pieces begin in the task list
+  for (int64_t b = 0; b < B; ++b) {
+    firsts[b] = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0;
+    piece_start[b + 1] = piece_start[b] + std::max<int64_t>(1, (lens[b] - firsts[b] + KEYS_PER_PIECE - 1) / KEYS_PER_PIECE);
+  }
+  const int64_t pieces = piece_start[B], H = KV * G;
+  std::vector<float> outs(pieces * KV * G * D), maxima(pieces * KV * G), totals(pieces * KV * G);
+  std::vector<int64_t> sequence_of(pieces);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = piece_start[b]; p < piece_start[b + 1]; ++p) sequence_of[p] = b;
+  at::parallel_for(0, pieces * KV, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = i / KV, h = i % KV, b = sequence_of[p];
+      const int64_t t_begin = firsts[b] + (p - piece_start[b]) * KEYS_PER_PIECE;
+      const int64_t t_end = std::min(lens[b], t_begin + KEYS_PER_PIECE);
+      float* m = maxima.data() + i * G;
+      float* l = totals.data() + i * G;
+      if (t_begin >= t_end) {  // an empty context
+        std::fill(m, m + G, -INFINITY), std::fill(l, l + G, 0.f);
+        std::fill(outs.begin() + i * G * D, outs.begin() + (i + 1) * G * D, 0.f);
+        continue;
+      }
+      attend_piece_avx2(qp + (b * H + h * G) * D, kp, vp, tables + b * width, bs, KV, h, G, D, t_begin, t_end, scale,
+                        cap, outs.data() + i * G * D, m, l, scores);
+    }
+  });
+  at::parallel_for(0, B * H, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t b = j / H, head = j % H, h = head / G, g = head % G;
+      float top = sinks ? sinks[head] : -INFINITY;
+      for (int64_t p = piece_start[b]; p < piece_start[b + 1]; ++p) top = std::max(top, maxima[(p * KV + h) * G + g]);
+      float denominator = sinks ? std::exp(sinks[head] - top) : 0.f;
+      float* o = op + j * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t p = piece_start[b]; p < piece_start[b + 1]; ++p) {
+        const int64_t k = (p * KV + h) * G + g;
+        if (totals[k] == 0.f) continue;
+        const float weight = std::exp(maxima[k] - top);
+        denominator += totals[k] * weight;
+        const float* part = outs.data() + k * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += weight * part[d];
+      }
+      const float inv = denominator > 0.f ? 1.f / denominator : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  });
 }
 #endif
 
@@ -167,18 +224,17 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float cap = float(softcap);
+#if HAVE_AVX2
+  if (D % 16 == 0) {
+    paged_decode_attention_avx2(qp, kp, vp, tables, lens, width, B, KV, G, D, bs, window, float(scale), cap, sp, op);
+    return out;
+  }
+#endif
   at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KV, h = i % KV, end = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, end - window) : 0, L = end - first;
-#if HAVE_AVX2
-      if (D % 16 == 0 && L > 0) {
-        attend_group_avx2(qp + (b * H + h * G) * D, kp, vp, tables + b * width, bs, KV, h, G, D, first, end,
-                          float(scale), cap, sp ? sp + h * G : nullptr, op + (b * H + h * G) * D, scores);
-        continue;
-      }
-#endif
       scores.assign(G * L, 0.f);
       for (int64_t t = first; t < end; ++t) {
         const int64_t slot = tables[b * width + t / bs] * bs + t % bs;
