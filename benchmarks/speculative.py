@@ -11,6 +11,9 @@ measures); per workload the median over prompts of each prompt's median over --r
 against the same engine without speculation. deskpod's replies with and without it must be identical token
 for token (the run fails otherwise); llama.cpp's are compared too.
 
+--streams 1,4,8,16: deskpod alone under load instead, that many requests at once (both workloads' prompts in
+turn), aggregate output tokens/s from the first prompt's arrival to the last token, with and without guesses.
+
 deskpod: `SpeculativeConfig(num_speculative_tokens=K, prompt_lookup_max=4, prompt_lookup_min=2)` (--guesses K);
 llama.cpp: llama-cpp-python's `LlamaPromptLookupDecoding(num_pred_tokens=2)` (--peer-guesses), the value its
 documentation advises for CPU-only machines (10 for GPUs), n-grams of up to 2 tokens.
@@ -134,6 +137,35 @@ def llamacpp_replies(gguf: Path, prompts: list[list[int]], args, guesses: int) -
             for ids in prompts]
 
 
+def under_load(gguf: Path, tokenizer, args) -> int:
+    """Aggregate output tokens/s of N requests at once, with and without guesses, for each N of --streams."""
+    from deskpod.engine.config import EngineConfig, SpeculativeConfig
+    from deskpod.engine.engine import LLMEngine
+    from deskpod.engine.loader import load_model
+    from deskpod.engine.sampler import SamplingParams
+
+    lm = load_model(gguf, EngineConfig(context=2048))
+    texts = [t for texts in workloads().values() for t in texts]
+    print(f"{'streams':>7} {'deskpod tok/s':>14} {'+ lookup':>9} {'ratio':>6}")
+    for streams in (int(n) for n in args.streams.split(",")):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}]) for i in range(streams)]
+        rates = []
+        for speculative in (None, SpeculativeConfig(num_speculative_tokens=args.guesses)):
+            engine = LLMEngine(lm, EngineConfig(kv_cache_gb=0.5, context=2048, speculative=speculative))
+            runs = []
+            for _ in range(args.repeats):
+                engine.scheduler.pool.forget_cached()
+                for ids in prompts:
+                    engine.add_request(ids, SamplingParams(temperature=0, max_tokens=args.max_tokens))
+                tokens, start = 0, time.perf_counter()
+                while engine.has_work():
+                    tokens += sum(len(out.token_ids) for out in engine.step())
+                runs.append(tokens / (time.perf_counter() - start))
+            rates.append(statistics.median(runs))
+        print(f"{streams:>7} {rates[0]:>14.1f} {rates[1]:>9.1f} {rates[1] / rates[0]:>5.2f}x", flush=True)
+    return 0
+
+
 def rate(reply: dict) -> float:
     return (len(reply["token_ids"]) - 1) / reply["rest_s"]
 
@@ -148,6 +180,7 @@ def main() -> int:
     parser.add_argument("--peer-guesses", type=int, default=2, help="llama.cpp's num_pred_tokens (default: %(default)s)")
     parser.add_argument("--skip-peers", action="store_true", help="deskpod alone")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--streams", default=None, help="deskpod under load instead: request counts, e.g. 1,4,8,16")
     args = parser.parse_args()
 
     import torch
@@ -160,6 +193,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     gguf = resolve_model_file(args.model, progress=True)
     tokenizer = Tokenizer.from_gguf(GGUFFile(gguf))
+    if args.streams:
+        return under_load(gguf, tokenizer, args)
     results: dict[str, dict] = {}
     failed = False
     for workload, texts in workloads().items():
