@@ -45,6 +45,9 @@ class BlockWeight(LinearWeight):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
+        if x.dim() == 2 and len(x) <= MATVEC_MAX_ROWS and x.dtype == torch.float32 and x.is_contiguous():
+            # a decode step's rows, as they come: no reshapes or casts (each a dispatcher call, ~120 a step)
+            return ggml_blocks().matmul(x, self.blocks, self.type_id)
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         kernels = ggml_blocks()
         y = kernels.matmul(x2, self.blocks, self.type_id) if len(x2) <= MATVEC_MAX_ROWS else self._tiled_gemm(x2)

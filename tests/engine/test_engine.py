@@ -176,6 +176,32 @@ def test_decode_kernel_matches_reference_for_every_shape(heads, kv_heads, head_d
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strided", [True, False])
+def test_rope_and_store_kernel_is_the_plain_path_bit_for_bit(strided):
+    """RoPE and the cache writes in one pass: the same bits as Rotary.apply and store_kv, from a slice of the fused
+    projection (strided rows) or from a contiguous copy (models that norm q and k first); a YaRN magnitude."""
+    from deskpod.engine.attention import store_kv
+    from deskpod.engine.models.layers import Rotary
+    from deskpod.formats.spec import RopeSpec
+    from deskpod.quant.kernels import cpu_ops
+
+    torch.manual_seed(1)
+    T, H, KV, D = 7, 9, 3, 64
+    qkv = torch.randn(T, H + 2 * KV, D)
+    qk = qkv[:, : H + KV] if strided else qkv[:, : H + KV].contiguous()
+    rope = RopeSpec(kind="yarn", theta=10000.0, factor=4.0, original_context=512)
+    rot = Rotary(rope, D, 2048).select(torch.tensor([0, 5, 100, 101, 102, 900, 2000]))
+    slots = torch.tensor([3, 17, 40, 41, 42, 100, 159])
+    k_cache, v_cache = torch.zeros(10, 16, KV, D), torch.zeros(10, 16, KV, D)
+    k_fused, v_fused = k_cache.clone(), v_cache.clone()
+    rotated = Rotary.apply(qk, rot)
+    store_kv(k_cache, v_cache, slots, rotated[:, H:], qkv[:, H + KV :])
+    q = cpu_ops().rope_store(qk, qkv[:, H + KV :], torch.view_as_real(rot), k_fused, v_fused, slots, H)
+    assert torch.equal(q, rotated[:, :H]) and torch.equal(k_fused, k_cache) and torch.equal(v_fused, v_cache)
+    with pytest.raises(RuntimeError, match="slot 160 is outside the cache"):
+        cpu_ops().rope_store(qk, qkv[:, H + KV :], torch.view_as_real(rot), k_fused, v_fused, slots + 1, H)
+
+
 def test_async_engine_streams_and_aborts(smollm2_float32, prompts, alone):
     async def main():
         llm = AsyncLLM(LLMEngine(smollm2_float32, EngineConfig(kv_cache_gb=0.2, context=1024)), "smollm2")

@@ -174,10 +174,15 @@ class Attention(nn.Module):
             qk = torch.cat([q, self.k_norm(qk[:, H:].reshape(T, KV * D)).view(T, KV, D)], dim=1)
         elif self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H].contiguous()), self.k_norm(qk[:, H:].contiguous())], dim=1)
-        qk = Rotary.apply(qk, rots[self.rotary])
         k_cache, v_cache = kv
-        store_kv(k_cache, v_cache, batch.slots, qk[:, H:], qkv[:, H + KV :])
-        q = qk[:, :H]
+        kernels = cpu_ops() if x.device.type == "cpu" and qk.dtype == k_cache.dtype == torch.float32 else None
+        if kernels is not None:  # rotated and stored in one pass instead of a dozen small ops
+            q = kernels.rope_store(qk, qkv[:, H + KV :], torch.view_as_real(rots[self.rotary]), k_cache, v_cache,
+                                   batch.slots, H)
+        else:
+            qk = Rotary.apply(qk, rots[self.rotary])
+            store_kv(k_cache, v_cache, batch.slots, qk[:, H:], qkv[:, H + KV :])
+            q = qk[:, :H]
         args = (k_cache, v_cache)
         sinks = self.sinks
         if batch.all_decode:

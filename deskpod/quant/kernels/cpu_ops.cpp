@@ -33,6 +33,58 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+// RoPE on a step's queries and keys, and the keys and values stored in the paged cache, in one pass (in
+// PyTorch a dozen small ops a layer: complex views, a product, casts, two index copies).
+// qk: [T, H + KV, D] (rows may be strided, as slices of the fused qkv projection), adjacent pairs rotated;
+// v: [T, KV, D] likewise; rot: [T, D/2] (cos, sin) pairs (a complex rotation seen as floats), times the rope's
+// magnitude; caches:
+// [num_blocks, block_size, KV, D]; slots [T]: each token's flat slot. Returns the rotated queries [T, H, D].
+// a * b rounded to float before whatever uses it: a compiler fusing it into a multiply-add would round once
+// instead (volatile keeps it apart on every compiler; a few hundred products a layer, so its cost is nothing)
+inline float rounded_product(float a, float b) {
+  volatile float p = a * b;
+  return p;
+}
+
+// Each product rounded, then the sum, exactly as PyTorch's complex product: the rotation is bit for bit the
+// plain path's (and transformers').
+torch::Tensor rope_store(torch::Tensor qk, torch::Tensor v, torch::Tensor rot, torch::Tensor k_cache,
+                         torch::Tensor v_cache, torch::Tensor slots, int64_t H) {
+  const int64_t T = qk.size(0), KV = qk.size(1) - H, D = qk.size(2);
+  TORCH_CHECK(qk.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32 && rot.dtype() == torch::kFloat32 &&
+              k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32 && slots.dtype() == torch::kInt64,
+              "rope_store: float32 tensors and int64 slots expected");
+  TORCH_CHECK(qk.stride(2) == 1 && qk.stride(1) == D && v.stride(2) == 1 && v.stride(1) == D && v.size(1) == KV &&
+              rot.is_contiguous() && rot.numel() == T * D && k_cache.is_contiguous() &&
+              v_cache.is_contiguous() && k_cache.size(2) == KV && k_cache.size(3) == D && slots.numel() == T,
+              "rope_store: shapes or strides not as expected");
+  auto q = torch::empty({T, H, D}, qk.options());
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const float* src = qk.data_ptr<float>();
+  const float* vsrc = v.data_ptr<float>();
+  const float* r = rot.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  float* qp = q.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t slot = sp[t];
+    TORCH_CHECK(0 <= slot && slot < num_slots, "rope_store: slot ", slot, " is outside the cache");
+    const float* rt = r + t * D;
+    for (int64_t head = 0; head < H + KV; ++head) {
+      const float* x = src + t * qk.stride(0) + head * D;
+      float* y = head < H ? qp + (t * H + head) * D : kc + (slot * KV + head - H) * D;
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float x0 = x[2 * i], x1 = x[2 * i + 1], c = rt[2 * i], s = rt[2 * i + 1];
+        y[2 * i] = rounded_product(x0, c) - rounded_product(x1, s);
+        y[2 * i + 1] = rounded_product(x0, s) + rounded_product(x1, c);
+      }
+    }
+    std::copy(vsrc + t * v.stride(0), vsrc + t * v.stride(0) + KV * D, vc + slot * KV * D);
+  }
+  return q;
+}
+
 #if HAVE_AVX2
 // The horizontal sums of 8 vectors, as the 8 lanes of one: three rounds of pairwise adds instead of a full
 // reduction per vector.
@@ -275,6 +327,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
+  m.def("rope_store", &rope_store, py::arg("qk"), py::arg("v"), py::arg("rot"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slots"), py::arg("H"));
   m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("window"), py::arg("softcap"),
         py::arg("sinks") = py::none());
