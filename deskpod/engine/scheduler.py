@@ -149,19 +149,21 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens: running requests first, then waiting ones, each in arrival order."""
         step = _Step(self.config.max_num_batched_tokens, self.block_offset)
-        for request in list(self.running):  # arrival order
+        running = list(self.running)  # arrival order
+        for i, request in enumerate(running):
             if step.budget == 0:
                 break
             if request.status == RequestStatus.RUNNING:  # not preempted earlier in this loop
-                self._schedule_running(request, step)
+                self._schedule_running(request, step, later=len(running) - i - 1)
         if not step.preempted:  # blocks just ran short: admitting more would only preempt again
             self._schedule_waiting(step)
         finished, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(tuple(step.scheduled), tuple(r.request_id for r in step.preempted), finished)
 
-    def _schedule_running(self, request: Request, step: _Step) -> None:
+    def _schedule_running(self, request: Request, step: _Step, later: int) -> None:
+        """`later`: running requests after this one, whose next tokens come before this one's guesses."""
         num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
-        draft = self._draft(request, step.budget) if num_new == 1 else ()
+        draft = self._draft(request, step.budget - later) if num_new == 1 else ()
         if draft and self.pool.allocate_for(request, 1 + len(draft)):
             step.add(request, 1, draft)
             return

@@ -335,6 +335,21 @@ def test_config_is_checked_at_construction(bad):
 # --- everything at once -------------------------------------------------------------------------
 
 
+def test_guesses_never_take_a_later_request_s_turn():
+    """Guesses use the step's budget left after one token for each running request: with a budget of exactly
+    one token per sequence, nobody guesses and everyone decodes every step."""
+    scheduler, runner = make_scheduler(lambda r: [2, 3, 4, 5, 6], max_num_seqs=3, max_num_batched_tokens=3)
+    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+        scheduler.add(request(name, prompt_of(1, seed), max_tokens=20))
+    step(scheduler, runner)  # the three one-token prompts
+    for _ in range(5):
+        out = step(scheduler, runner)
+        assert [(s.request_id, s.draft) for s in out.scheduled] == [("a", ()), ("b", ()), ("c", ())]
+    scheduler.cancel("b")
+    out = step(scheduler, runner)  # a budget of 3 for two requests: the first guesses one token
+    assert [(s.request_id, s.draft) for s in out.scheduled] == [("a", (2,)), ("c", ())]
+
+
 class GuessingDrafter:
     """Speculative decoding's guesses, right for a random number of tokens and then wrong (the fake model is
     known, so the right ones can be made)."""
