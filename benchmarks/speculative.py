@@ -33,52 +33,8 @@ from client import PeerError, run_peer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CODE = [
-    '''def parse_config(path):
-    with open(path) as f:
-        lines = f.readlines()
-    config = {}
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, value = line.split("=", 1)
-        config[key.strip()] = value.strip()
-    return config
-''',
-    '''class Stack:
-    def __init__(self):
-        self.items = []
-
-    def push(self, item):
-        self.items.append(item)
-
-    def pop(self):
-        if not self.items:
-            raise IndexError("pop from an empty stack")
-        return self.items.pop()
-
-    def peek(self):
-        return self.items[-1]
-
-    def __len__(self):
-        return len(self.items)
-''',
-    '''def merge_sorted(a, b):
-    result = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        if a[i] <= b[j]:
-            result.append(a[i])
-            i += 1
-        else:
-            result.append(b[j])
-            j += 1
-    result.extend(a[i:])
-    result.extend(b[j:])
-    return result
-''',
-]
+# three functions to change, shared with the tests (tests/data/code-samples.json)
+CODE = list(json.loads((ROOT / "tests" / "data" / "code-samples.json").read_text()).values())
 EDITS = [
     "Rename the variable `lines` to `rows` in this function and give the whole function back:\n\n",
     "Add a docstring to every method of this class and give the whole class back:\n\n",

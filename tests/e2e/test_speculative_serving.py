@@ -4,6 +4,7 @@ names; a setting deskpod does not know stops the server at once, named."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +14,7 @@ import pytest
 from deskpod.engine.llm import LLM
 from deskpod.engine.sampler import SamplingParams
 
-CODE = '''def merge_sorted(a, b):
-    result = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        if a[i] <= b[j]:
-            result.append(a[i])
-            i += 1
-        else:
-            result.append(b[j])
-            j += 1
-    return result + a[i:] + b[j:]
-'''
+CODE = json.loads((Path(__file__).parents[1] / "data" / "code-samples.json").read_text())["merge_sorted"]
 MESSAGES = [{"role": "user", "content": "Add type hints to this function and give the whole function back:\n\n" + CODE}]
 # another prompt for the stream: the same one would start from the first's cached blocks, and in compact mode
 # a prompt computed in pieces may part from one computed whole at a near-tie, guesses or not (README)

@@ -4,24 +4,16 @@ sampling with penalties, logprobs, stop strings, lengths, structured outputs —
 The compact kernels give a row the same result whatever else is in its step, and a draft's rows are attended to
 as decoding tokens, so the tokens are compared for equality, not closeness."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from deskpod.engine.config import EngineConfig, SpeculativeConfig
 from deskpod.engine.engine import LLMEngine
 from deskpod.engine.sampler import SamplingParams, StructuredOutput
 
-CODE = '''def parse_config(path):
-    with open(path) as f:
-        lines = f.readlines()
-    config = {}
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, value = line.split("=", 1)
-        config[key.strip()] = value.strip()
-    return config
-'''
+CODE = json.loads((Path(__file__).parents[1] / "data" / "code-samples.json").read_text())["parse_config"]
 ASKS = {
     "edit": "Rename the variable `lines` to `rows` in this function and give the whole function back:\n\n" + CODE,
     "quote": "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",
