@@ -6,7 +6,9 @@
 Every engine gets the same GGUF, the same content-free prompt ids, the same thread count and the same
 method (one warm-up, then the median over --repeats of: prefill + first token, then --gen-tokens greedy
 steps). Engines run one after another in rounds, so slow drifts of a shared machine hit all of them;
-the ratios are the result, the absolute figures are this machine's.
+the ratios are the result, the absolute figures are this machine's. The last column is each engine's decode
+rate as a fraction of the roofline: the memory's read bandwidth (measured here, same threads) over the bytes a
+token reads (deskpod's weights and the KV cache at the middle of the generation).
 """
 
 from __future__ import annotations
@@ -53,7 +55,31 @@ def measure_deskpod(gguf: Path, args) -> dict:
     return {
         "prefill_tok_s": statistics.median(args.prompt_tokens / p for p, _ in runs),
         "decode_tok_s": statistics.median(args.gen_tokens / d for _, d in runs),
+        "bytes_per_token": bytes_per_token(lm, args.prompt_tokens + args.gen_tokens // 2),
     }
+
+
+def bytes_per_token(lm, context: int) -> int:
+    """What one decode step must read at least: every weight deskpod holds (the tied embedding is the LM head, read
+    whole) and the keys and values of `context` tokens (float32)."""
+    weights = sum(t.numel() * t.element_size() for t in [*lm.model.buffers(), *lm.model.parameters()])
+    spec = lm.spec
+    return weights + 2 * spec.num_layers * context * spec.num_kv_heads * spec.head_dim * 4
+
+
+def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s this machine reads from memory with `threads` threads: the best of `repeats` sums over a buffer far
+    larger than the caches (a sum's arithmetic is far below the memory's pace)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best
 
 
 def measure_peer(worker: str, gguf: Path, args) -> dict:
@@ -100,12 +126,19 @@ def main() -> int:
                for name, runs in results.items() if runs}
     print(f"\n{gguf.name}: {args.prompt_tokens}-token prompt, {args.gen_tokens} generated tokens, {args.threads} threads, "
           f"median of {args.rounds} rounds x {args.repeats} repeats")
-    print(f"{'engine':14s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill ratio':>14s} {'decode ratio':>13s}")
     ours = summary["deskpod"]
+    # the roofline: decode can be no faster than the memory delivers the bytes a token reads
+    bandwidth = read_bandwidth(args.threads)
+    roofline = bandwidth / statistics.median(run["bytes_per_token"] for run in results["deskpod"])
+    print(f"{'engine':14s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill ratio':>14s} {'decode ratio':>13s} {'of roofline':>12s}")
     for name, s in summary.items():
         print(f"{name:14s} {s['prefill_tok_s']:14.1f} {s['decode_tok_s']:13.1f}"
-              f" {ours['prefill_tok_s'] / s['prefill_tok_s']:13.2f}x {ours['decode_tok_s'] / s['decode_tok_s']:12.2f}x")
+              f" {ours['prefill_tok_s'] / s['prefill_tok_s']:13.2f}x {ours['decode_tok_s'] / s['decode_tok_s']:12.2f}x"
+              f" {s['decode_tok_s'] / roofline:11.0%}")
     print("(ratios are deskpod / engine: above 1 means deskpod is faster)")
+    print(f"roofline: {bandwidth / 1e9:.1f} GB/s read with {args.threads} threads / "
+          f"{statistics.median(run['bytes_per_token'] for run in results['deskpod']) / 1e6:.1f} MB a token "
+          f"(deskpod's weights and float32 keys and values) = {roofline:.0f} tok/s")
     return 0
 
 
