@@ -129,7 +129,8 @@ def main() -> int:
     ours = summary["deskpod"]
     # the roofline: decode can be no faster than the memory delivers the bytes a token reads
     bandwidth = read_bandwidth(args.threads)
-    roofline = bandwidth / statistics.median(run["bytes_per_token"] for run in results["deskpod"])
+    per_token = statistics.median(run["bytes_per_token"] for run in results["deskpod"])
+    roofline = bandwidth / per_token
     print(f"{'engine':14s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill ratio':>14s} {'decode ratio':>13s} {'of roofline':>12s}")
     for name, s in summary.items():
         print(f"{name:14s} {s['prefill_tok_s']:14.1f} {s['decode_tok_s']:13.1f}"
@@ -137,7 +138,7 @@ def main() -> int:
               f" {s['decode_tok_s'] / roofline:11.0%}")
     print("(ratios are deskpod / engine: above 1 means deskpod is faster)")
     print(f"roofline: {bandwidth / 1e9:.1f} GB/s read with {args.threads} threads / "
-          f"{statistics.median(run['bytes_per_token'] for run in results['deskpod']) / 1e6:.1f} MB a token "
+          f"{per_token / 1e6:.1f} MB a token "
           f"(deskpod's weights and float32 keys and values) = {roofline:.0f} tok/s")
     return 0
 

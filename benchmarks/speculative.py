@@ -52,13 +52,11 @@ def workloads() -> dict[str, list[str]]:
     }
 
 
-def deskpod_replies(gguf: Path, prompts: list[list[int]], args, speculative) -> list[dict]:
+def deskpod_replies(lm, prompts: list[list[int]], args, speculative) -> list[dict]:
     from deskpod.engine.config import EngineConfig
     from deskpod.engine.engine import LLMEngine
-    from deskpod.engine.loader import load_model
     from deskpod.engine.sampler import SamplingParams
 
-    lm = load_model(gguf, EngineConfig(context=2048))
     engine = LLMEngine(lm, EngineConfig(context=2048, kv_cache_gb=0.2, speculative=speculative))
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
 
@@ -93,18 +91,16 @@ def llamacpp_replies(gguf: Path, prompts: list[list[int]], args, guesses: int) -
             for ids in prompts]
 
 
-def under_load(gguf: Path, tokenizer, args) -> int:
+def under_load(lm, args) -> int:
     """Aggregate output tokens/s of N requests at once, with and without guesses, for each N of --streams."""
     from deskpod.engine.config import EngineConfig, SpeculativeConfig
     from deskpod.engine.engine import LLMEngine
-    from deskpod.engine.loader import load_model
     from deskpod.engine.sampler import SamplingParams
 
-    lm = load_model(gguf, EngineConfig(context=2048))
     texts = [t for texts in workloads().values() for t in texts]
     print(f"{'streams':>7} {'deskpod tok/s':>14} {'+ lookup':>9} {'ratio':>6}")
     for streams in (int(n) for n in args.streams.split(",")):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}]) for i in range(streams)]
+        prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}]) for i in range(streams)]
         rates = []
         for speculative in (None, SpeculativeConfig(num_speculative_tokens=args.guesses)):
             engine = LLMEngine(lm, EngineConfig(kv_cache_gb=0.5, context=2048, speculative=speculative))
@@ -141,22 +137,21 @@ def main() -> int:
 
     import torch
 
-    from deskpod.engine.config import SpeculativeConfig
+    from deskpod.engine.config import EngineConfig, SpeculativeConfig
     from deskpod.engine.llm import resolve_model_file
-    from deskpod.engine.tokenizer import Tokenizer
-    from deskpod.formats.gguf import GGUFFile
+    from deskpod.engine.loader import load_model
 
     torch.set_num_threads(args.threads)
     gguf = resolve_model_file(args.model, progress=True)
-    tokenizer = Tokenizer.from_gguf(GGUFFile(gguf))
+    lm = load_model(gguf, EngineConfig(context=2048))  # once: every engine of the run shares its weights
     if args.streams:
-        return under_load(gguf, tokenizer, args)
+        return under_load(lm, args)
     results: dict[str, dict] = {}
     failed = False
     for workload, texts in workloads().items():
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
-        runs = {"deskpod": deskpod_replies(gguf, prompts, args, None),
-                "deskpod + lookup": deskpod_replies(gguf, prompts, args, SpeculativeConfig(num_speculative_tokens=args.guesses))}
+        prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+        runs = {"deskpod": deskpod_replies(lm, prompts, args, None),
+                "deskpod + lookup": deskpod_replies(lm, prompts, args, SpeculativeConfig(num_speculative_tokens=args.guesses))}
         if not args.skip_peers:
             try:
                 runs["llama.cpp"] = llamacpp_replies(gguf, prompts, args, 0)
