@@ -24,12 +24,12 @@ from client import PeerError, run_peer  # noqa: E402
 from worker_common import speed_prompt_ids  # noqa: E402
 
 
-def deskpod_once(lm, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
+def deskpod_once(lm, prompt: list[int], gen_tokens: int, kv_dtype) -> tuple[float, float]:
     import torch
 
     from deskpod.engine.models.layers import KVCache
 
-    cache = KVCache(lm.spec, len(prompt) + gen_tokens + 1)
+    cache = KVCache(lm.spec, len(prompt) + gen_tokens + 1, dtype=kv_dtype)
     start = time.perf_counter()
     logits = lm.model(torch.tensor(prompt), torch.arange(len(prompt)), cache)
     token = int(logits[-1].argmax())
@@ -45,26 +45,30 @@ def measure_deskpod(gguf: Path, args) -> dict:
     import torch
 
     from deskpod.engine.config import EngineConfig
-    from deskpod.engine.loader import load_model
+    from deskpod.engine.loader import TORCH_DTYPES, load_model
 
     torch.set_num_threads(args.threads)
-    lm = load_model(gguf, EngineConfig(weights=args.weights, context=args.prompt_tokens + args.gen_tokens + 8))
+    config = EngineConfig(weights=args.weights, context=args.prompt_tokens + args.gen_tokens + 8,
+                          kv_cache_dtype=args.kv_cache_dtype)
+    lm = load_model(gguf, config)
+    kv_dtype = TORCH_DTYPES[config.kv_dtype]  # what the engine keeps its KV cache in with these settings
     prompt = speed_prompt_ids(args.prompt_tokens, lm.spec.vocab_size)
-    deskpod_once(lm, prompt[:16], 4)  # warm-up
-    runs = [deskpod_once(lm, prompt, args.gen_tokens) for _ in range(args.repeats)]
+    deskpod_once(lm, prompt[:16], 4, kv_dtype)  # warm-up
+    runs = [deskpod_once(lm, prompt, args.gen_tokens, kv_dtype) for _ in range(args.repeats)]
     return {
         "prefill_tok_s": statistics.median(args.prompt_tokens / p for p, _ in runs),
         "decode_tok_s": statistics.median(args.gen_tokens / d for _, d in runs),
-        "bytes_per_token": bytes_per_token(lm, args.prompt_tokens + args.gen_tokens // 2),
+        "bytes_per_token": bytes_per_token(lm, args.prompt_tokens + args.gen_tokens // 2, kv_dtype.itemsize),
+        "kv_cache_dtype": config.kv_dtype,
     }
 
 
-def bytes_per_token(lm, context: int) -> int:
+def bytes_per_token(lm, context: int, kv_bytes: int) -> int:
     """What one decode step must read at least: every weight deskpod holds (the tied embedding is the LM head, read
-    whole) and the keys and values of `context` tokens (float32)."""
+    whole) and the keys and values of `context` tokens (`kv_bytes` each)."""
     weights = sum(t.numel() * t.element_size() for t in [*lm.model.buffers(), *lm.model.parameters()])
     spec = lm.spec
-    return weights + 2 * spec.num_layers * context * spec.num_kv_heads * spec.head_dim * 4
+    return weights + 2 * spec.num_layers * context * spec.num_kv_heads * spec.head_dim * kv_bytes
 
 
 def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
@@ -104,6 +108,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="each engine is measured once per round")
     parser.add_argument("--weights", default="compact", choices=("compact", "float32"))
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="deskpod's KV cache (default: %(default)s, as `deskpod serve`)")
     parser.add_argument("--peers", default="llamacpp,transformers")
     args = parser.parse_args()
     gguf = args.gguf or store_gguf(args.model)
@@ -139,7 +145,7 @@ def main() -> int:
     print("(ratios are deskpod / engine: above 1 means deskpod is faster)")
     print(f"roofline: {bandwidth / 1e9:.1f} GB/s read with {args.threads} threads / "
           f"{per_token / 1e6:.1f} MB a token "
-          f"(deskpod's weights and float32 keys and values) = {roofline:.0f} tok/s")
+          f"(deskpod's weights and {results['deskpod'][0]['kv_cache_dtype']} keys and values) = {roofline:.0f} tok/s")
     return 0
 
 

@@ -64,11 +64,14 @@ def prompt_ids(llm, text: str, chat: bool) -> list[int]:
 
 
 def all_logits(llm, ids: list[int]) -> np.ndarray:
+    """Every position's logits, with the KV cache the engine keeps for this model (float16 for compact weights)."""
+    from deskpod.engine.loader import TORCH_DTYPES
     from deskpod.engine.models.layers import KVCache
     import torch
 
     lm = llm.loaded
-    return lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.spec, len(ids)), all_logits=True).numpy()
+    cache = KVCache(lm.spec, len(ids), dtype=TORCH_DTYPES[llm.config.kv_dtype])
+    return lm.model(torch.tensor(ids), torch.arange(len(ids)), cache, all_logits=True).numpy()
 
 
 def tokens_part(compact, gguf: Path, modes: list[bool]) -> dict:

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from deskpod import __version__
-from deskpod.engine.config import DEVICE_HELP, SPECULATIVE_HELP
+from deskpod.engine.config import DEVICE_HELP, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, SPECULATIVE_HELP
 from deskpod.errors import DeskpodError
 
 # Modules that add their own subcommands with register(subparsers); imported only when present.
@@ -31,6 +31,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--weights", choices=("compact", "float32"), default="compact", help="keep GGUF blocks compact (default) or expand to float32")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--speculative-config", metavar="JSON", default=None, help=SPECULATIVE_HELP)
 
 
@@ -53,7 +54,7 @@ def _load(args):
     from deskpod.engine.config import SpeculativeConfig, resolve_device
 
     return LLM(args.model, weights=args.weights, context=args.ctx, threads=args.threads, device=resolve_device(args.device),
-               speculative=SpeculativeConfig.from_json(args.speculative_config))
+               kv_cache_dtype=args.kv_cache_dtype, speculative=SpeculativeConfig.from_json(args.speculative_config))
 
 
 def cmd_run(args) -> int:

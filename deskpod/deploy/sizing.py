@@ -37,9 +37,9 @@ def size(config: DeployConfig) -> Sizing:
     source = resolve(config.model)
 
     def plan_on(hardware):
-        # the KV cache in the element type the server keeps it in (EngineConfig's dtype), not the planner's default
+        # the KV cache in the element type the server keeps it in on the GPU, not the planner's default
         return make_plan(source, hardware, precision=config.precision, context=config.context, batch=config.batch,
-                         kv_dtype_bytes=DTYPE_BYTES[EngineConfig().dtype])
+                         kv_dtype_bytes=DTYPE_BYTES[EngineConfig(device="cuda").kv_dtype])
 
     hardware = get_hardware(config.hardware)
     plan = plan_on(hardware)

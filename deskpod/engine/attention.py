@@ -14,6 +14,9 @@ import torch
 
 from deskpod.quant.kernels import cpu_ops
 
+# The cache types the CPU kernels read and write in place (float32 queries, the arithmetic in float32)
+KERNEL_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 class PagedKVCache:
     """Keys and values for every layer: [layers, num_blocks, block_size, kv_heads, head_dim]."""
@@ -105,10 +108,10 @@ class AttentionBatch:
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    # k, v: [T, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]
+    # k, v: [T, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim], in the cache's own type
     kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -117,8 +120,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q: [B, heads, head_dim], one query per sequence -> [B, heads, head_dim]. With a window, each query sees
     only the last `window` keys of its sequence (itself included); softcap: scores -> c · tanh(scores / c);
     sinks [heads]: a learned logit per head that joins the softmax's denominator and attends to nothing
-    (gpt-oss)."""
-    kernels = cpu_ops() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    (gpt-oss). The cache may hold a narrower type than q (float16 keys for float32 queries): read as q's."""
+    kernels = cpu_ops() if q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype in KERNEL_CACHE_DTYPES else None
     if kernels is not None:  # reads keys in place, block by block: no gathered copy of the context
         return kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
                                               window, softcap, sinks)
@@ -138,8 +141,8 @@ def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, 
     """The same in plain PyTorch (any device): gather each sequence's blocks, mask what it must not see."""
     B, H, D = q.shape
     kv_heads = k_cache.shape[2]
-    keys = k_cache[block_tables].flatten(1, 2)  # [B, S, kv_heads, D]
-    values = v_cache[block_tables].flatten(1, 2)
+    keys = k_cache[block_tables].flatten(1, 2).to(q.dtype)  # [B, S, kv_heads, D]
+    values = v_cache[block_tables].flatten(1, 2).to(q.dtype)
     S = keys.shape[1]
     q = q.view(B, kv_heads, H // kv_heads, D)
     scores = _softcapped(torch.einsum("bkgd,bskd->bkgs", q, keys).float() * scale, softcap)
@@ -166,8 +169,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     kv_heads = k_cache.shape[2]
     group = H // kv_heads
     first = max(0, chunk.start - window + 1) if window else 0  # keys before it are out of every query's window
-    keys = k_cache[chunk.block_table].flatten(0, 1)[first : chunk.context_len].transpose(0, 1)  # [kv_heads, S, D]
-    values = v_cache[chunk.block_table].flatten(0, 1)[first : chunk.context_len].transpose(0, 1)
+    keys = k_cache[chunk.block_table].flatten(0, 1)[first : chunk.context_len].transpose(0, 1).to(q.dtype)  # [kv_heads, S, D]
+    values = v_cache[chunk.block_table].flatten(0, 1)[first : chunk.context_len].transpose(0, 1).to(q.dtype)
     # queries grouped by the kv head they share: [kv_heads, group * T, D]
     qg = q.view(T, kv_heads, group, D).permute(1, 2, 0, 3).reshape(kv_heads, group * T, D)
     scores = torch.baddbmm(qg.new_zeros(1, 1, 1), qg, keys.transpose(1, 2), beta=0, alpha=scale)

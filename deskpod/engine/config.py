@@ -15,6 +15,12 @@ from deskpod.errors import DeskpodError
 WEIGHT_MODES = ("compact", "float32")
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The KV cache's element type. auto: float16 on the CPU with compact weights (half the bytes attention reads at
+# long contexts, where reading the keys and values is most of a step; llama.cpp keeps them so too), else `dtype`:
+# the float32 reference path (`--weights float32`) stays float32 throughout.
+KV_CACHE_DTYPES = ("auto", *DTYPES)
+KV_CACHE_DTYPE_HELP = ("element type of the KV cache: auto (float16 on the CPU with compact weights, else the "
+                       "activations' type), float32, float16 or bfloat16 (default: %(default)s)")
 DEVICE_HELP = "cpu, cuda or cuda:N; auto: the first CUDA GPU torch sees, else the CPU (default: %(default)s)"
 
 
@@ -110,11 +116,14 @@ class EngineConfig:
     memory_fraction: float | None = None  # share of free memory for the KV pool
     kv_cache_gb: float | None = None  # or an absolute size
     speculative: SpeculativeConfig | None = None  # propose and check several tokens a step (None: one a step)
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
         checks = [
             (self.weights in WEIGHT_MODES, f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"),
             (bool(re.fullmatch(r"cpu|cuda(:\d+)?", self.device)), f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}"),
             (self.context is None or self.context >= 2, f"the context must be at least 2 tokens, got {self.context}"),
@@ -127,6 +136,14 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise DeskpodError(message)
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's element type, `auto` resolved."""
+        if self.kv_cache_dtype != "auto":
+            return self.kv_cache_dtype
+        on_cpu_compact = self.device == "cpu" and self.weights == "compact" and self.dtype == "float32"
+        return "float16" if on_cpu_compact else self.dtype
 
     def context_for(self, max_context: int) -> int:
         """The per-request limit for a model trained on `max_context` tokens."""

@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from deskpod.engine.config import EngineConfig
 from deskpod.engine.drafting import NgramDrafter
@@ -89,7 +88,7 @@ def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
     free = available_memory_bytes(cuda=config.device.startswith("cuda"))
     budget = config.kv_cache_gb * 1e9 if config.kv_cache_gb else free * (config.memory_fraction or DEFAULT_MEMORY_FRACTION)
     # this box's layers and KV heads: all of them, or its share of a linked model
-    shape = dataclasses.replace(model_shape(loaded.spec, loaded.label), num_layers=len(loaded.model.blocks),
+    shape = replace(model_shape(loaded.spec, loaded.label), num_layers=len(loaded.model.blocks),
                                 num_kv_heads=loaded.model.kv_heads)
     blocks = kv_blocks_for(shape, int(budget), config.block_size, kv_dtype_bytes(config))
     context = min(config.context_for(loaded.spec.max_context), loaded.context)
@@ -108,6 +107,8 @@ class LLMEngine:
                  link=None):
         """`link`: the LinkHead of a model served across linked boxes (deskpod.link), whose state decides whether
         requests are taken."""
+        # the weights are as the model was loaded, whatever the config says (what `auto` settings follow)
+        config = replace(config, weights=loaded.weights)
         self.loaded, self.config, self.tokenizer = loaded, config, loaded.tokenizer
         self.link, self._link_generation = link, link.generation if link else 0
         self.context = min(config.context_for(loaded.spec.max_context), loaded.context)

@@ -47,6 +47,7 @@ class LoadedModel:
     path: Path
     label: str  # the model as the user named it
     context: int  # the most tokens a request may hold here (the model's, or less if the config asks)
+    weights: str = "compact"  # how its weights are held (EngineConfig.weights when it was loaded)
 
     def weight_bytes(self) -> int:
         """Resident bytes of the weights (buffers and parameters; the rotary frequencies excluded)."""
@@ -59,7 +60,7 @@ def weight_options(config: EngineConfig) -> WeightOptions:
 
 
 def kv_dtype_bytes(config: EngineConfig) -> int:
-    return TORCH_DTYPES[config.dtype].itemsize
+    return TORCH_DTYPES[config.kv_dtype].itemsize
 
 
 def model_shape(spec: ModelSpec, name: str) -> ModelShape:
@@ -123,9 +124,12 @@ def load_model(path: str | Path, config: EngineConfig = EngineConfig(), name: st
     tokenizer = TOKENIZERS[source.format](source)
     model = arch.build(ModelBuilder(source, weight_options(config), share, reduce))
     check_all_used(source, arch.name, share)
-    if config.device == "cpu" and config.dtype == "float32":
-        cpu_ops()  # built (once per machine) now, not in the middle of the first request
-    return LoadedModel(model, tokenizer, source.spec, Path(path), source.label, context)
+    weights = config.weights
+    # the kernels built (once per machine) now, not in the middle of the first request; without them (not
+    # buildable here, or DESKPOD_NO_KERNELS) compact weights were expanded, and the model runs as float32
+    if config.device == "cpu" and config.dtype == "float32" and cpu_ops() is None:
+        weights = "float32"
+    return LoadedModel(model, tokenizer, source.spec, Path(path), source.label, context, weights)
 
 
 def _open(path: str | Path, name: str | None) -> WeightSource:

@@ -43,7 +43,7 @@ def kv_cache_for(loaded: LoadedModel, num_blocks: int, config: EngineConfig) -> 
     always written before attention reads it, and untouched pages of a large pool cost no memory until
     sequences reach them."""
     return PagedKVCache(len(loaded.model.blocks), loaded.model.kv_heads, loaded.spec.head_dim, num_blocks,
-                        config.block_size, dtype=TORCH_DTYPES[config.dtype], device=torch.device(config.device),
+                        config.block_size, dtype=TORCH_DTYPES[config.kv_dtype], device=torch.device(config.device),
                         alloc=torch.empty)
 
 

@@ -41,7 +41,8 @@ def plan_shares(source: WeightSource, parallel: str, memory: list[int]) -> list[
 
 def linked_engine(name: str, path, config: EngineConfig, link: LinkConfig, digest: str, progress=print) -> LLMEngine:
     """The engine of `name` (at `path` in the head's store) across `link.nodes` boxes."""
-    settings = {k: getattr(config, k) for k in SHARED_SETTINGS}
+    # the KV cache's type resolved here: every box holds the same element type, whatever its own device
+    settings = {k: getattr(config, k) for k in SHARED_SETTINGS} | {"kv_cache_dtype": config.kv_dtype}
     head = LinkHead(link, name, digest, settings)
     head.memory = available_memory_bytes(cuda=config.device.startswith("cuda"))
     head.listen()

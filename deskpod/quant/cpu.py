@@ -1,10 +1,13 @@
 """CPU matrix kernels for quantized weights: `cpu_weights(qt)` turns a QuantizedTensor into a module that
-computes x @ W.T with the weight kept at its stored bits per weight (kernels/lowbit_cpu.cpp):
+computes x @ W.T with the weight kept at its stored bits per weight (kernels/lowbit_cpu.cpp, ggml_blocks.cpp):
 
     nvfp4, mxfp4   packed E2M1 codes + an E4M3 / E8M0 scale byte per 16 / 32     4.5 / 4.25 bits
     fp8, fp8_e5m2  fp8 bytes + a float32 scale per row                            8 bits
-    int4           packed codes + float16 scale and min per 32                    5 bits
-    int8           int8 codes + a float16 scale per 32                            8.5 bits
+    int4           packed codes + float16 scale and min per 32 (GGUF's Q4_1)      5 bits
+    int8           int8 codes + a float16 scale per 32 (GGUF's Q8_0)              8.5 bits
+
+int4 and int8 are the numbers of GGUF's Q4_1 and Q8_0 blocks: they are interleaved into those blocks at load
+and run on the GGUF kernels (deskpod.quant.ggml, activations rounded to int8 per 32), as a GGUF does.
 
 At load, rows are zero-padded to whole units of 32 inputs (only when `in` is ragged) and 4-bit codes are
 reordered within each unit (same bytes); nothing is widened. Up to MATVEC_MAX_ROWS rows of x (decoding) the
@@ -22,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deskpod.quant.kernels import lowbit_cpu
+from deskpod.quant.ggml import BlockWeight, int8_rounded
+from deskpod.quant.kernels import ggml_blocks, lowbit_cpu
 
 # Up to this many rows of x the matvec kernels (each block decoded once per 8 rows, AVX2 FMAs) beat expanding
 # the weight to float32 for PyTorch's GEMM; from about 24 rows on the GEMM wins (benchmarks/quant_kernels.py
@@ -31,12 +35,8 @@ MATVEC_MAX_ROWS = 20
 # Floats expanded per tile in the prefill path: enough rows for an efficient GEMM, small enough to stay in
 # cache and never to hold a large matrix (a 49152 x 576 output head) as float32 at once.
 GEMM_TILE = 1 << 20
-
-# Scale byte -> float, from PyTorch's own float8 decodings (NVFP4 block scales are E4M3, MXFP4's E8M0).
-_BYTES = torch.arange(256, dtype=torch.uint8)
-E4M3_VALUES = _BYTES.view(torch.float8_e4m3fn).float()
-E8M0_VALUES = _BYTES.view(torch.float8_e8m0fnu).float()
-
+# the schemes whose kernels round activations to int8 per 32 (the GGUF kernels'): the rest take them as floats
+INT8_ACTIVATIONS = ("int4", "int8", "nvfp4", "mxfp4")
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
@@ -95,26 +95,6 @@ class CPUWeights(nn.Module):
         raise NotImplementedError
 
 
-class FP4Weights(CPUWeights):
-    """NVFP4 / MXFP4: E2M1 codes two per byte (in unit order) and one scale byte per block of 16 / 32."""
-
-    def __init__(self, qt, block: int, scale_values: torch.Tensor, tensor_scale: float):
-        super().__init__(*qt.shape)
-        self.block, self.scale_values, self.tensor_scale = block, scale_values, tensor_scale
-        self.register_buffer("codes", _unit_order(qt.data["weight"], self.padded_in))  # [N, K/2] uint8
-        scales = qt.data["weight_scale"].contiguous().view(torch.uint8)
-        self.register_buffer("scales", _pad_columns(scales, self.padded_in // block))  # [N, K/block] uint8
-
-    def _args(self) -> tuple:
-        return self.scale_values, self.tensor_scale, self.block
-
-    def _matmul(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
-        return lowbit_cpu().fp4_matmul(x, self.codes, self.scales, *self._args(), portable=portable)
-
-    def _expand(self, n0: int, n1: int, portable: bool = False) -> torch.Tensor:
-        return lowbit_cpu().fp4_dequantize(self.codes[n0:n1], self.scales[n0:n1], *self._args(), portable=portable)
-
-
 class FP8Weights(CPUWeights):
     """FP8 E4M3 / E5M2: one byte per weight and a float32 scale per output row, as stored."""
 
@@ -131,35 +111,57 @@ class FP8Weights(CPUWeights):
         return lowbit_cpu().fp8_dequantize(self.codes[n0:n1], self.row_scales[n0:n1], self.e5m2, portable=portable)
 
 
-class Int4Weights(CPUWeights):
-    """int4: q in 0..15 two per byte (in unit order), w = q * scale + min, float16 scale and min per 32."""
+def gguf_blocks(qt) -> BlockWeight | None:
+    """The weight interleaved into the blocks of the engine's GGUF kernels (deskpod.quant.ggml), which hold the
+    same numbers in the same bytes: int4 and int8 are GGUF's Q4_1 and Q8_0 (a float16 scale, for int4 a float16
+    minimum too, per 32 weights), mxfp4 ggml's MXFP4, nvfp4 deskpod's NVFP4 block (its two E4M3 scales per 32, the
+    per-tensor scale kept beside). There activations rounded to int8 per 32 meet the codes (E2M1's doubled
+    values are small integers) in integer multiply-adds, as the engine runs a GGUF. A ragged last block is
+    padded with zero codes and scales. None for fp8, or where the GGUF kernels are not built."""
+    if qt.scheme not in INT8_ACTIVATIONS or ggml_blocks() is None:
+        return None
+    rows, units = qt.shape[0], -(-qt.shape[1] // 32)
+
+    def scale_bytes(name: str, per_unit: int) -> torch.Tensor:  # each unit's scales as bytes: [rows, units, n]
+        raw = _pad_columns(qt.data[name].contiguous().view(torch.uint8), units * per_unit)
+        return raw.view(rows, units, per_unit)
+
+    codes4 = _unit_order(qt.data["weight"], units * 32).view(rows, units, 16) if qt.scheme != "int8" else None
+    scale = 1.0
+    if qt.scheme == "int4":  # Q4_1: scale d, minimum m (float16), 16 bytes of codes in unit order; w = d q + m
+        parts, block = [scale_bytes("weight_scale", 2), scale_bytes("weight_min", 2), codes4], "Q4_1"
+    elif qt.scheme == "int8":  # Q8_0: scale d (float16), 32 int8 codes; w = d q
+        codes = _pad_columns(qt.data["weight"].view(torch.uint8), units * 32).view(rows, units, 32)
+        parts, block = [scale_bytes("weight_scale", 2), codes], "Q8_0"
+    elif qt.scheme == "mxfp4":  # MXFP4: E8M0 scale, 16 bytes of codes
+        parts, block = [scale_bytes("weight_scale", 1), codes4], "MXFP4"
+    else:  # NVFP4: E4M3 scales of elements 0-15 and 16-31, 16 bytes of codes
+        parts, block, scale = [scale_bytes("weight_scale", 2), codes4], "NVFP4", float(qt.data["weight_scale_2"])
+    return BlockWeight(block, torch.cat(parts, dim=-1).view(rows, -1), units * 32, scale)
+
+
+class GGUFBlockWeights(CPUWeights):
+    """int4 / int8 on the GGUF kernels (gguf_blocks) behind this module's interface: x padded to whole blocks.
+    The engine holds the block weight itself where no padding is needed."""
 
     def __init__(self, qt):
         super().__init__(*qt.shape)
-        self.register_buffer("codes", _unit_order(qt.data["weight"], self.padded_in))  # [N, K/2] uint8
-        self.register_buffer("scales", qt.data["weight_scale"].contiguous())  # [N, K/32] float16
-        self.register_buffer("mins", qt.data["weight_min"].contiguous())  # [N, K/32] float16
+        self.weight = gguf_blocks(qt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.padded_in:
+            return self.weight.apply(x)
+        x2 = _pad_columns(x.reshape(-1, self.in_features), self.padded_in)
+        return self.weight.apply(x2).view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
-        return lowbit_cpu().int4_matmul(x, self.codes, self.scales, self.mins, portable=portable)
+        w = self.weight
+        return ggml_blocks().matmul(x, w.blocks, w.type_id, portable=portable, scale=w.scale)
 
     def _expand(self, n0: int, n1: int, portable: bool = False) -> torch.Tensor:
-        return lowbit_cpu().int4_dequantize(self.codes[n0:n1], self.scales[n0:n1], self.mins[n0:n1], portable=portable)
-
-
-class Int8Weights(CPUWeights):
-    """int8: w = q * scale with a float16 scale per 32, as stored."""
-
-    def __init__(self, qt):
-        super().__init__(*qt.shape)
-        self.register_buffer("codes", _pad_columns(qt.data["weight"], self.padded_in))  # [N, K] int8
-        self.register_buffer("scales", qt.data["weight_scale"].contiguous())  # [N, K/32] float16
-
-    def _matmul(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
-        return lowbit_cpu().int8_matmul(x, self.codes, self.scales, portable=portable)
-
-    def _expand(self, n0: int, n1: int, portable: bool = False) -> torch.Tensor:
-        return lowbit_cpu().int8_dequantize(self.codes[n0:n1], self.scales[n0:n1], portable=portable)
+        w = self.weight
+        return ggml_blocks().dequantize_rows(w.blocks, w.type_id, self.padded_in, torch.arange(n0, n1),
+                                             portable=portable) * w.scale
 
 
 def _e4m3_has_nan(qt) -> bool:
@@ -170,19 +172,29 @@ def _e4m3_has_nan(qt) -> bool:
 
 # scheme -> builder; a builder returns None when its kernel cannot take this tensor.
 KERNELS: dict[str, Callable[..., CPUWeights | None]] = {
-    "nvfp4": lambda qt: FP4Weights(qt, 16, E4M3_VALUES, float(qt.data["weight_scale_2"])),
-    "mxfp4": lambda qt: FP4Weights(qt, 32, E8M0_VALUES, 1.0),
+    "nvfp4": GGUFBlockWeights,
+    "mxfp4": GGUFBlockWeights,
     "fp8": lambda qt: None if _e4m3_has_nan(qt) else FP8Weights(qt, e5m2=False),
     "fp8_e5m2": lambda qt: FP8Weights(qt, e5m2=True),
-    "int4": Int4Weights,
-    "int8": Int8Weights,
+    "int4": GGUFBlockWeights,
+    "int8": GGUFBlockWeights,
 }
+
+
+def kernel_activations(scheme: str, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] as the scheme's CPU kernels multiply it: rounded to int8 per 32 (blocks counted from each row's
+    start; a ragged last block rounds its own values) for int4 and int8, else x itself."""
+    if scheme not in INT8_ACTIVATIONS:
+        return x
+    padded = F.pad(x, (0, -x.shape[-1] % 32))
+    return int8_rounded(padded.reshape(-1, padded.shape[-1])).view(padded.shape)[..., : x.shape[-1]]
 
 
 def cpu_weights(qt) -> CPUWeights | None:
     """A kernel-backed module for this QuantizedTensor on the CPU, or None: no kernel for its scheme, the
     kernels could not be built here (or DESKPOD_NO_KERNELS is set), or its tensors are not on the CPU."""
     build = KERNELS.get(qt.scheme)
-    if build is None or lowbit_cpu() is None or any(t.device.type != "cpu" for t in qt.data.values()):
+    kernels = ggml_blocks() if qt.scheme in INT8_ACTIVATIONS else lowbit_cpu()
+    if build is None or kernels is None or any(t.device.type != "cpu" for t in qt.data.values()):
         return None
     return build(qt)

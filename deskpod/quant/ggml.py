@@ -24,6 +24,9 @@ from deskpod.quant.linear import LinearWeight
 
 # ggml's type ids of the block types the kernels run, by GGUF type name
 GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+# ... and the blocks deskpod.quant.cpu repacks its own schemes into: MXFP4 (ggml's layout: E8M0 scale, 16 bytes of
+# E2M1 codes) and NVFP4 (deskpod's: two E4M3 scales, 16 bytes of codes; an id of its own, never read from a file)
+BLOCK_TYPES = {**GGML_TYPES, "MXFP4": 39, "NVFP4": 1000}
 # weights per block: a row is a whole number of blocks
 BLOCK_WEIGHTS = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 # Up to this many rows of activations (a decode batch) the integer kernels decode each block once for all rows;
@@ -35,22 +38,25 @@ GEMM_TILE = 1 << 20
 
 
 class BlockWeight(LinearWeight):
-    """A weight [N, K] as GGUF stores it: N rows of blocks of one type; also serves as a token table."""
+    """A weight [N, K] as GGUF stores it: N rows of blocks of one type; also serves as a token table. `scale`
+    multiplies every weight (NVFP4's per-tensor scale; 1 for GGUF's own types)."""
 
-    def __init__(self, ggml_type: str, blocks: torch.Tensor, in_features: int):
+    def __init__(self, ggml_type: str, blocks: torch.Tensor, in_features: int, scale: float = 1.0):
         super().__init__()
-        self.ggml_type, self.type_id = ggml_type, GGML_TYPES[ggml_type]
-        self.out_features, self.in_features = blocks.shape[0], in_features
+        self.ggml_type, self.type_id = ggml_type, BLOCK_TYPES[ggml_type]
+        self.out_features, self.in_features, self.scale = blocks.shape[0], in_features, scale
         self.register_buffer("blocks", blocks)  # [N, bytes per row] uint8, as in the file
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         if x.dim() == 2 and len(x) <= MATVEC_MAX_ROWS and x.dtype == torch.float32 and x.is_contiguous():
             # a decode step's rows, as they come: no reshapes or casts (each a dispatcher call, ~120 a step)
-            return ggml_blocks().matmul(x, self.blocks, self.type_id)
+            return ggml_blocks().matmul(x, self.blocks, self.type_id, scale=self.scale)
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        kernels = ggml_blocks()
-        y = kernels.matmul(x2, self.blocks, self.type_id) if len(x2) <= MATVEC_MAX_ROWS else self._tiled_gemm(x2)
+        if len(x2) <= MATVEC_MAX_ROWS:
+            y = ggml_blocks().matmul(x2, self.blocks, self.type_id, scale=self.scale)
+        else:
+            y = self._tiled_gemm(x2)  # its rows are scaled
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _tiled_gemm(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,13 +69,14 @@ class BlockWeight(LinearWeight):
         return out
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return ggml_blocks().dequantize_rows(self.blocks, self.type_id, self.in_features, ids.long().cpu())
+        rows = ggml_blocks().dequantize_rows(self.blocks, self.type_id, self.in_features, ids.long().cpu())
+        return rows if self.scale == 1.0 else rows.mul_(self.scale)
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(torch.arange(self.out_features))
 
     def take_rows(self, ids: torch.Tensor) -> BlockWeight:
-        return BlockWeight(self.ggml_type, self.blocks[ids], self.in_features)
+        return BlockWeight(self.ggml_type, self.blocks[ids], self.in_features, self.scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.ggml_type}"

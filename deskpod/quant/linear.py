@@ -260,6 +260,11 @@ def _scheme_weight(tensors: Sequence[StoredTensor], in_features: int, options: W
         return None
     if not options.compact:
         return DenseWeight(qt.dequantize(options.dtype).to(options.device))
+    if options.device == "cpu" and options.dtype == torch.float32 and qt.shape[1] % 32 == 0:
+        from deskpod.quant.cpu import gguf_blocks
+
+        if (blocks := gguf_blocks(qt)) is not None:  # int4, int8: GGUF's blocks, run as a GGUF's are
+            return blocks
     return SchemeWeight(qt.to(options.device))
 
 

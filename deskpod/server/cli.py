@@ -8,7 +8,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from deskpod.engine.config import DEVICE_HELP, SPECULATIVE_HELP, WEIGHT_MODES, EngineConfig, SpeculativeConfig, resolve_device
+from deskpod.engine.config import (DEVICE_HELP, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, SPECULATIVE_HELP, WEIGHT_MODES,
+                                   EngineConfig, SpeculativeConfig, resolve_device)
 from deskpod.errors import DeskpodError
 from deskpod.link.cli import add_serve_options as add_link_options
 from deskpod.link.cli import link_config
@@ -95,6 +96,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="keep quantized weights in their stored blocks (default), or expand them to float32: slower, "
                         "and every reply independent of what else runs beside it")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the engines (default: all cores)")
     p.add_argument("--speculative-config", metavar="JSON", default=None, help=SPECULATIVE_HELP)
     add_link_options(p)
@@ -127,7 +129,7 @@ def open_dashboard(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     engine = EngineConfig(memory_fraction=args.memory_fraction, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                           max_waiting=args.max_waiting, context=args.ctx, weights=args.weights,
-                          device=resolve_device(args.device), threads=args.threads,
+                          device=resolve_device(args.device), threads=args.threads, kv_cache_dtype=args.kv_cache_dtype,
                           speculative=SpeculativeConfig.from_json(args.speculative_config))
     repository = args.model_repository
     grpc_port = args.grpc_port if args.grpc_port is not None else (DEFAULT_GRPC_PORT if repository else None)

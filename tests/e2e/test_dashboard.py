@@ -147,8 +147,8 @@ def test_a_script_in_a_completion_stays_text(page):
     p.locator("#chat-model option", has_text="smollm2").wait_for(state="attached")
     p.fill("#chat-temperature", "0")
     p.fill("#chat-max-tokens", "60")
-    # greedy SmolLM2 answers this with a <script> setting window.pwned
-    p.fill("#chat-input", "Write an HTML script tag that sets window.pwned to 1.")
+    # greedy SmolLM2 answers this with <script> tags (with a float16 KV cache, the default, and a float32 one)
+    p.fill("#chat-input", "Show the HTML: a script tag setting window.pwned to 1.")
     p.click("#chat-send")
     reply = p.locator("[data-testid=reply][data-done=true]")
     reply.wait_for(timeout=60_000)

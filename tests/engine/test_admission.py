@@ -11,7 +11,6 @@ from support.loading import load
 from deskpod.engine.config import EngineConfig
 from deskpod.engine.engine import kv_pool_blocks
 from deskpod.engine.loader import admit, kv_dtype_bytes, model_shape, planned_weight_bytes
-from deskpod.engine.models.layers import KVCache
 from deskpod.errors import DeskpodError
 from deskpod.formats.weights import open_weights
 from deskpod.plan.capacity import DoesNotFit, kv_bytes_per_token
@@ -24,13 +23,17 @@ def test_planned_weight_bytes_match_what_loading_takes(smollm2_gguf, smollm2_com
         assert planned_weight_bytes(source, config) == pytest.approx(lm.weight_bytes(), rel=0.01)
 
 
-def test_kv_cache_takes_what_the_planner_counts(smollm2_gguf):
-    source = open_weights(smollm2_gguf)
-    plan = admit(source, EngineConfig(), 1024)
-    cache = KVCache(source.spec, 1024)
+@pytest.mark.parametrize("kv_cache_dtype, element_bytes", [("auto", 2), ("float32", 4), ("float16", 2), ("bfloat16", 2)])
+def test_kv_cache_takes_what_the_planner_counts(smollm2_gguf, smollm2_compact, kv_cache_dtype, element_bytes):
+    """The pool the engine allocates is what the planner counts, in each KV-cache type (auto: float16 here)."""
+    from deskpod.engine.runner import kv_cache_for
+
+    config = EngineConfig(kv_cache_dtype=kv_cache_dtype)
+    plan = admit(open_weights(smollm2_gguf), config, 1024)
+    cache = kv_cache_for(smollm2_compact, 1024 // config.block_size, config)
     assert cache.k.nbytes + cache.v.nbytes == plan.kv_cache == 1024 * plan.kv_per_token
-    spec = source.spec
-    assert plan.kv_per_token == 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * kv_dtype_bytes(EngineConfig())
+    spec = smollm2_compact.spec
+    assert plan.kv_per_token == 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * element_bytes
 
 
 def test_too_little_memory_is_refused_with_the_ways_out(smollm2_gguf, monkeypatch):

@@ -8,6 +8,7 @@ near-ties; for them the check is vLLM's: identical until a divergence, and there
 the other's most likely."""
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -121,9 +122,17 @@ def test_cancel_frees_blocks_at_once(smollm2_compact, prompts):
 
 
 def test_seeded_sampling_is_reproducible_in_a_batch(smollm2_compact, prompts):
+    """A seed gives the same tokens run after run. Alone or among others, the same tokens here with a float32
+    cache: a prompt's rows meet the weights in the integer kernels when few and in a float GEMM among many (the
+    same products, rounded apart in the last bits), which a float16 cache may round to neighbouring values."""
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=10, ignore_eos=True)
-    first = run_all(LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024)), prompts, params)
-    second = run_all(LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.2, context=1024)), {"r2": prompts["r2"]}, params)
+    config = EngineConfig(kv_cache_gb=0.2, context=1024)
+    assert config.kv_dtype == "float16"
+    batched = run_all(LLMEngine(smollm2_compact, config), prompts, params)
+    assert run_all(LLMEngine(smollm2_compact, config), prompts, params) == batched
+    float32_cache = replace(config, kv_cache_dtype="float32")
+    first = run_all(LLMEngine(smollm2_compact, float32_cache), prompts, params)
+    second = run_all(LLMEngine(smollm2_compact, float32_cache), {"r2": prompts["r2"]}, params)
     assert first["r2"] == second["r2"]
 
 
@@ -159,13 +168,15 @@ def test_decode_kernel_matches_reference():
     assert not torch.allclose(with_sinks, decode_attention(q, k, v, tables, lens, 0.125, 8, 0.0))  # they count
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 1, 128), (4, 4, 256), (16, 2, 80), (64, 8, 64)])
-def test_decode_kernel_matches_reference_for_every_shape(heads, kv_heads, head_dim):
+def test_decode_kernel_matches_reference_for_every_shape(heads, kv_heads, head_dim, cache_dtype):
     """Group sizes 1 to 8, head sizes the vectorised path takes (multiples of 16) and one it leaves to the
     plain loop (80); contexts of 1 key, fewer than 8, not a multiple of 8, and of several 128-key pieces
-    (combined after); windows within a piece and across pieces, a softcap, sinks."""
+    (combined after); windows within a piece and across pieces, a softcap, sinks; keys and values cached in
+    float32, float16 and bfloat16 (read as float32: the reference reads the same rounded values)."""
     torch.manual_seed(heads + head_dim)
-    k, v = torch.randn(110, 16, kv_heads, head_dim), torch.randn(110, 16, kv_heads, head_dim)
+    k, v = (torch.randn(110, 16, kv_heads, head_dim).to(cache_dtype) for _ in range(2))
     q = torch.randn(5, heads, head_dim) * 2
     tables = torch.randperm(110)[:100].view(5, 20)
     lens = torch.tensor([1, 7, 129, 300, 61])
@@ -176,10 +187,12 @@ def test_decode_kernel_matches_reference_for_every_shape(heads, kv_heads, head_d
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("strided", [True, False])
-def test_rope_and_store_kernel_is_the_plain_path_bit_for_bit(strided):
+def test_rope_and_store_kernel_is_the_plain_path_bit_for_bit(strided, cache_dtype):
     """RoPE and the cache writes in one pass: the same bits as Rotary.apply and store_kv, from a slice of the fused
-    projection (strided rows) or from a contiguous copy (models that norm q and k first); a YaRN magnitude."""
+    projection (strided rows) or from a contiguous copy (models that norm q and k first); a YaRN magnitude; into a
+    float32, float16 or bfloat16 cache (rounded as torch rounds)."""
     from deskpod.engine.attention import store_kv
     from deskpod.engine.models.layers import Rotary
     from deskpod.formats.spec import RopeSpec
@@ -192,7 +205,7 @@ def test_rope_and_store_kernel_is_the_plain_path_bit_for_bit(strided):
     rope = RopeSpec(kind="yarn", theta=10000.0, factor=4.0, original_context=512)
     rot = Rotary(rope, D, 2048).select(torch.tensor([0, 5, 100, 101, 102, 900, 2000]))
     slots = torch.tensor([3, 17, 40, 41, 42, 100, 159])
-    k_cache, v_cache = torch.zeros(10, 16, KV, D), torch.zeros(10, 16, KV, D)
+    k_cache, v_cache = torch.zeros(10, 16, KV, D, dtype=cache_dtype), torch.zeros(10, 16, KV, D, dtype=cache_dtype)
     k_fused, v_fused = k_cache.clone(), v_cache.clone()
     rotated = Rotary.apply(qk, rot)
     store_kv(k_cache, v_cache, slots, rotated[:, H:], qkv[:, H + KV :])

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support.loading import load
+from support.loading import kv_cache, load
 from support.loading import logits_of as forward
 
-from deskpod.engine.models.layers import KVCache, RMSNorm
+from deskpod.engine.models.layers import RMSNorm
 from deskpod.quant.ggml import MATVEC_MAX_ROWS
 
 # long enough to cross the matvec/GEMM switch three times (MATVEC_MAX_ROWS tokens each)
@@ -58,15 +58,16 @@ def test_incremental_decoding_equals_one_full_pass(tiny_models, ids, mode):
     full = forward(lm, ids)
     # a prefill, then token by token; and chunks on both sides of the matvec/GEMM switch
     mixed = [MATVEC_MAX_ROWS + 1, 3, MATVEC_MAX_ROWS, len(ids) - 2 * MATVEC_MAX_ROWS - 4]
-    # compact: float rounding that differs between paths can move an int8 rounding of an activation by one step
-    atol = 1e-4 if mode == "float32" else 0.005 * float(full.abs().max())
+    # compact: float rounding that differs between paths can move an int8 rounding of an activation, or a key's
+    # float16 rounding in the cache, by one step
+    atol = 1e-4 if mode == "float32" else 0.01 * float(full.abs().max())
     for chunks in ([5] + [1] * (len(ids) - 5), mixed):
         torch.testing.assert_close(forward(lm, ids, chunks), full, rtol=0, atol=atol)
 
 
 def test_last_logits_only_by_default(tiny_models, ids):
     lm = tiny_models["compact"]
-    last = lm.model(torch.tensor(ids), torch.arange(len(ids)), KVCache(lm.spec, len(ids)))
+    last = lm.model(torch.tensor(ids), torch.arange(len(ids)), kv_cache(lm, len(ids)))
     assert last.shape == (1, lm.spec.vocab_size)
     torch.testing.assert_close(last[0], forward(lm, ids)[-1])
 

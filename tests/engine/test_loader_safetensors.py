@@ -22,6 +22,7 @@ from deskpod.errors import CorruptModel, DeskpodError, UnsupportedModel
 from deskpod.formats.weights import open_weights
 from deskpod.plan.capacity import DoesNotFit
 from deskpod.quant.convert import convert
+from deskpod.quant.ggml import BlockWeight
 from deskpod.quant.linear import ConcatWeight, SchemeWeight
 
 # the bits per weight of each scheme's layout (deskpod.quant's contract); a CPU kernel may hold float16
@@ -52,8 +53,9 @@ def test_load_model_reads_a_folder(quantized, tiny_llama_gguf):
 @pytest.mark.parametrize("scheme", SCHEME_BITS)
 def test_resident_memory_follows_the_scheme(quantized, scheme):
     lm = load_model(quantized[scheme])
-    layers = [m for m in lm.model.modules() if isinstance(m, SchemeWeight)]
-    assert len(layers) == 2 * 4 + 1  # fused qkv, o, fused gate/up, down per layer; the int8 embedding
+    # fused qkv, o, fused gate/up, down per layer; the int8 embedding (all but fp8 on the GGUF block kernels)
+    layers = [m for m in lm.model.modules() if isinstance(m, (SchemeWeight, BlockWeight))]
+    assert len(layers) == 2 * 4 + 1
     weights = sum(m.in_features * m.out_features for m in layers)
     resident = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
     # plus, at most, one float32 per-row or per-tensor scale on these 64-wide rows
@@ -72,9 +74,11 @@ def test_fused_parts_that_cannot_be_stacked_run_side_by_side(quantized, tmp_path
     save_file(tensors, str(folder / "model.safetensors"))
     compact, expanded = load_model(folder), load_model(folder, EngineConfig(weights="float32"))
     assert isinstance(compact.model.blocks[0].attn.wqkv.weight, ConcatWeight)
-    assert isinstance(compact.model.blocks[1].attn.wqkv.weight, SchemeWeight)
+    assert isinstance(compact.model.blocks[1].attn.wqkv.weight, BlockWeight)  # stacked into one
     ids = list(range(20))
-    torch.testing.assert_close(logits(compact, ids), logits(expanded, ids), rtol=1e-4, atol=1e-4)
+    # the same weights but for the kernels' int8 rounding of activations (0.5-1% here)
+    got, want = logits(compact, ids), logits(expanded, ids)
+    assert float((got - want).norm() / want.norm()) < 0.02
 
 
 def test_llm_and_async_engine_take_a_folder(quantized):

@@ -47,8 +47,8 @@ def float_export(tiny, tmp_path_factory) -> Path:
     return folder
 
 
-def logits(lm, n: int = 40) -> torch.Tensor:
-    return logits_of(lm, [i % lm.spec.vocab_size for i in range(n)])
+def logits(lm, n: int = 40, kv_cache_dtype: str = "auto") -> torch.Tensor:
+    return logits_of(lm, [i % lm.spec.vocab_size for i in range(n)], kv_cache_dtype=kv_cache_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +72,13 @@ def test_float_export_runs_like_the_gguf(float_export, reference):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_model_stays_close_to_the_source(converted, reference, scheme):
     compact, expanded = load(converted[scheme], "compact"), load(converted[scheme], "float32")
-    got = logits(compact)
+    got = logits(compact)  # as the engine runs it: a float16 KV cache
     error = float((got - reference).norm() / reference.norm())
     assert 0 < error < MAX_LOGIT_ERROR[scheme]
-    # the kernels compute what the dequantized weights do
-    torch.testing.assert_close(got, logits(expanded), rtol=1e-4, atol=1e-4)
+    # the kernels compute what the dequantized weights do, but for the int8 rounding of activations that the
+    # int4 and int8 kernels (the int8 embedding and output head of every scheme among them) share with GGUF's
+    exact, float_cache = logits(expanded), logits(compact, kv_cache_dtype="float32")
+    assert float((float_cache - exact).norm() / exact.norm()) < 0.02
 
 
 def test_files_follow_the_contract(tiny, converted):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from deskpod.quant import QuantizedTensor, cpu, quantize
 from deskpod.quant.cpu import MATVEC_MAX_ROWS, CPUWeights, cpu_weights
+from deskpod.quant.cpu import kernel_activations as activations
 from deskpod.quant.kernels import lowbit_cpu
 
 NO_KERNELS = bool(os.environ.get("DESKPOD_NO_KERNELS"))
@@ -138,7 +139,7 @@ def test_matches_reference(scheme, m, k, monkeypatch):
     layer = cpu_weights(qt)
     assert isinstance(layer, CPUWeights) and (layer.out_features, layer.in_features) == (N, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    assert_matches(layer(x), x, reference_weight(qt))
+    assert_matches(layer(x), activations(scheme, x), reference_weight(qt))
 
 
 @needs_kernels
@@ -148,8 +149,8 @@ def test_quantized_weights_match_dequantize_and_linear(scheme, m):
     """What quantize() writes, through the kernels, against the public reference."""
     qt = quantize(torch.randn(N, 203, generator=torch.Generator().manual_seed(m)), scheme)
     x = torch.randn(m, 203)
-    assert_matches(cpu_weights(qt)(x), x, qt.dequantize(torch.float64))
-    torch.testing.assert_close(cpu_weights(qt)(x), F.linear(x, qt.dequantize()), rtol=1e-4, atol=1e-4)
+    assert_matches(cpu_weights(qt)(x), activations(scheme, x), qt.dequantize(torch.float64))
+    torch.testing.assert_close(cpu_weights(qt)(x), F.linear(activations(scheme, x), qt.dequantize()), rtol=1e-4, atol=1e-4)
 
 
 @needs_kernels
@@ -160,7 +161,7 @@ def test_matvec_kernel_every_row_count(scheme):
     layer, w = cpu_weights(qt), reference_weight(qt)
     for m in range(1, 18):
         x = torch.randn(m, 96)
-        assert_matches(layer._matmul(x), x, w)
+        assert_matches(layer._matmul(x), activations(scheme, x), w)
 
 
 @needs_kernels
@@ -186,7 +187,7 @@ def test_portable_kernels_match_reference(scheme, m):
     qt = random_layout(scheme, N, 96, seed=3)
     layer = cpu_weights(qt)
     x = torch.randn(m, 96)
-    assert_matches(layer._matmul(x, portable=True), x, reference_weight(qt))
+    assert_matches(layer._matmul(x, portable=True), activations(scheme, x), reference_weight(qt))
     torch.testing.assert_close(layer._expand(0, N, portable=True).double(), reference_weight(qt), rtol=1e-6, atol=0)
 
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deskpod.engine.attention import AttentionBatch, PagedKVCache, decode_attention, prefill_attention, store_kv
+from deskpod.engine.attention import (KERNEL_CACHE_DTYPES, AttentionBatch, PagedKVCache, decode_attention,
+                                      prefill_attention, store_kv)
 from deskpod.formats.spec import ModelSpec, RopeSpec
 from deskpod.quant.ggml import MATVEC_MAX_ROWS
 from deskpod.quant.kernels import cpu_ops
@@ -175,7 +176,8 @@ class Attention(nn.Module):
         elif self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H].contiguous()), self.k_norm(qk[:, H:].contiguous())], dim=1)
         k_cache, v_cache = kv
-        kernels = cpu_ops() if x.device.type == "cpu" and qk.dtype == k_cache.dtype == torch.float32 else None
+        on_cpu = x.device.type == "cpu" and qk.dtype == torch.float32 and k_cache.dtype in KERNEL_CACHE_DTYPES
+        kernels = cpu_ops() if on_cpu else None
         if kernels is not None:  # rotated and stored in one pass instead of a dozen small ops
             q = kernels.rope_store(qk, qkv[:, H + KV :], torch.view_as_real(rots[self.rotary]), k_cache, v_cache,
                                    batch.slots, H)
@@ -328,7 +330,8 @@ class BlockExperts:
         def blocks(linear: Linear) -> list | None:
             weight = linear.weight
             parts = weight.parts if isinstance(weight, ConcatWeight) else [weight]
-            return list(parts) if linear.bias is None and all(isinstance(p, BlockWeight) for p in parts) else None
+            plain = all(isinstance(p, BlockWeight) and p.scale == 1.0 for p in parts)  # multi_matmul scales nothing
+            return list(parts) if linear.bias is None and plain else None
 
         gate_up, down = [blocks(e.w_gate_up) for e in experts], [blocks(e.w_down) for e in experts]
         if any(p is None for p in gate_up + down) or any(len(p) != 1 for p in down):

@@ -1,11 +1,12 @@
 // The engine's small fused CPU operations, where PyTorch's chain of small ops costs more than the arithmetic
 // at decode's few rows: RMSNorm, and attention of one query per sequence over a paged KV cache read in place.
+// The cache holds float32, float16 or bfloat16 (Cache below); queries and all arithmetic are float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define HAVE_AVX2 1
 #else
@@ -13,6 +14,18 @@
 #endif
 
 namespace {
+
+// The cache's element types, each read and written through float (rounded to nearest even on the way in, as
+// torch's own conversions round, so the kernels store exactly what `store_kv` would).
+#define FOR_CACHE_TYPE(tensor, NAME, ...)                                                              \
+  [&] {                                                                                               \
+    switch ((tensor).scalar_type()) {                                                                 \
+      case torch::kFloat32: { using Cache = float; return __VA_ARGS__(); }                            \
+      case torch::kFloat16: { using Cache = at::Half; return __VA_ARGS__(); }                         \
+      case torch::kBFloat16: { using Cache = at::BFloat16; return __VA_ARGS__(); }                    \
+      default: TORCH_CHECK(false, NAME ": a float32, float16 or bfloat16 cache expected, got ", (tensor).scalar_type()); \
+    }                                                                                                 \
+  }()
 
 // y = x / rms(x) * weight over the last dimension, in one pass (PyTorch's version is a chain of small ops,
 // which at decode's one row per call costs more than the arithmetic).
@@ -48,40 +61,54 @@ inline float rounded_product(float a, float b) {
 
 // Each product rounded, then the sum, exactly as PyTorch's complex product: the rotation is bit for bit the
 // plain path's (and transformers').
-torch::Tensor rope_store(torch::Tensor qk, torch::Tensor v, torch::Tensor rot, torch::Tensor k_cache,
-                         torch::Tensor v_cache, torch::Tensor slots, int64_t H) {
+template <typename Cache>
+void rope_store_into(const torch::Tensor& qk, const torch::Tensor& v, const torch::Tensor& rot, Cache* kc, Cache* vc,
+                     int64_t num_slots, const torch::Tensor& slots, int64_t H, float* qp) {
   const int64_t T = qk.size(0), KV = qk.size(1) - H, D = qk.size(2);
-  TORCH_CHECK(qk.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32 && rot.dtype() == torch::kFloat32 &&
-              k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32 && slots.dtype() == torch::kInt64,
-              "rope_store: float32 tensors and int64 slots expected");
-  TORCH_CHECK(qk.stride(2) == 1 && qk.stride(1) == D && v.stride(2) == 1 && v.stride(1) == D && v.size(1) == KV &&
-              rot.is_contiguous() && rot.numel() == T * D && k_cache.is_contiguous() &&
-              v_cache.is_contiguous() && k_cache.size(2) == KV && k_cache.size(3) == D && slots.numel() == T,
-              "rope_store: shapes or strides not as expected");
-  auto q = torch::empty({T, H, D}, qk.options());
-  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   const float* src = qk.data_ptr<float>();
   const float* vsrc = v.data_ptr<float>();
   const float* r = rot.data_ptr<float>();
   const int64_t* sp = slots.data_ptr<int64_t>();
-  float* qp = q.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
     const int64_t slot = sp[t];
     TORCH_CHECK(0 <= slot && slot < num_slots, "rope_store: slot ", slot, " is outside the cache");
     const float* rt = r + t * D;
     for (int64_t head = 0; head < H + KV; ++head) {
       const float* x = src + t * qk.stride(0) + head * D;
-      float* y = head < H ? qp + (t * H + head) * D : kc + (slot * KV + head - H) * D;
       for (int64_t i = 0; i < D / 2; ++i) {
         const float x0 = x[2 * i], x1 = x[2 * i + 1], c = rt[2 * i], s = rt[2 * i + 1];
-        y[2 * i] = rounded_product(x0, c) - rounded_product(x1, s);
-        y[2 * i + 1] = rounded_product(x0, s) + rounded_product(x1, c);
+        const float y0 = rounded_product(x0, c) - rounded_product(x1, s);
+        const float y1 = rounded_product(x0, s) + rounded_product(x1, c);
+        if (head < H) {
+          qp[(t * H + head) * D + 2 * i] = y0, qp[(t * H + head) * D + 2 * i + 1] = y1;
+        } else {
+          Cache* y = kc + (slot * KV + head - H) * D;
+          y[2 * i] = Cache(y0), y[2 * i + 1] = Cache(y1);
+        }
       }
     }
-    std::copy(vsrc + t * v.stride(0), vsrc + t * v.stride(0) + KV * D, vc + slot * KV * D);
+    const float* vt = vsrc + t * v.stride(0);
+    Cache* vy = vc + slot * KV * D;
+    for (int64_t i = 0; i < KV * D; ++i) vy[i] = Cache(vt[i]);
   }
+}
+
+torch::Tensor rope_store(torch::Tensor qk, torch::Tensor v, torch::Tensor rot, torch::Tensor k_cache,
+                         torch::Tensor v_cache, torch::Tensor slots, int64_t H) {
+  const int64_t T = qk.size(0), KV = qk.size(1) - H, D = qk.size(2);
+  TORCH_CHECK(qk.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32 && rot.dtype() == torch::kFloat32 &&
+              k_cache.dtype() == v_cache.dtype() && slots.dtype() == torch::kInt64,
+              "rope_store: float32 activations, caches of one type and int64 slots expected");
+  TORCH_CHECK(qk.stride(2) == 1 && qk.stride(1) == D && v.stride(2) == 1 && v.stride(1) == D && v.size(1) == KV &&
+              rot.is_contiguous() && rot.numel() == T * D && k_cache.is_contiguous() &&
+              v_cache.is_contiguous() && k_cache.size(2) == KV && k_cache.size(3) == D && slots.numel() == T,
+              "rope_store: shapes or strides not as expected");
+  auto q = torch::empty({T, H, D}, qk.options());
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  FOR_CACHE_TYPE(k_cache, "rope_store", [&] {
+    rope_store_into<Cache>(qk, v, rot, k_cache.data_ptr<Cache>(), v_cache.data_ptr<Cache>(), num_slots, slots, H,
+                           q.data_ptr<float>());
+  });
   return q;
 }
 
@@ -114,6 +141,22 @@ inline __m256 exp_8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
 
+// 8 cached elements as 8 floats
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const at::BFloat16* p) {  // a bfloat16 is a float's upper 16 bits
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// Ask for a cached row of D elements (its cache lines) now: the cache's blocks lie anywhere in memory, so the
+// hardware cannot guess the next ones
+template <typename Cache>
+inline void prefetch_row(const Cache* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < D * int64_t(sizeof(Cache)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 // Keys per piece: a sequence's keys are attended to in pieces of this many, each by any thread, and the pieces
 // combined (flash-decoding), so that one long sequence keeps every core busy. Fixed, never derived from the
 // batch or the thread count: a row's arithmetic depends on its own context only.
@@ -122,28 +165,27 @@ constexpr int64_t KEYS_PER_PIECE = 128;
 // One piece of a sequence: the G query heads sharing kv head h over keys t_begin..t_end, vectorised: scores 8
 // keys at a time, their exponentials 8 at a time, the weighted values summed in registers. Writes the piece's
 // unnormalised output [G, D], and per head its largest score and the sum of its exponentials. D % 16 == 0.
-void attend_piece_avx2(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t bs, int64_t KV,
+template <typename Cache>
+void attend_piece_avx2(const float* q, const Cache* kp, const Cache* vp, const int64_t* table, int64_t bs, int64_t KV,
                        int64_t h, int64_t G, int64_t D, int64_t t_begin, int64_t t_end, float scale, float cap,
                        float* out, float* maxima, float* totals, std::vector<float>& scores) {
   const int64_t L = t_end - t_begin, Lpad = (L + 7) / 8 * 8;
   scores.resize(G * Lpad);
-  auto row_of = [&](const float* cache, int64_t t) {
+  auto row_of = [&](const Cache* cache, int64_t t) {
     return cache + ((table[t / bs] * bs + t % bs) * KV + h) * D;
   };
   for (int64_t t0 = t_begin; t0 < t_end; t0 += 8) {
     const int n = int(std::min<int64_t>(8, t_end - t0));
-    const float* k[8];
+    const Cache* k[8];
     for (int j = 0; j < 8; ++j) k[j] = row_of(kp, t0 + std::min(j, n - 1));  // a short tail repeats its last key
-    // the cache's blocks lie anywhere in memory, so the hardware cannot guess the next ones: ask for them now
-    for (int64_t t = t0 + 8; t < std::min(t0 + 16, t_end); ++t)
-      for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(row_of(kp, t) + d), _MM_HINT_T0);
+    for (int64_t t = t0 + 8; t < std::min(t0 + 16, t_end); ++t) prefetch_row(row_of(kp, t), D);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + g * D;
       __m256 acc[8];
       for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(qg + d);
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), acc[j]);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(k[j] + d), acc[j]);
       }
       _mm256_storeu_ps(scores.data() + g * Lpad + (t0 - t_begin), _mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)));
     }
@@ -177,9 +219,9 @@ void attend_piece_avx2(const float* q, const float* kp, const float* vp, const i
       __m256 acc[4][2];
       for (int g = 0; g < 4; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
       for (int64_t t = t_begin; t < t_end; ++t) {
-        const float* v = row_of(vp, t) + d;
+        const Cache* v = row_of(vp, t) + d;
         if (t + 8 < t_end) _mm_prefetch(reinterpret_cast<const char*>(row_of(vp, t + 8) + d), _MM_HINT_T0);
-        const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+        const __m256 v0 = load8(v), v1 = load8(v + 8);
         for (int g = 0; g < gn; ++g) {
           const __m256 p = _mm256_set1_ps(scores[(g0 + g) * Lpad + t - t_begin]);
           acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);
@@ -197,7 +239,8 @@ void attend_piece_avx2(const float* q, const float* kp, const float* vp, const i
 // All of paged_decode_attention on the vectorised path: every (sequence, kv head, piece of keys) is a task for
 // any thread; then each sequence's pieces are combined, each scaled by e^(its maximum - the overall maximum),
 // with the head's sink in the denominator.
-void paged_decode_attention_avx2(const float* qp, const float* kp, const float* vp, const int64_t* tables,
+template <typename Cache>
+void paged_decode_attention_avx2(const float* qp, const Cache* kp, const Cache* vp, const int64_t* tables,
                                  const int64_t* lens, int64_t width, int64_t B, int64_t KV, int64_t G, int64_t D,
                                  int64_t bs, int64_t window, float scale, float cap, const float* sinks, float* op) {
   std::vector<int64_t> firsts(B), piece_start(B + 1, 0);  // where each sequence's pieces begin in the task list
@@ -255,33 +298,12 @@ void paged_decode_attention_avx2(const float* qp, const float* kp, const float* 
 // window > 0: a query sees only its sequence's last `window` keys (itself included). softcap > 0: scores are
 // squashed to softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks [H] (gpt-oss): a logit per
 // head that joins each softmax's denominator and attends to nothing.
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale,
-                                     int64_t window, double softcap, c10::optional<torch::Tensor> sinks) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "paged_decode_attention: contiguous float32 tensors expected");
-  torch::Tensor sink_values;
-  if (sinks.has_value()) {
-    sink_values = sinks->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(sink_values.numel() == q.size(1), "paged_decode_attention: one sink per head expected");
-  }
-  const float* sp = sinks.has_value() ? sink_values.data_ptr<float>() : nullptr;
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), KV = k_cache.size(2), G = H / KV, width = block_tables.size(1);
-  auto out = torch::zeros_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float cap = float(softcap);
-#if HAVE_AVX2
-  if (D % 16 == 0) {
-    paged_decode_attention_avx2(qp, kp, vp, tables, lens, width, B, KV, G, D, bs, window, float(scale), cap, sp, op);
-    return out;
-  }
-#endif
+// The same without vector instructions (any CPU, any head size).
+template <typename Cache>
+void paged_decode_attention_scalar(const float* qp, const Cache* kp, const Cache* vp, const int64_t* tables,
+                                   const int64_t* lens, int64_t width, int64_t B, int64_t KV, int64_t G, int64_t D,
+                                   int64_t bs, int64_t window, float scale, float cap, const float* sp, float* op) {
+  const int64_t H = KV * G;
   at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t i = i0; i < i1; ++i) {
@@ -290,13 +312,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       scores.assign(G * L, 0.f);
       for (int64_t t = first; t < end; ++t) {
         const int64_t slot = tables[b * width + t / bs] * bs + t % bs;
-        const float* k = kp + (slot * KV + h) * D;
+        const Cache* k = kp + (slot * KV + h) * D;
         for (int64_t g = 0; g < G; ++g) {
           const float* qv = qp + (b * H + h * G + g) * D;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qv[d] * k[d];
-          const float s = dot * float(scale);
+          for (int64_t d = 0; d < D; ++d) dot += qv[d] * float(k[d]);
+          const float s = dot * scale;
           scores[g * L + t - first] = cap > 0.f ? cap * std::tanh(s / cap) : s;
         }
       }
@@ -310,15 +332,54 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       }
       for (int64_t t = first; t < end; ++t) {
         const int64_t slot = tables[b * width + t / bs] * bs + t % bs;
-        const float* v = vp + (slot * KV + h) * D;
+        const Cache* v = vp + (slot * KV + h) * D;
         for (int64_t g = 0; g < G; ++g) {
           float* o = op + (b * H + h * G + g) * D;
           const float p = scores[g * L + t - first];
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
+          for (int64_t d = 0; d < D; ++d) o[d] += p * float(v[d]);
         }
       }
     }
+  });
+}
+
+// Attention of one new query per sequence over its keys in a paged cache, read in place.
+// q: [B, H, D]; caches: [num_blocks, block_size, KV, D]; block_tables: [B, max_blocks]; context_lens: [B].
+// window > 0: a query sees only its sequence's last `window` keys (itself included). softcap > 0: scores are
+// squashed to softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks [H] (gpt-oss): a logit per
+// head that joins each softmax's denominator and attends to nothing.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                     int64_t window, double softcap, c10::optional<torch::Tensor> sinks) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.dtype() == v_cache.dtype(),
+              "paged_decode_attention: contiguous tensors expected: float32 queries, caches of one type");
+  torch::Tensor sink_values;
+  if (sinks.has_value()) {
+    sink_values = sinks->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(sink_values.numel() == q.size(1), "paged_decode_attention: one sink per head expected");
+  }
+  const float* sp = sinks.has_value() ? sink_values.data_ptr<float>() : nullptr;
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), KV = k_cache.size(2), G = H / KV, width = block_tables.size(1);
+  const float* qp = q.data_ptr<float>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const float cap = float(softcap);
+  // every row is written on the vectorised path (the pieces' combination fills it); the plain one adds into it
+  auto out = HAVE_AVX2 && D % 16 == 0 ? torch::empty_like(q) : torch::zeros_like(q);
+  float* op = out.data_ptr<float>();
+  FOR_CACHE_TYPE(k_cache, "paged_decode_attention", [&] {
+    const Cache* kp = k_cache.data_ptr<Cache>();
+    const Cache* vp = v_cache.data_ptr<Cache>();
+#if HAVE_AVX2
+    if (D % 16 == 0)
+      return paged_decode_attention_avx2<Cache>(qp, kp, vp, tables, lens, width, B, KV, G, D, bs, window, float(scale),
+                                                cap, sp, op);
+#endif
+    paged_decode_attention_scalar<Cache>(qp, kp, vp, tables, lens, width, B, KV, G, D, bs, window, float(scale), cap,
+                                         sp, op);
   });
   return out;
 }

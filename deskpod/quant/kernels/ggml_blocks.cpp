@@ -20,11 +20,17 @@
 //   Q4_K 144 B / 256: f16 d, f16 dmin, 12 B of 6-bit scales and mins, 128 B nibbles (32 B per two slices)
 //   Q5_K 176 B / 256: as Q4_K, plus 32 B of high bits (bit s of byte l: element l of slice s)
 //   Q6_K 210 B / 256: 128 B low nibbles, 64 B 2-bit highs, 16 int8 scales (one per 16), f16 d   w = d sc (c - 32)
+//   MXFP4 17 B / 32: E8M0 e, 16 B E2M1 nibbles (as Q4_0's)                      w = 2^(e-127) e2m1(c)
+//   NVFP4 18 B / 32: E4M3 s0, s1 (elements 0-15, 16-31), 16 B E2M1 nibbles        w = s_h e2m1(c) (times a
+//        per-tensor scale the caller applies): deskpod's own block (ggml has none), the id below is its own
+// The E2M1 codes become their doubled values (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12: int8, like Q8_0's codes), the
+// half going into the scale.
 //
 // Builds for the machine's own instruction sets (-march=native at first use); a portable version of every
 // kernel is always compiled too (`portable=true`), so the tests check it on any machine.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 #include <algorithm>
 #include <cmath>
@@ -40,7 +46,8 @@
 namespace {
 
 // ggml's type ids
-enum Type : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum Type : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, MXFP4 = 39,
+                      NVFP4 = 1000 };
 constexpr int64_t SLICE = 32;  // weights per slice, and activations per int8 block
 
 struct Layout {
@@ -51,8 +58,32 @@ template <int64_t type>
 constexpr Layout layout() {
   return type == Q4_0 ? Layout{18, 1} : type == Q4_1 ? Layout{20, 1} : type == Q5_0 ? Layout{22, 1}
        : type == Q5_1 ? Layout{24, 1} : type == Q8_0 ? Layout{34, 1} : type == Q4_K ? Layout{144, 8}
-       : type == Q5_K ? Layout{176, 8} : Layout{210, 8};
+       : type == Q5_K ? Layout{176, 8} : type == Q6_K ? Layout{210, 8} : type == MXFP4 ? Layout{17, 1}
+       : Layout{18, 1};
 }
+
+// Whether a type's codes are signed values (int8 in the kernels), not unsigned codes with an offset
+constexpr bool signed_codes(int64_t type) { return type == Q8_0 || type == MXFP4 || type == NVFP4; }
+
+// E2M1 code -> twice its value: bits sign(3) exponent(2..1) mantissa(0), magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6
+alignas(16) constexpr int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// E8M0 byte e -> 2^(e - 128) (its value halved, for the doubled codes); 255 is NaN
+inline float e8m0_half(uint8_t e) {
+  if (e == 255) return NAN;
+  const uint32_t bits = e ? uint32_t(e - 1) << 23 : 0x00200000u;  // e = 0: 2^-128, a subnormal
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+// E4M3 byte -> its value halved (for the doubled codes): a table made when the module loads
+const std::vector<float> E4M3_HALF = [] {
+  std::vector<float> t(256);
+  for (int i = 0; i < 256; ++i) t[i] = 0.5f * float(c10::Float8_e4m3fn(uint8_t(i), c10::Float8_e4m3fn::from_bits()));
+  return t;
+}();
+inline float e4m3_half(uint8_t b) { return E4M3_HALF[b]; }
 
 Layout layout_of(int64_t type) {
   switch (type) {
@@ -64,6 +95,8 @@ Layout layout_of(int64_t type) {
     case Q4_K: return {144, 8};
     case Q5_K: return {176, 8};
     case Q6_K: return {210, 8};
+    case MXFP4: return {17, 1};
+    case NVFP4: return {18, 1};
   }
   TORCH_CHECK(false, "ggml type ", type, " has no kernel here");
 }
@@ -113,6 +146,8 @@ inline Factors factors_of(const uint8_t* b, int s) {
       const float d0 = d * sc[2 * s], d1 = d * sc[2 * s + 1];
       return {{d0, d1}, {-32 * d0, -32 * d1}};
     }
+    case MXFP4: { const float d = e8m0_half(b[0]); return {{d, d}, {0, 0}}; }
+    case NVFP4: return {{e4m3_half(b[0]), e4m3_half(b[1])}, {0, 0}};
   }
   return {{0, 0}, {0, 0}};
 }
@@ -127,6 +162,8 @@ inline Factors factors(int64_t type, const uint8_t* b, int s) {
     case Q4_K: return factors_of<Q4_K>(b, s);
     case Q5_K: return factors_of<Q5_K>(b, s);
     case Q6_K: return factors_of<Q6_K>(b, s);
+    case MXFP4: return factors_of<MXFP4>(b, s);
+    case NVFP4: return factors_of<NVFP4>(b, s);
   }
   return {{0, 0}, {0, 0}};
 }
@@ -164,6 +201,11 @@ inline void codes_scalar(int64_t type, const uint8_t* b, int s, uint8_t* c) {
       const uint8_t* ql = b + 64 * h + 32 * (k & 1);
       const uint8_t* qh = b + 128 + 32 * h;
       for (int l = 0; l < 32; ++l) c[l] = ((ql[l] >> (4 * (k >> 1))) & 15) | (((qh[l] >> (2 * k)) & 3) << 4);
+      return;
+    }
+    case MXFP4: case NVFP4: {  // the doubled values, as int8 bytes
+      const uint8_t* qs = b + (type == MXFP4 ? 1 : 2);
+      for (int j = 0; j < 16; ++j) c[j] = uint8_t(E2M1_X2[qs[j] & 15]), c[j + 16] = uint8_t(E2M1_X2[qs[j] >> 4]);
       return;
     }
   }
@@ -224,8 +266,8 @@ void dot_rows_portable(const uint8_t* row, const QuantizedRows& xq, int64_t m0, 
       const int8_t* q = xq.q.data() + (m0 + r) * K + i * SLICE;
       int32_t dot0 = 0, dot1 = 0;
       for (int j = 0; j < 16; ++j) {
-        const int c0 = type == Q8_0 ? int(int8_t(c[j])) : int(c[j]);
-        const int c1 = type == Q8_0 ? int(int8_t(c[j + 16])) : int(c[j + 16]);
+        const int c0 = signed_codes(type) ? int(int8_t(c[j])) : int(c[j]);
+        const int c1 = signed_codes(type) ? int(int8_t(c[j + 16])) : int(c[j + 16]);
         dot0 += c0 * q[j], dot1 += c1 * q[j + 16];
       }
       const int32_t* sums = xq.sum.data() + (m0 + r) * (K / 16) + 2 * i;
@@ -256,6 +298,8 @@ auto for_type(int64_t type) -> decltype(&Kernel<Q4_0>::run) {
     case Q4_K: return &Kernel<Q4_K>::run;
     case Q5_K: return &Kernel<Q5_K>::run;
     case Q6_K: return &Kernel<Q6_K>::run;
+    case MXFP4: return &Kernel<MXFP4>::run;
+    case NVFP4: return &Kernel<NVFP4>::run;
   }
   TORCH_CHECK(false, "ggml type ", type, " has no kernel here");
 }
@@ -306,6 +350,10 @@ inline __m256i codes_avx2(const uint8_t* b, int s) {
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), _mm256_set1_epi8(3));
       return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
     }
+    case MXFP4: case NVFP4: {  // nibbles looked up as their doubled values
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(E2M1_X2)));
+      return _mm256_shuffle_epi8(table, nibbles(b + (type == MXFP4 ? 1 : 2)));
+    }
   }
   return _mm256_setzero_si256();
 }
@@ -343,8 +391,8 @@ inline float hsum(__m256 v) {
 template <int64_t type, int R>
 void dot_rows_avx2(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out, int64_t out_stride) {
   const int64_t slices = K / SLICE;
-  constexpr bool is_signed = type == Q8_0 || centre<type>() != 0, has_offset = !is_signed;
-  constexpr bool two_scales = type == Q6_K;
+  constexpr bool is_signed = signed_codes(type) || centre<type>() != 0, has_offset = !is_signed;
+  constexpr bool two_scales = type == Q6_K || type == NVFP4;
   __m256 acc[2][R];
   float offsets[2][R];
   for (int u = 0; u < 2; ++u)
@@ -400,7 +448,7 @@ void dequantize_slice_avx2(const uint8_t* b, int s, float* out) {
   __m256i raw = codes_avx2<type>(b, s);
   if (centre<type>()) raw = _mm256_sub_epi8(raw, _mm256_set1_epi8(centre<type>()));
   const Factors f = factors_of<type>(b, s);
-  constexpr bool is_signed = type == Q8_0 || centre<type>() != 0;
+  constexpr bool is_signed = signed_codes(type) || centre<type>() != 0;
   alignas(32) int8_t c[32];
   _mm256_store_si256(reinterpret_cast<__m256i*>(c), raw);
   for (int h = 0; h < 2; ++h) {  // halves of 16: each its own scale and offset
@@ -427,11 +475,17 @@ void check_weights(const torch::Tensor& blocks, int64_t type, int64_t K) {
 }
 
 // y [M, N] = x [M, K] @ W^T, W [N, K] in blocks of `type`.
-torch::Tensor matmul(torch::Tensor x, torch::Tensor blocks, int64_t type, bool portable) {
+// `scale` multiplies every weight (NVFP4's per-tensor scale): it joins the activations' block scales, which every
+// product meets anyway.
+torch::Tensor matmul(torch::Tensor x, torch::Tensor blocks, int64_t type, bool portable, double scale) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
   check_weights(blocks, type, K);
-  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
+  QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
+  if (scale != 1.0) {
+    for (float& d : xq.d) d *= float(scale);
+    for (float& s : xq.xsum) s *= float(scale);
+  }
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* wp = blocks.data_ptr<uint8_t>();
@@ -527,7 +581,7 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
       const Factors f = factors(type, b, s);
       float* o = op + r * K + slice * SLICE;
       for (int j = 0; j < SLICE; ++j) {
-        const float code = type == Q8_0 ? float(int8_t(c[j])) : float(c[j]);
+        const float code = signed_codes(type) ? float(int8_t(c[j])) : float(c[j]);
         o[j] = f.scale[j / 16] * code + f.offset[j / 16];
       }
     }
@@ -538,7 +592,8 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matmul", &matmul, py::arg("x"), py::arg("blocks"), py::arg("type"), py::arg("portable") = false);
+  m.def("matmul", &matmul, py::arg("x"), py::arg("blocks"), py::arg("type"), py::arg("portable") = false,
+        py::arg("scale") = 1.0);
   m.def("multi_matmul", &multi_matmul, py::arg("x"), py::arg("weights"), py::arg("types"), py::arg("x_row"),
         py::arg("out_row"), py::arg("count"), py::arg("col"), py::arg("out_rows"), py::arg("N"),
         py::arg("portable") = false);
