@@ -89,7 +89,7 @@ def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
     budget = config.kv_cache_gb * 1e9 if config.kv_cache_gb else free * (config.memory_fraction or DEFAULT_MEMORY_FRACTION)
     # this box's layers and KV heads: all of them, or its share of a linked model
     shape = replace(model_shape(loaded.spec, loaded.label), num_layers=len(loaded.model.blocks),
-                                num_kv_heads=loaded.model.kv_heads)
+                    num_kv_heads=loaded.model.kv_heads)
     blocks = kv_blocks_for(shape, int(budget), config.block_size, kv_dtype_bytes(config))
     context = min(config.context_for(loaded.spec.max_context), loaded.context)
     needed = -(-context // config.block_size)

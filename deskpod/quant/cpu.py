@@ -6,14 +6,14 @@ computes x @ W.T with the weight kept at its stored bits per weight (kernels/low
     int4           packed codes + float16 scale and min per 32 (GGUF's Q4_1)      5 bits
     int8           int8 codes + a float16 scale per 32 (GGUF's Q8_0)              8.5 bits
 
-int4 and int8 are the numbers of GGUF's Q4_1 and Q8_0 blocks: they are interleaved into those blocks at load
-and run on the GGUF kernels (deskpod.quant.ggml, activations rounded to int8 per 32), as a GGUF does.
+int4, int8, mxfp4 and nvfp4 hold the numbers of GGUF blocks (Q4_1, Q8_0, ggml's MXFP4 and an NVFP4 block of
+deskpod's own): they are interleaved into those blocks at load (gguf_blocks) and run on the engine's GGUF
+kernels (deskpod.quant.ggml: activations rounded to int8 per 32, integer multiply-adds), as a GGUF does.
 
-At load, rows are zero-padded to whole units of 32 inputs (only when `in` is ragged) and 4-bit codes are
-reordered within each unit (same bytes); nothing is widened. Up to MATVEC_MAX_ROWS rows of x (decoding) the
-kernels decode each block of weights in registers and apply it to up to 8 rows at once; beyond that (prefill,
-large batches) the weight is expanded to float32 a tile of rows at a time for PyTorch's GEMM, whose cost then
-dominates. benchmarks/quant_kernels.py measures both against F.linear on the expanded float32 weight and
+FP8 has kernels of its own (float products). At load, rows are zero-padded to whole units of 32 inputs (only
+when `in` is ragged); nothing is widened. Up to MATVEC_MAX_ROWS rows of x (decoding) the kernels decode each
+unit of weights in registers and apply it to up to 8 rows at once; beyond that (prefill, large batches) the
+weight is expanded to float32 a tile of rows at a time for PyTorch's GEMM, whose cost then dominates. benchmarks/quant_kernels.py measures both against F.linear on the expanded float32 weight and
 against the engine's kernels over GGUF's Q4_0 / Q8_0 blocks (deskpod.quant.ggml).
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 from deskpod.quant.ggml import BlockWeight, int8_rounded
 from deskpod.quant.kernels import ggml_blocks, lowbit_cpu
 
-# Up to this many rows of x the matvec kernels (each block decoded once per 8 rows, AVX2 FMAs) beat expanding
+# Up to this many rows of x FP8's matvec kernels (each unit decoded once per 8 rows, AVX2 FMAs) beat expanding
 # the weight to float32 for PyTorch's GEMM; from about 24 rows on the GEMM wins (benchmarks/quant_kernels.py
 # --crossover: with 1 and 2 threads, for SmolLM2's 576x1536 and 1536x576 matrices, the crossover is 20-28 rows).
 MATVEC_MAX_ROWS = 20
@@ -37,6 +37,7 @@ MATVEC_MAX_ROWS = 20
 GEMM_TILE = 1 << 20
 # the schemes whose kernels round activations to int8 per 32 (the GGUF kernels'): the rest take them as floats
 INT8_ACTIVATIONS = ("int4", "int8", "nvfp4", "mxfp4")
+
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
@@ -141,8 +142,8 @@ def gguf_blocks(qt) -> BlockWeight | None:
 
 
 class GGUFBlockWeights(CPUWeights):
-    """int4 / int8 on the GGUF kernels (gguf_blocks) behind this module's interface: x padded to whole blocks.
-    The engine holds the block weight itself where no padding is needed."""
+    """int4, int8, mxfp4, nvfp4 on the GGUF kernels (gguf_blocks) behind this module's interface: x padded to
+    whole blocks. The engine holds the block weight itself where no padding is needed."""
 
     def __init__(self, qt):
         super().__init__(*qt.shape)

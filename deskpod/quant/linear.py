@@ -263,7 +263,7 @@ def _scheme_weight(tensors: Sequence[StoredTensor], in_features: int, options: W
     if options.device == "cpu" and options.dtype == torch.float32 and qt.shape[1] % 32 == 0:
         from deskpod.quant.cpu import gguf_blocks
 
-        if (blocks := gguf_blocks(qt)) is not None:  # int4, int8: GGUF's blocks, run as a GGUF's are
+        if (blocks := gguf_blocks(qt)) is not None:  # int4, int8, mxfp4, nvfp4: run as a GGUF is
             return blocks
     return SchemeWeight(qt.to(options.device))
 
