@@ -127,6 +127,19 @@ else
     server_path="$(llama_server_bin)"
     log "llama-server: $server_path"
 fi
+# A --no-cache-dir install leaves out the shared-library links the binaries load by their sonames (the wheel's
+# bin/_symlinks.json lists them); without them llama-server exits 127 ("libllama-common.so.0: cannot open").
+if [[ "${SKIP_LLAMA_SERVER:-0}" != "1" ]]; then
+    "$venv/bin/python" - "$(dirname "$server_path")" <<'PY'
+import json, os, sys
+folder = sys.argv[1]
+links = json.load(open(os.path.join(folder, "_symlinks.json")))
+for name, target in links.items():
+    if not os.path.lexists(os.path.join(folder, name)):
+        os.symlink(target, os.path.join(folder, name))
+        print(f"[setup_peers] linked {name} -> {target}")
+PY
+fi
 
 "$venv/bin/python" - <<'EOF'
 import llama_cpp, torch, transformers
