@@ -147,6 +147,8 @@ def main() -> int:
     parser.add_argument("--per-expert", action="store_true",
                         help="also measure deskpod running each layer's experts one by one (as before they ran two "
                              "kernel calls at a time), in the same rounds")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="deskpod's KV cache (default: %(default)s, as `deskpod serve`)")
     args = parser.parse_args()
     args.weights = "compact"
     folder = args.dir or Path(tempfile.mkdtemp(prefix="deskpod-moe-"))

@@ -53,10 +53,11 @@ LOGIT_PROMPTS = 3  # transformers reloads the model for each one: a few are enou
 GREEDY_TOKENS = 32
 
 
-def deskpod_models(name: str):
+def deskpod_models(name: str, kv_cache_dtype: str = "auto"):
+    """The model compact (with this KV cache) and expanded to float32 (float32 throughout: the reference)."""
     from deskpod.engine.llm import LLM
 
-    return LLM(name, weights="compact"), LLM(name, weights="float32")
+    return LLM(name, weights="compact", kv_cache_dtype=kv_cache_dtype), LLM(name, weights="float32")
 
 
 def prompt_ids(llm, text: str, chat: bool) -> list[int]:
@@ -115,7 +116,8 @@ def agreement_part(compact, gguf: Path, modes: list[bool]) -> dict:
 def speed_part(gguf: Path, args) -> dict:
     import decode
 
-    options = argparse.Namespace(threads=args.threads, prompt_tokens=128, gen_tokens=64, repeats=3, weights="compact")
+    options = argparse.Namespace(threads=args.threads, prompt_tokens=128, gen_tokens=64, repeats=3, weights="compact",
+                                 kv_cache_dtype=args.kv_cache_dtype)
     runs = {"deskpod": [], "llama.cpp": []}
     for _ in range(args.rounds):
         runs["deskpod"].append(decode.measure_deskpod(gguf, options))
@@ -139,7 +141,7 @@ def run_model(name: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    compact, exact = deskpod_models(name)
+    compact, exact = deskpod_models(name, args.kv_cache_dtype)
     gguf = compact.loaded.path
     modes = [False] + ([True] if compact.tokenizer.has_chat_template else [])
     parts = {
@@ -186,6 +188,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="speed rounds per engine")
     parser.add_argument("--skip", default="", help="parts to leave out: tokens,logits,agreement,speed,memory")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="deskpod's KV cache (default: %(default)s, as `deskpod serve`)")
     args = parser.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
     results = [run_model(name, args) for name in args.models.split(",")]
