@@ -45,13 +45,13 @@ def measure_deskpod(gguf: Path, args) -> dict:
     import torch
 
     from deskpod.engine.config import EngineConfig
-    from deskpod.engine.loader import TORCH_DTYPES, load_model
+    from deskpod.engine.loader import kv_torch_dtype, load_model
 
     torch.set_num_threads(args.threads)
     config = EngineConfig(weights=args.weights, context=args.prompt_tokens + args.gen_tokens + 8,
                           kv_cache_dtype=args.kv_cache_dtype)
     lm = load_model(gguf, config)
-    kv_dtype = TORCH_DTYPES[config.kv_dtype]  # what the engine keeps its KV cache in with these settings
+    kv_dtype = kv_torch_dtype(config)  # what the engine keeps its KV cache in with these settings
     prompt = speed_prompt_ids(args.prompt_tokens, lm.spec.vocab_size)
     deskpod_once(lm, prompt[:16], 4, kv_dtype)  # warm-up
     runs = [deskpod_once(lm, prompt, args.gen_tokens, kv_dtype) for _ in range(args.repeats)]
@@ -61,6 +61,14 @@ def measure_deskpod(gguf: Path, args) -> dict:
         "bytes_per_token": bytes_per_token(lm, args.prompt_tokens + args.gen_tokens // 2, kv_dtype.itemsize),
         "kv_cache_dtype": config.kv_dtype,
     }
+
+
+def add_kv_cache_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """--kv-cache-dtype, as `deskpod serve` takes it (measure_deskpod reads it)."""
+    from deskpod.engine.config import KV_CACHE_DTYPES
+
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="deskpod's KV cache (default: %(default)s, as `deskpod serve`)")
 
 
 def bytes_per_token(lm, context: int, kv_bytes: int) -> int:
@@ -108,8 +116,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="each engine is measured once per round")
     parser.add_argument("--weights", default="compact", choices=("compact", "float32"))
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                        help="deskpod's KV cache (default: %(default)s, as `deskpod serve`)")
+    add_kv_cache_dtype_option(parser)
     parser.add_argument("--peers", default="llamacpp,transformers")
     args = parser.parse_args()
     gguf = args.gguf or store_gguf(args.model)

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 sys.path.insert(0, str(HERE))
 from client import PeerError  # noqa: E402
-from decode import measure_deskpod, measure_peer  # noqa: E402
+from decode import add_kv_cache_dtype_option, measure_deskpod, measure_peer  # noqa: E402
 
 SHAPE = dict(hidden=1024, layers=12, heads=16, kv_heads=4, head_dim=64, expert_ffn=768, top_k=4, vocab=320)
 Q4_0, Q4_1, Q8_0 = 2, 3, 8  # ggml type ids
@@ -147,8 +147,7 @@ def main() -> int:
     parser.add_argument("--per-expert", action="store_true",
                         help="also measure deskpod running each layer's experts one by one (as before they ran two "
                              "kernel calls at a time), in the same rounds")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                        help="deskpod's KV cache (default: %(default)s, as `deskpod serve`)")
+    add_kv_cache_dtype_option(parser)
     args = parser.parse_args()
     args.weights = "compact"
     folder = args.dir or Path(tempfile.mkdtemp(prefix="deskpod-moe-"))

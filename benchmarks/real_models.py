@@ -33,6 +33,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 sys.path.insert(0, str(HERE))
+import decode  # noqa: E402
 from client import run_peer  # noqa: E402
 
 PROMPTS = [
@@ -66,12 +67,12 @@ def prompt_ids(llm, text: str, chat: bool) -> list[int]:
 
 def all_logits(llm, ids: list[int]) -> np.ndarray:
     """Every position's logits, with the KV cache the engine keeps for this model (float16 for compact weights)."""
-    from deskpod.engine.loader import TORCH_DTYPES
+    from deskpod.engine.loader import kv_torch_dtype
     from deskpod.engine.models.layers import KVCache
     import torch
 
     lm = llm.loaded
-    cache = KVCache(lm.spec, len(ids), dtype=TORCH_DTYPES[llm.config.kv_dtype])
+    cache = KVCache(lm.spec, len(ids), dtype=kv_torch_dtype(llm.config))
     return lm.model(torch.tensor(ids), torch.arange(len(ids)), cache, all_logits=True).numpy()
 
 
@@ -114,8 +115,6 @@ def agreement_part(compact, gguf: Path, modes: list[bool]) -> dict:
 
 
 def speed_part(gguf: Path, args) -> dict:
-    import decode
-
     options = argparse.Namespace(threads=args.threads, prompt_tokens=128, gen_tokens=64, repeats=3, weights="compact",
                                  kv_cache_dtype=args.kv_cache_dtype)
     runs = {"deskpod": [], "llama.cpp": []}
@@ -188,8 +187,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="speed rounds per engine")
     parser.add_argument("--skip", default="", help="parts to leave out: tokens,logits,agreement,speed,memory")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                        help="deskpod's KV cache (default: %(default)s, as `deskpod serve`)")
+    decode.add_kv_cache_dtype_option(parser)
     args = parser.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
     results = [run_model(name, args) for name in args.models.split(",")]

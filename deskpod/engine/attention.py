@@ -18,6 +18,13 @@ from deskpod.quant.kernels import cpu_ops
 KERNEL_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def cpu_kernels_for(q: torch.Tensor, k_cache: torch.Tensor):
+    """deskpod's CPU kernels (RoPE with the cache writes, decode attention) when they take these queries and this
+    cache: float32 queries on the CPU, a cache of KERNEL_CACHE_DTYPES; None otherwise (or where none are built)."""
+    on_cpu = q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype in KERNEL_CACHE_DTYPES
+    return cpu_ops() if on_cpu else None
+
+
 class PagedKVCache:
     """Keys and values for every layer: [layers, num_blocks, block_size, kv_heads, head_dim]."""
 
@@ -121,7 +128,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     only the last `window` keys of its sequence (itself included); softcap: scores -> c · tanh(scores / c);
     sinks [heads]: a learned logit per head that joins the softmax's denominator and attends to nothing
     (gpt-oss). The cache may hold a narrower type than q (float16 keys for float32 queries): read as q's."""
-    kernels = cpu_ops() if q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype in KERNEL_CACHE_DTYPES else None
+    kernels = cpu_kernels_for(q, k_cache)
     if kernels is not None:  # reads keys in place, block by block: no gathered copy of the context
         return kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
                                               window, softcap, sinks)

@@ -59,8 +59,13 @@ def weight_options(config: EngineConfig) -> WeightOptions:
     return WeightOptions(config.weights == "compact", config.device, TORCH_DTYPES[config.dtype])
 
 
+def kv_torch_dtype(config: EngineConfig) -> torch.dtype:
+    """The KV cache's element type under these settings (`auto` resolved)."""
+    return TORCH_DTYPES[config.kv_dtype]
+
+
 def kv_dtype_bytes(config: EngineConfig) -> int:
-    return TORCH_DTYPES[config.kv_dtype].itemsize
+    return kv_torch_dtype(config).itemsize
 
 
 def model_shape(spec: ModelSpec, name: str) -> ModelShape:

@@ -13,7 +13,7 @@ import torch
 
 from deskpod.engine.attention import AttentionBatch, PagedKVCache
 from deskpod.engine.config import EngineConfig
-from deskpod.engine.loader import TORCH_DTYPES, LoadedModel
+from deskpod.engine.loader import LoadedModel, kv_torch_dtype
 from deskpod.engine.sampler import Sampler
 from deskpod.engine.scheduler import ScheduledRequest, SchedulerOutput
 from deskpod.errors import DeskpodError, LinkLost
@@ -43,7 +43,7 @@ def kv_cache_for(loaded: LoadedModel, num_blocks: int, config: EngineConfig) -> 
     always written before attention reads it, and untouched pages of a large pool cost no memory until
     sequences reach them."""
     return PagedKVCache(len(loaded.model.blocks), loaded.model.kv_heads, loaded.spec.head_dim, num_blocks,
-                        config.block_size, dtype=TORCH_DTYPES[config.kv_dtype], device=torch.device(config.device),
+                        config.block_size, dtype=kv_torch_dtype(config), device=torch.device(config.device),
                         alloc=torch.empty)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from deskpod.engine.config import EngineConfig
-from deskpod.engine.loader import TORCH_DTYPES, LoadedModel, load_model
+from deskpod.engine.loader import LoadedModel, kv_torch_dtype, load_model
 from deskpod.engine.models.layers import KVCache
 
 
@@ -18,7 +18,7 @@ def load(path: Path | str, weights: str = "compact", name: str | None = None, **
 
 def kv_cache(lm: LoadedModel, tokens: int, kv_cache_dtype: str = "auto") -> KVCache:
     """A one-sequence cache in the type the engine keeps for this model (auto: float16 for compact weights)."""
-    return KVCache(lm.spec, tokens, dtype=TORCH_DTYPES[EngineConfig(weights=lm.weights, kv_cache_dtype=kv_cache_dtype).kv_dtype])
+    return KVCache(lm.spec, tokens, dtype=kv_torch_dtype(EngineConfig(weights=lm.weights, kv_cache_dtype=kv_cache_dtype)))
 
 
 def logits_of(lm: LoadedModel, ids: list[int], chunks: list[int] | None = None,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deskpod.engine.attention import (KERNEL_CACHE_DTYPES, AttentionBatch, PagedKVCache, decode_attention,
+from deskpod.engine.attention import (AttentionBatch, PagedKVCache, cpu_kernels_for, decode_attention,
                                       prefill_attention, store_kv)
 from deskpod.formats.spec import ModelSpec, RopeSpec
 from deskpod.quant.ggml import MATVEC_MAX_ROWS
@@ -176,8 +176,7 @@ class Attention(nn.Module):
         elif self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H].contiguous()), self.k_norm(qk[:, H:].contiguous())], dim=1)
         k_cache, v_cache = kv
-        on_cpu = x.device.type == "cpu" and qk.dtype == torch.float32 and k_cache.dtype in KERNEL_CACHE_DTYPES
-        kernels = cpu_ops() if on_cpu else None
+        kernels = cpu_kernels_for(qk, k_cache)
         if kernels is not None:  # rotated and stored in one pass instead of a dozen small ops
             q = kernels.rope_store(qk, qkv[:, H + KV :], torch.view_as_real(rots[self.rotary]), k_cache, v_cache,
                                    batch.slots, H)

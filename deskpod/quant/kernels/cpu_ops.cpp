@@ -50,8 +50,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 // PyTorch a dozen small ops a layer: complex views, a product, casts, two index copies).
 // qk: [T, H + KV, D] (rows may be strided, as slices of the fused qkv projection), adjacent pairs rotated;
 // v: [T, KV, D] likewise; rot: [T, D/2] (cos, sin) pairs (a complex rotation seen as floats), times the rope's
-// magnitude; caches:
-// [num_blocks, block_size, KV, D]; slots [T]: each token's flat slot. Returns the rotated queries [T, H, D].
+// magnitude; caches: [num_blocks, block_size, KV, D]; slots [T]: each token's flat slot. Returns the rotated
+// queries [T, H, D]. (rope_store, below, after its pieces.)
+
 // a * b rounded to float before whatever uses it: a compiler fusing it into a multiply-add would round once
 // instead (volatile keeps it apart on every compiler; a few hundred products a layer, so its cost is nothing)
 inline float rounded_product(float a, float b) {
@@ -59,8 +60,18 @@ inline float rounded_product(float a, float b) {
   return p;
 }
 
-// Each product rounded, then the sum, exactly as PyTorch's complex product: the rotation is bit for bit the
-// plain path's (and transformers').
+// One head's D values rotated in adjacent pairs into y (the queries' float32, or the cache's type): each product
+// rounded, then the sum, exactly as PyTorch's complex product, so the rotation is bit for bit the plain path's
+// (and transformers').
+template <typename Out>
+inline void rotate_pairs(const float* x, const float* rt, int64_t D, Out* y) {
+  for (int64_t i = 0; i < D / 2; ++i) {
+    const float x0 = x[2 * i], x1 = x[2 * i + 1], c = rt[2 * i], s = rt[2 * i + 1];
+    y[2 * i] = Out(rounded_product(x0, c) - rounded_product(x1, s));
+    y[2 * i + 1] = Out(rounded_product(x0, s) + rounded_product(x1, c));
+  }
+}
+
 template <typename Cache>
 void rope_store_into(const torch::Tensor& qk, const torch::Tensor& v, const torch::Tensor& rot, Cache* kc, Cache* vc,
                      int64_t num_slots, const torch::Tensor& slots, int64_t H, float* qp) {
@@ -73,20 +84,9 @@ void rope_store_into(const torch::Tensor& qk, const torch::Tensor& v, const torc
     const int64_t slot = sp[t];
     TORCH_CHECK(0 <= slot && slot < num_slots, "rope_store: slot ", slot, " is outside the cache");
     const float* rt = r + t * D;
-    for (int64_t head = 0; head < H + KV; ++head) {
-      const float* x = src + t * qk.stride(0) + head * D;
-      for (int64_t i = 0; i < D / 2; ++i) {
-        const float x0 = x[2 * i], x1 = x[2 * i + 1], c = rt[2 * i], s = rt[2 * i + 1];
-        const float y0 = rounded_product(x0, c) - rounded_product(x1, s);
-        const float y1 = rounded_product(x0, s) + rounded_product(x1, c);
-        if (head < H) {
-          qp[(t * H + head) * D + 2 * i] = y0, qp[(t * H + head) * D + 2 * i + 1] = y1;
-        } else {
-          Cache* y = kc + (slot * KV + head - H) * D;
-          y[2 * i] = Cache(y0), y[2 * i + 1] = Cache(y1);
-        }
-      }
-    }
+    const float* x = src + t * qk.stride(0);
+    for (int64_t head = 0; head < H; ++head) rotate_pairs(x + head * D, rt, D, qp + (t * H + head) * D);
+    for (int64_t head = 0; head < KV; ++head) rotate_pairs(x + (H + head) * D, rt, D, kc + (slot * KV + head) * D);
     const float* vt = vsrc + t * v.stride(0);
     Cache* vy = vc + slot * KV * D;
     for (int64_t i = 0; i < KV * D; ++i) vy[i] = Cache(vt[i]);
