@@ -3,7 +3,8 @@
 No container registry is reachable from where these tests run, so the base is made here: Debian bookworm by
 debootstrap, imported into podman (kept between runs). buildah builds the Containerfile on it with the pip
 settings of this machine (its wheel folder, index mirrors and certificate, mounted read-only), only the kernel
-builds this CPU runs (--targets auto) to keep the test short; podman runs it with a store holding SmolLM2.
+builds this CPU runs (--targets auto) to keep the test short; podman runs it with a store holding SmolLM2, and
+the image and its build layers are removed afterwards.
 
 What it shows: the image answers /v1/chat/completions through the official client, runs as its own non-root
 user, holds no compiler (the kernels are the build stage's), passes its own HEALTHCHECK; its size is printed."""
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -109,7 +111,7 @@ def _make_base(tmp_path_factory) -> None:
 
 
 @pytest.fixture(scope="module")
-def image(base_image) -> str:
+def image(base_image) -> Iterator[str]:
     import torch
 
     settings = pip_settings()
@@ -122,9 +124,13 @@ def image(base_image) -> str:
         volumes += [f"--volume={path}:{path}:ro" for path in local_paths(value)]
     cmd = ["buildah", "bud", "--isolation", "chroot", "--format", "docker", "--layers", "-f", "deploy/Containerfile",
            *(f"--build-arg={k}={v}" for k, v in args.items()), *volumes, "-t", IMAGE, "."]
-    built = run(cmd, cwd=ROOT, timeout=1800)
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    return IMAGE
+    try:
+        built = run(cmd, cwd=ROOT, timeout=1800)
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+        yield IMAGE
+    finally:  # the image, its build stage and its cached layers are GBs a runner's disk may not spare
+        podman("rmi", "-f", IMAGE)
+        podman("image", "prune", "-f")
 
 
 @pytest.fixture(scope="module")
