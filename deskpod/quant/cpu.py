@@ -13,7 +13,8 @@ kernels (deskpod.quant.ggml: activations rounded to int8 per 32, integer multipl
 FP8 has kernels of its own (float products). At load, rows are zero-padded to whole units of 32 inputs (only
 when `in` is ragged); nothing is widened. Up to MATVEC_MAX_ROWS rows of x (decoding) the kernels decode each
 unit of weights in registers and apply it to up to 8 rows at once; beyond that (prefill, large batches) the
-weight is expanded to float32 a tile of rows at a time for PyTorch's GEMM, whose cost then dominates. benchmarks/quant_kernels.py measures both against F.linear on the expanded float32 weight and
+weight is expanded a tile of rows at a time for PyTorch's GEMM (in bfloat16 on AMX CPUs: deskpod.quant.ggml),
+whose cost then dominates. benchmarks/quant_kernels.py measures both against F.linear on the expanded float32 weight and
 against the engine's kernels over GGUF's Q4_0 / Q8_0 blocks (deskpod.quant.ggml).
 """
 
@@ -25,16 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deskpod.quant.ggml import BlockWeight, int8_rounded
+from deskpod.quant.ggml import BlockWeight, gemm_dtype, int8_rounded, tiled_gemm
 from deskpod.quant.kernels import ggml_blocks, lowbit_cpu
 
 # Up to this many rows of x FP8's matvec kernels (each unit decoded once per 8 rows, AVX2 FMAs) beat expanding
 # the weight to float32 for PyTorch's GEMM; from about 24 rows on the GEMM wins (benchmarks/quant_kernels.py
 # --crossover: with 1 and 2 threads, for SmolLM2's 576x1536 and 1536x576 matrices, the crossover is 20-28 rows).
 MATVEC_MAX_ROWS = 20
-# Floats expanded per tile in the prefill path: enough rows for an efficient GEMM, small enough to stay in
-# cache and never to hold a large matrix (a 49152 x 576 output head) as float32 at once.
-GEMM_TILE = 1 << 20
 # the schemes whose kernels round activations to int8 per 32 (the GGUF kernels'): the rest take them as floats
 INT8_ACTIVATIONS = ("int4", "int8", "nvfp4", "mxfp4")
 
@@ -76,12 +74,8 @@ class CPUWeights(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _tiled_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(x.shape[0], self.out_features)
-        rows = max(1, GEMM_TILE // self.padded_in)
-        for n0 in range(0, self.out_features, rows):
-            n1 = min(n0 + rows, self.out_features)
-            out[:, n0:n1] = F.linear(x, self._expand(n0, n1))
-        return out
+        dtype = gemm_dtype()
+        return tiled_gemm(x.to(dtype), lambda n0, n1: self._expand(n0, n1).to(dtype), self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] these kernels compute with."""
@@ -162,7 +156,7 @@ class GGUFBlockWeights(CPUWeights):
     def _expand(self, n0: int, n1: int, portable: bool = False) -> torch.Tensor:
         w = self.weight
         return ggml_blocks().dequantize_rows(w.blocks, w.type_id, self.padded_in, torch.arange(n0, n1),
-                                             portable=portable) * w.scale
+                                             portable=portable, scale=w.scale)
 
 
 def _e4m3_has_nan(qt) -> bool:

@@ -3,15 +3,20 @@
 Decoding (up to MATVEC_MAX_ROWS rows of activations) runs the integer kernels: activations quantized to int8
 per block of 32 (llama.cpp's Q8_0 rounding, which llama.cpp itself uses for the 32-weight block types; for
 K-quants it rounds per 256), meeting the stored blocks in integer multiply-adds. Beyond that (prefill) the
-weight is expanded to float32 a tile of rows at a time for PyTorch's GEMM, whose cost then dominates, over the
-same int8-rounded activations: both paths compute the same products, so a row's result does not depend on
-how many rows share its step (beyond float rounding). Types without a kernel here are expanded to float32 at
-load by the caller.
+weight is expanded a tile of rows at a time for PyTorch's GEMM, whose cost then dominates:
+- in bfloat16 where the CPU multiplies it in matrix tiles (AMX: oneDNN's GEMM there runs 4-7x its float32
+  one), activations and weights each rounded once to bfloat16 (a relative 2^-8: closer to float32 than the
+  integer kernels' int8 rounding of activations);
+- else in float32, over the same int8-rounded activations as the integer kernels: both paths then compute the
+  same products, so a row's result does not depend on how many rows share its step (beyond float rounding).
+Types without a kernel here are expanded to float32 at load by the caller.
 """
-
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +37,50 @@ BLOCK_WEIGHTS = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 # Up to this many rows of activations (a decode batch) the integer kernels decode each block once for all rows;
 # beyond it (prefill), expanding tiles of the weight for a float GEMM is cheaper.
 MATVEC_MAX_ROWS = 64
-# Floats expanded per tile in the prefill path: enough rows for an efficient GEMM, small enough to stay in
-# cache and never to hold a large matrix (a 262144 x 640 token table) as float32 at once.
+# Weights expanded per tile in the prefill path: enough rows for an efficient GEMM, small enough to stay in
+# cache and never to hold a large matrix (a 262144 x 640 token table) expanded at once.
 GEMM_TILE = 1 << 20
+
+
+def _gemm_dtype() -> torch.dtype:
+    """The prefill GEMM's type: bfloat16 where the CPU has AMX-BF16 tiles (elsewhere oneDNN emulates it, slower
+    than float32); DESKPOD_CPU_GEMM=float32 or bfloat16 overrides (to compare the two, or to rule out one)."""
+    chosen = os.environ.get("DESKPOD_CPU_GEMM", "auto")
+    if chosen not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"DESKPOD_CPU_GEMM={chosen!r}: expected auto, float32 or bfloat16")
+    if chosen == "auto":
+        chosen = "bfloat16" if torch.cpu.get_capabilities().get("amx_bf16") else "float32"
+    return getattr(torch, chosen)
+
+
+GEMM_DTYPE = _gemm_dtype()
+_FLOAT32_GEMM: ContextVar[bool] = ContextVar("float32_gemm", default=False)
+
+
+def gemm_dtype() -> torch.dtype:
+    return torch.float32 if _FLOAT32_GEMM.get() else GEMM_DTYPE
+
+
+@contextmanager
+def float32_gemm() -> Iterator[None]:
+    """The GEMMs within in float32: the output head's (logits rounded to bfloat16's 8 significant bits tie, and
+    sampling, logprobs and speculative decoding's checks compare them)."""
+    token = _FLOAT32_GEMM.set(True)
+    try:
+        yield
+    finally:
+        _FLOAT32_GEMM.reset(token)
+
+
+def tiled_gemm(x: torch.Tensor, expand: Callable[[int, int], torch.Tensor], out_features: int) -> torch.Tensor:
+    """x [M, K] @ W.T as float32 [M, out_features], W's rows n0..n1 expanded by `expand(n0, n1)` (in x's type)
+    one tile at a time."""
+    out = torch.empty(len(x), out_features)
+    step = max(1, GEMM_TILE // x.shape[1])
+    for n0 in range(0, out_features, step):
+        n1 = min(n0 + step, out_features)
+        out[:, n0:n1] = F.linear(x, expand(n0, n1))
+    return out
 
 
 class BlockWeight(LinearWeight):
@@ -60,17 +106,15 @@ class BlockWeight(LinearWeight):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _tiled_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        x = int8_rounded(x)  # what the integer kernels multiply by: the same result whichever path a row takes
-        out = x.new_empty(len(x), self.out_features)
-        step = max(1, GEMM_TILE // self.in_features)
-        for n0 in range(0, self.out_features, step):
-            n1 = min(n0 + step, self.out_features)
-            out[:, n0:n1] = F.linear(x, self.rows(torch.arange(n0, n1)))
-        return out
+        bfloat16 = gemm_dtype() == torch.bfloat16
+        # in float32, the integer kernels' int8-rounded activations: the same products whichever path a row takes
+        x = x.bfloat16() if bfloat16 else int8_rounded(x)
+        return tiled_gemm(x, lambda n0, n1: self.rows(torch.arange(n0, n1), bfloat16), self.out_features)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = ggml_blocks().dequantize_rows(self.blocks, self.type_id, self.in_features, ids.long().cpu())
-        return rows if self.scale == 1.0 else rows.mul_(self.scale)
+    def rows(self, ids: torch.Tensor, bfloat16: bool = False) -> torch.Tensor:
+        """The weights of rows `ids` as float32 (bfloat16: each rounded once)."""
+        return ggml_blocks().dequantize_rows(self.blocks, self.type_id, self.in_features, ids.long().cpu(),
+                                             scale=self.scale, bfloat16=bfloat16)
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(torch.arange(self.out_features))

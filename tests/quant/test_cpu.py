@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deskpod.quant import QuantizedTensor, cpu, quantize
+from deskpod.quant import QuantizedTensor, cpu, ggml, quantize
 from deskpod.quant.cpu import MATVEC_MAX_ROWS, CPUWeights, cpu_weights
 from deskpod.quant.cpu import kernel_activations as activations
 from deskpod.quant.kernels import lowbit_cpu
@@ -89,6 +89,12 @@ def _nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :k].long()
 
 
+@pytest.fixture(autouse=True)
+def float32_gemm(monkeypatch):
+    """The exact checks here are float32's wherever the CPU would take the GEMM in bfloat16 (its own tests say so)."""
+    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)
+
+
 def reference_weight(qt) -> torch.Tensor:
     """float64 [n, k] straight from the contract's formulas."""
     d, k = qt.data, qt.shape[1]
@@ -134,12 +140,26 @@ def test_kernels_build():
 @pytest.mark.parametrize("m", [1, 3, 64, 65, 200, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_matches_reference(scheme, m, k, monkeypatch):
-    monkeypatch.setattr(cpu, "GEMM_TILE", 4 * 192)  # several tiles, the last one short, in the GEMM path
+    monkeypatch.setattr(ggml, "GEMM_TILE", 4 * 192)  # several tiles, the last one short, in the GEMM path
     qt = random_layout(scheme, N, k, seed=m + k)
     layer = cpu_weights(qt)
     assert isinstance(layer, CPUWeights) and (layer.out_features, layer.in_features) == (N, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     assert_matches(layer(x), activations(scheme, x), reference_weight(qt))
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [192, 75])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bfloat16_gemm_rounds_each_factor_once(scheme, k, monkeypatch):
+    monkeypatch.setattr(ggml, "GEMM_TILE", 4 * 192)
+    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.bfloat16)
+    qt = random_layout(scheme, N, k, seed=k)
+    x = torch.randn(100, k, generator=torch.Generator().manual_seed(k)).double()  # the GEMM path for every scheme
+    w = reference_weight(qt)
+    # activations (not int8-rounded here), weights and each sum rounded once to bfloat16's 8 significant bits
+    bound = 3 * 2**-8 * (x.abs() @ w.abs().T)
+    assert bool(((cpu_weights(qt)(x.float()).double() - x @ w.T).abs() <= bound).all())
 
 
 @needs_kernels

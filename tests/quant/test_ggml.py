@@ -14,6 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
+from deskpod.quant import ggml
 from deskpod.quant.ggml import GGML_TYPES, MATVEC_MAX_ROWS, BlockWeight, has_kernel
 from deskpod.quant.kernels import ggml_blocks
 
@@ -25,6 +26,12 @@ K_QUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 # test green: here it fails, unless running without kernels was asked for.
 NO_KERNELS = bool(os.environ.get("DESKPOD_NO_KERNELS"))
 needs_kernels = pytest.mark.skipif(NO_KERNELS, reason="DESKPOD_NO_KERNELS is set")
+
+
+@pytest.fixture(autouse=True)
+def float32_gemm(monkeypatch):
+    """The exact checks here are float32's wherever the CPU would take the GEMM in bfloat16 (its own tests say so)."""
+    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)
 
 
 def blocks_of(qtype: str, seed: int = 0, rows: int = N) -> np.ndarray:
@@ -86,17 +93,24 @@ def test_matmul_is_int8_activations_times_the_weights(qtype, rows, portable):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, MATVEC_MAX_ROWS + 9])  # the integer kernels, and dequantize + float GEMM
+# the integer kernels, and dequantize + GEMM in either type
+@pytest.mark.parametrize("rows, gemm", [(1, "float32"), (MATVEC_MAX_ROWS + 9, "float32"), (MATVEC_MAX_ROWS + 9, "bfloat16")])
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q6_K"])
-def test_block_weight_paths(qtype, rows):
+def test_block_weight_paths(qtype, rows, gemm, monkeypatch):
+    monkeypatch.setattr(ggml, "GEMM_DTYPE", getattr(torch, gemm))
     raw = blocks_of(qtype)
     layer = BlockWeight(qtype, torch.from_numpy(raw), K)
     x = torch.randn(2, rows, K)
     y = layer(x)
     assert y.shape == (2, rows, N) and y.dtype == torch.float32
-    # both paths multiply by int8-rounded activations: a row's result does not depend on the batch around it
-    want = int8_activations(x.reshape(-1, K)) @ torch.from_numpy(reference_weights(qtype, raw)).double().T
-    torch.testing.assert_close(y.reshape(-1, N).double(), want, rtol=1e-5, atol=5e-4)  # float32 sums of 512 products
+    y = y.reshape(-1, N).double()
+    x, w = x.reshape(-1, K).double(), torch.from_numpy(reference_weights(qtype, raw)).double()
+    if gemm == "float32":
+        # both paths multiply by int8-rounded activations: a row's result does not depend on the batch around it
+        torch.testing.assert_close(y, int8_activations(x.float()) @ w.T, rtol=1e-5, atol=5e-4)  # sums of 512 products
+    else:  # activations, weights and each sum rounded once to bfloat16 (8 significant bits)
+        bound = 3 * 2**-8 * (x.abs() @ w.abs().T)
+        assert bool(((y - x @ w.T).abs() <= bound).all())
 
 
 @needs_kernels

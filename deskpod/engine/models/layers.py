@@ -28,7 +28,7 @@ from torch import nn
 from deskpod.engine.attention import (AttentionBatch, PagedKVCache, cpu_kernels_for, decode_attention,
                                       prefill_attention, store_kv)
 from deskpod.formats.spec import ModelSpec, RopeSpec
-from deskpod.quant.ggml import MATVEC_MAX_ROWS
+from deskpod.quant.ggml import MATVEC_MAX_ROWS, float32_gemm
 from deskpod.quant.kernels import cpu_ops
 from deskpod.quant.linear import Linear
 
@@ -464,7 +464,8 @@ class DecoderLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.norm(x))
+        with float32_gemm():  # a bfloat16 GEMM's logits would tie
+            logits = self.head(self.norm(x))
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

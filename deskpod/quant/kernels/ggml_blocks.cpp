@@ -550,40 +550,59 @@ torch::Tensor multi_matmul(torch::Tensor x, std::vector<torch::Tensor> weights, 
   return out;
 }
 
-// The weights of rows `rows` (any order, repeats allowed) as float32 [len(rows), K]: prefill's tiles for a
-// float GEMM, and the embedding lookup of a token table.
-torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor rows, bool portable) {
+// Floats to bfloat16, rounded to nearest even as torch rounds (what the compiler vectorizes: no branch for NaN,
+// which a weight never is).
+inline void to_bfloat16(const float* in, uint16_t* out) {
+  for (int j = 0; j < SLICE; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, in + j, 4);
+    out[j] = uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
+// The weights of rows `rows` (any order, repeats allowed) times `scale`, as float32 [len(rows), K], or bfloat16
+// (each weight rounded once): prefill's tiles for a GEMM, and the embedding lookup of a token table.
+torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor rows, bool portable,
+                              double scale, bool bfloat16) {
   check_weights(blocks, type, K);
   TORCH_CHECK(rows.dtype() == torch::kInt64 && rows.dim() == 1, "rows must be int64 [R]");
   const Layout L = layout_of(type);
   const int64_t R = rows.size(0), row_bytes = blocks.size(1), N = blocks.size(0);
-  auto out = torch::empty({R, K}, torch::kFloat32);
-  float* op = out.data_ptr<float>();
+  auto out = torch::empty({R, K}, bfloat16 ? torch::kBFloat16 : torch::kFloat32);
+  char* op = static_cast<char*>(out.data_ptr());
+  const int64_t element_bytes = out.element_size();
   const int64_t* ids = rows.data_ptr<int64_t>();
   const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  const float weight_scale = float(scale);
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(0 <= ids[r] && ids[r] < N, "row ", ids[r], " is outside the weight's ", N);
 #if HAVE_AVX2
   void (*simd)(const uint8_t*, int, float*) = portable ? nullptr : for_type<Avx2Dequantize>(type);
 #endif
   at::parallel_for(0, R * (K / SLICE), 64, [&](int64_t i0, int64_t i1) {
     uint8_t c[SLICE];
+    alignas(32) float widened[SLICE];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / (K / SLICE), slice = i % (K / SLICE);
       const uint8_t* b = wp + ids[r] * row_bytes + (slice / L.slices) * L.block_bytes;
       const int s = int(slice % L.slices);
+      void* dst = op + (r * K + slice * SLICE) * element_bytes;
+      float* o = bfloat16 ? widened : static_cast<float*>(dst);
 #if HAVE_AVX2
       if (simd) {
-        simd(b, s, op + r * K + slice * SLICE);
-        continue;
-      }
+        simd(b, s, o);
+      } else
 #endif
-      codes_scalar(type, b, s, c);
-      const Factors f = factors(type, b, s);
-      float* o = op + r * K + slice * SLICE;
-      for (int j = 0; j < SLICE; ++j) {
-        const float code = signed_codes(type) ? float(int8_t(c[j])) : float(c[j]);
-        o[j] = f.scale[j / 16] * code + f.offset[j / 16];
+      {
+        codes_scalar(type, b, s, c);
+        const Factors f = factors(type, b, s);
+        for (int j = 0; j < SLICE; ++j) {
+          const float code = signed_codes(type) ? float(int8_t(c[j])) : float(c[j]);
+          o[j] = f.scale[j / 16] * code + f.offset[j / 16];
+        }
       }
+      if (weight_scale != 1.f)
+        for (int j = 0; j < SLICE; ++j) o[j] *= weight_scale;
+      if (bfloat16) to_bfloat16(widened, static_cast<uint16_t*>(dst));
     }
   });
   return out;
@@ -598,6 +617,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_row"), py::arg("count"), py::arg("col"), py::arg("out_rows"), py::arg("N"),
         py::arg("portable") = false);
   m.def("dequantize_rows", &dequantize_rows, py::arg("blocks"), py::arg("type"), py::arg("K"), py::arg("rows"),
-        py::arg("portable") = false);
+        py::arg("portable") = false, py::arg("scale") = 1.0, py::arg("bfloat16") = false);
   m.def("simd", []() { return bool(HAVE_AVX2); });
 }
