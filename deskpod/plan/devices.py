@@ -267,18 +267,19 @@ def this_machine() -> Hardware:
     total = info.get("MemTotal") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     available = info.get("MemAvailable", total)
     bandwidth, flops = probe_bandwidth(), probe_flops()
+    gemm = gemm_type()
     cores = os.cpu_count() or 1
     return Hardware(
         name="this",
         description=f"this machine: {cores} cores, {total / GiB:.1f} GiB RAM, "
-                    f"{bandwidth / GB:.1f} GB/s measured, {flops / 1e9:.0f} GFLOPS measured",
+                    f"{bandwidth / GB:.1f} GB/s measured, {flops / 1e9:.0f} GFLOPS measured ({gemm})",
         memory_bytes=total,
         reserved_bytes=total - available,  # what other processes hold now
         # Measured RSS with deskpod's engine and its CPU kernels imported and built: 248 MB (torch's CPU runtime
         # ≈ 230 MB of it); the tokenizer's tables are counted per model (capacity.runtime_bytes)
         runtime_overhead_bytes=250 * MB,
         bandwidth=bandwidth,
-        flops=(("f32", flops),),
+        flops=((gemm, flops),),
         unified=True,
         link_bandwidth=10e9,  # loopback
         link_latency=50e-6,
@@ -287,7 +288,7 @@ def this_machine() -> Hardware:
         # llama.cpp at 0.43 of the probed copy bandwidth.
         decode_efficiency=0.35,
         prefill_efficiency=0.50,
-        source="/proc/meminfo; numpy copy and matmul probes",
+        source="/proc/meminfo; a numpy copy and a torch matmul probe",
     )
 
 
@@ -306,12 +307,24 @@ def probe_bandwidth(nbytes: int = 256 * MiB, repeats: int = 3) -> float:
     return 2 * src.nbytes / best
 
 
-def probe_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Float32 matmul throughput in FLOP/s (numpy's BLAS on all cores)."""
-    import numpy as np
+def gemm_type() -> str:
+    """"bf16" or "f32": the type a prompt's GEMM runs in on this CPU (deskpod.quant.ggml.GEMM_DTYPE)."""
+    import torch
 
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    a @ a  # warm the BLAS threads
+    from deskpod.quant.ggml import GEMM_DTYPE
+
+    return "bf16" if GEMM_DTYPE == torch.bfloat16 else "f32"
+
+
+def probe_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Matmul throughput in FLOP/s on all cores, in the type a prompt's GEMM runs in here (bfloat16 on CPUs
+    with AMX tiles, float32 elsewhere: deskpod.quant.ggml.GEMM_DTYPE)."""
+    import torch
+
+    from deskpod.quant.ggml import GEMM_DTYPE
+
+    a = torch.rand(n, n, generator=torch.Generator().manual_seed(0)).to(GEMM_DTYPE)
+    a @ a  # warm the GEMM's threads
     start = time.perf_counter()
     for _ in range(repeats):
         a @ a
