@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from deskpod.quant import ggml
-from deskpod.quant.ggml import GGML_TYPES, MATVEC_MAX_ROWS, BlockWeight, has_kernel
+from deskpod.quant.ggml import BLOCK_WEIGHTS, GGML_TYPES, MATVEC_MAX_ROWS, BlockWeight, has_kernel
 from deskpod.quant.kernels import ggml_blocks
 
 N, K = 13, 512  # odd rows catch a kernel that handles rows in pairs or fours; 512 is two K-quant super-blocks
@@ -34,20 +34,26 @@ def float32_gemm(monkeypatch):
     monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)
 
 
-def blocks_of(qtype: str, seed: int = 0, rows: int = N) -> np.ndarray:
-    """[rows, bytes per row] of valid `qtype` blocks for a rows x K matrix: the gguf package quantizes the types
-    it can; for K-quants any bytes are legal once the float16 scales are set small and finite."""
+def blocks_of(qtype: str, seed: int = 0, rows: int = N, width: int = K) -> np.ndarray:
+    """[rows, bytes per row] of valid `qtype` blocks for a rows x width matrix: the gguf package quantizes the
+    types it can; for K-quants any bytes are legal once the float16 scales are set small and finite."""
     rng = np.random.default_rng(seed)
     if qtype not in K_QUANT_BYTES:
-        return quantize(rng.standard_normal((rows, K)).astype(np.float32), Q[qtype])
-    blocks = rng.integers(0, 256, size=(rows, K // 256, K_QUANT_BYTES[qtype]), dtype=np.uint8)
+        return quantize(rng.standard_normal((rows, width)).astype(np.float32), Q[qtype])
+    blocks = rng.integers(0, 256, size=(rows, width // 256, K_QUANT_BYTES[qtype]), dtype=np.uint8)
     for offset in (208,) if qtype == "Q6_K" else (0, 2):  # d (Q6_K: at the end), dmin
-        blocks[..., offset : offset + 2] = rng.uniform(0.001, 0.01, (rows, K // 256, 1)).astype(np.float16).view(np.uint8)
+        blocks[..., offset : offset + 2] = rng.uniform(0.001, 0.01, (rows, width // 256, 1)).astype(np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
 def reference_weights(qtype: str, raw: np.ndarray) -> np.ndarray:
-    return dequantize(raw, Q[qtype]).astype(np.float32).reshape(len(raw), K)
+    return dequantize(raw, Q[qtype]).astype(np.float32).reshape(len(raw), -1)
+
+
+# the kernels for this CPU's instruction sets, and the plain loops every machine compiles
+PATHS = {"native": {}, "portable": {"portable": True}}
+# a row of 16 slices, and of 3 (an odd count: the kernels take slices in pairs) for the types of 32-weight blocks
+WIDTHS = [(qtype, width) for qtype in TYPES for width in (K, 96) if width % BLOCK_WEIGHTS.get(qtype, 32) == 0]
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
@@ -75,13 +81,13 @@ def test_dequantize_is_exactly_ggml(qtype, portable):
 
 
 @needs_kernels
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])  # the 8/4/2/1-row kernels and their mixes
-@pytest.mark.parametrize("qtype", TYPES)
-def test_matmul_is_int8_activations_times_the_weights(qtype, rows, portable):
-    raw = blocks_of(qtype, seed=rows)
-    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
-    y = ggml_blocks().matmul(x, torch.from_numpy(raw), GGML_TYPES[qtype], portable)
+@pytest.mark.parametrize("qtype, width", WIDTHS)
+def test_matmul_is_int8_activations_times_the_weights(qtype, width, rows, path):
+    raw = blocks_of(qtype, seed=rows, width=width)
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+    y = ggml_blocks().matmul(x, torch.from_numpy(raw), GGML_TYPES[qtype], **PATHS[path])
     w = torch.from_numpy(reference_weights(qtype, raw)).double()
     want = int8_activations(x) @ w.T
     # float32 sums of K products: error bound relative to the sum of |x * w| rather than to the result
@@ -90,6 +96,20 @@ def test_matmul_is_int8_activations_times_the_weights(qtype, rows, portable):
     # and close to the float product: the int8 rounding of activations is all that separates them
     exact = x.double() @ w.T
     assert float((y.double() - exact).norm() / exact.norm()) < 0.02
+
+
+@needs_kernels
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", TYPES)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype, path):
+    """Bit for bit: speculative decoding checks its guesses as rows of one step and must reply what decoding a
+    token a step replies."""
+    raw = torch.from_numpy(blocks_of(qtype, seed=5))
+    x = torch.randn(13, K, generator=torch.Generator().manual_seed(5))
+    together = ggml_blocks().matmul(x, raw, GGML_TYPES[qtype], **PATHS[path])
+    for row in range(13):
+        alone = ggml_blocks().matmul(x[row : row + 1].contiguous(), raw, GGML_TYPES[qtype], **PATHS[path])
+        assert torch.equal(alone[0], together[row]), f"row {row}"
 
 
 @needs_kernels
