@@ -11,6 +11,7 @@ weight is expanded a tile of rows at a time for PyTorch's GEMM, whose cost then 
   same products, so a row's result does not depend on how many rows share its step (beyond float rounding).
 Types without a kernel here are expanded to float32 at load by the caller.
 """
+
 from __future__ import annotations
 
 import os

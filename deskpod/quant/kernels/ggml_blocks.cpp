@@ -550,8 +550,8 @@ torch::Tensor multi_matmul(torch::Tensor x, std::vector<torch::Tensor> weights, 
   return out;
 }
 
-// Floats to bfloat16, rounded to nearest even as torch rounds (what the compiler vectorizes: no branch for NaN,
-// which a weight never is).
+// Floats to bfloat16, rounded to nearest even as torch rounds. No branch for NaN, so that the compiler vectorizes
+// it: a NaN weight (a corrupt scale) comes out NaN or infinite, either of which still poisons its products.
 inline void to_bfloat16(const float* in, uint16_t* out) {
   for (int j = 0; j < SLICE; ++j) {
     uint32_t bits;
