@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deskpod.quant import QuantizedTensor, cpu, ggml, quantize
+from deskpod.quant import QuantizedTensor, ggml, quantize
 from deskpod.quant.cpu import MATVEC_MAX_ROWS, CPUWeights, cpu_weights
 from deskpod.quant.cpu import kernel_activations as activations
 from deskpod.quant.kernels import lowbit_cpu
