@@ -85,21 +85,31 @@ const std::vector<float> E4M3_HALF = [] {
 }();
 inline float e4m3_half(uint8_t b) { return E4M3_HALF[b]; }
 
-Layout layout_of(int64_t type) {
+// Kernel<type>::run for a type id known only at run time: one switch per call, none per slice. The one list of
+// the types at run time: their layouts and factors are looked up through it too.
+template <template <int64_t> class Kernel>
+auto for_type(int64_t type) -> decltype(&Kernel<Q4_0>::run) {
   switch (type) {
-    case Q4_0: return {18, 1};
-    case Q4_1: return {20, 1};
-    case Q5_0: return {22, 1};
-    case Q5_1: return {24, 1};
-    case Q8_0: return {34, 1};
-    case Q4_K: return {144, 8};
-    case Q5_K: return {176, 8};
-    case Q6_K: return {210, 8};
-    case MXFP4: return {17, 1};
-    case NVFP4: return {18, 1};
+    case Q4_0: return &Kernel<Q4_0>::run;
+    case Q4_1: return &Kernel<Q4_1>::run;
+    case Q5_0: return &Kernel<Q5_0>::run;
+    case Q5_1: return &Kernel<Q5_1>::run;
+    case Q8_0: return &Kernel<Q8_0>::run;
+    case Q4_K: return &Kernel<Q4_K>::run;
+    case Q5_K: return &Kernel<Q5_K>::run;
+    case Q6_K: return &Kernel<Q6_K>::run;
+    case MXFP4: return &Kernel<MXFP4>::run;
+    case NVFP4: return &Kernel<NVFP4>::run;
   }
   TORCH_CHECK(false, "ggml type ", type, " has no kernel here");
 }
+
+template <int64_t type>
+struct LayoutOf {
+  static Layout run() { return layout<type>(); }
+};
+
+Layout layout_of(int64_t type) { return for_type<LayoutOf>(type)(); }
 
 inline float f16(const uint8_t* p) {
   uint16_t bits;
@@ -152,21 +162,10 @@ inline Factors factors_of(const uint8_t* b, int s) {
   return {{0, 0}, {0, 0}};
 }
 
-inline Factors factors(int64_t type, const uint8_t* b, int s) {
-  switch (type) {
-    case Q4_0: return factors_of<Q4_0>(b, s);
-    case Q4_1: return factors_of<Q4_1>(b, s);
-    case Q5_0: return factors_of<Q5_0>(b, s);
-    case Q5_1: return factors_of<Q5_1>(b, s);
-    case Q8_0: return factors_of<Q8_0>(b, s);
-    case Q4_K: return factors_of<Q4_K>(b, s);
-    case Q5_K: return factors_of<Q5_K>(b, s);
-    case Q6_K: return factors_of<Q6_K>(b, s);
-    case MXFP4: return factors_of<MXFP4>(b, s);
-    case NVFP4: return factors_of<NVFP4>(b, s);
-  }
-  return {{0, 0}, {0, 0}};
-}
+template <int64_t type>
+struct FactorsOf {
+  static Factors run(const uint8_t* b, int s) { return factors_of<type>(b, s); }
+};
 
 // The 32 codes of slice s of block b, portable: c[j] for element j.
 inline void codes_scalar(int64_t type, const uint8_t* b, int s, uint8_t* c) {
@@ -285,24 +284,6 @@ struct Portable {
     dot_rows_portable<type>(row, xq, m0, rows, K, out, stride);
   }
 };
-
-// Kernel<type>::run for a type id known only at run time: one switch per call, none per slice.
-template <template <int64_t> class Kernel>
-auto for_type(int64_t type) -> decltype(&Kernel<Q4_0>::run) {
-  switch (type) {
-    case Q4_0: return &Kernel<Q4_0>::run;
-    case Q4_1: return &Kernel<Q4_1>::run;
-    case Q5_0: return &Kernel<Q5_0>::run;
-    case Q5_1: return &Kernel<Q5_1>::run;
-    case Q8_0: return &Kernel<Q8_0>::run;
-    case Q4_K: return &Kernel<Q4_K>::run;
-    case Q5_K: return &Kernel<Q5_K>::run;
-    case Q6_K: return &Kernel<Q6_K>::run;
-    case MXFP4: return &Kernel<MXFP4>::run;
-    case NVFP4: return &Kernel<NVFP4>::run;
-  }
-  TORCH_CHECK(false, "ggml type ", type, " has no kernel here");
-}
 
 #if HAVE_AVX2
 inline __m256i bytes_from_bits(uint32_t bits) {  // byte j = 0xFF where bit j is set
@@ -578,6 +559,7 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
 #if HAVE_AVX2
   void (*simd)(const uint8_t*, int, float*) = portable ? nullptr : for_type<Avx2Dequantize>(type);
 #endif
+  const auto factors = for_type<FactorsOf>(type);
   at::parallel_for(0, R * (K / SLICE), 64, [&](int64_t i0, int64_t i1) {
     uint8_t c[SLICE];
     alignas(32) float widened[SLICE];
@@ -594,7 +576,7 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
 #endif
       {
         codes_scalar(type, b, s, c);
-        const Factors f = factors(type, b, s);
+        const Factors f = factors(b, s);
         for (int j = 0; j < SLICE; ++j) {
           const float code = signed_codes(type) ? float(int8_t(c[j])) : float(c[j]);
           o[j] = f.scale[j / 16] * code + f.offset[j / 16];
