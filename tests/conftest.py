@@ -48,6 +48,17 @@ def minilm_dir(store: Store) -> Path:
 # --- tiny models built on the spot --------------------------------------------------------------
 
 
+@pytest.fixture
+def float32_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt-sized GEMMs in float32 (deskpod.quant.ggml.GEMM_DTYPE), on CPUs that would take them in bfloat16 too:
+    for checks exact to float32 rounding, or of something else than a GEMM's rounding."""
+    import torch
+
+    from deskpod.quant import ggml
+
+    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)
+
+
 def write_tiny_gguf(path: Path, file_type: gguf.LlamaFileType | None = None) -> Path:
     """A 2-layer llama-shaped GGUF of a few KB: 16 hidden, 4 heads, 2 kv heads, 10-token vocab."""
     writer = gguf.GGUFWriter(str(path), "llama")

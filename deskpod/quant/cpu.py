@@ -150,13 +150,10 @@ class GGUFBlockWeights(CPUWeights):
         return self.weight.apply(x2).view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
-        w = self.weight
-        return ggml_blocks().matmul(x, w.blocks, w.type_id, portable=portable, scale=w.scale)
+        return self.weight.matmul(x, portable)
 
     def _expand(self, n0: int, n1: int, portable: bool = False) -> torch.Tensor:
-        w = self.weight
-        return ggml_blocks().dequantize_rows(w.blocks, w.type_id, self.padded_in, torch.arange(n0, n1),
-                                             portable=portable, scale=w.scale)
+        return self.weight.rows(torch.arange(n0, n1), portable=portable)
 
 
 def _e4m3_has_nan(qt) -> bool:

@@ -100,11 +100,12 @@ class BlockWeight(LinearWeight):
             # a decode step's rows, as they come: no reshapes or casts (each a dispatcher call, ~120 a step)
             return ggml_blocks().matmul(x, self.blocks, self.type_id, scale=self.scale)
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if len(x2) <= MATVEC_MAX_ROWS:
-            y = ggml_blocks().matmul(x2, self.blocks, self.type_id, scale=self.scale)
-        else:
-            y = self._tiled_gemm(x2)  # its rows are scaled
+        y = self.matmul(x2) if len(x2) <= MATVEC_MAX_ROWS else self._tiled_gemm(x2)  # both scale the rows
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def matmul(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
+        """x [M, K] float32 contiguous @ W.T on the integer kernels (portable: their plain-loop version)."""
+        return ggml_blocks().matmul(x, self.blocks, self.type_id, portable=portable, scale=self.scale)
 
     def _tiled_gemm(self, x: torch.Tensor) -> torch.Tensor:
         bfloat16 = gemm_dtype() == torch.bfloat16
@@ -112,10 +113,10 @@ class BlockWeight(LinearWeight):
         x = x.bfloat16() if bfloat16 else int8_rounded(x)
         return tiled_gemm(x, lambda n0, n1: self.rows(torch.arange(n0, n1), bfloat16), self.out_features)
 
-    def rows(self, ids: torch.Tensor, bfloat16: bool = False) -> torch.Tensor:
-        """The weights of rows `ids` as float32 (bfloat16: each rounded once)."""
+    def rows(self, ids: torch.Tensor, bfloat16: bool = False, portable: bool = False) -> torch.Tensor:
+        """The weights of rows `ids` as float32 (bfloat16: each rounded once; portable: the plain loops)."""
         return ggml_blocks().dequantize_rows(self.blocks, self.type_id, self.in_features, ids.long().cpu(),
-                                             scale=self.scale, bfloat16=bfloat16)
+                                             portable=portable, scale=self.scale, bfloat16=bfloat16)
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(torch.arange(self.out_features))

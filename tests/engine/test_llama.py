@@ -14,7 +14,6 @@ from support.loading import kv_cache, load
 from support.loading import logits_of as forward
 
 from deskpod.engine.models.layers import RMSNorm
-from deskpod.quant import ggml
 from deskpod.quant.ggml import MATVEC_MAX_ROWS
 
 # long enough to cross the matvec/GEMM switch three times (MATVEC_MAX_ROWS tokens each)
@@ -54,8 +53,8 @@ def test_compact_and_float32_logits_agree(tiny_models, ids, rows):
 
 
 @pytest.mark.parametrize("mode", ["compact", "float32"])
-def test_incremental_decoding_equals_one_full_pass(tiny_models, ids, mode, monkeypatch):
-    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)  # what this checks is the cache, not a GEMM's rounding
+def test_incremental_decoding_equals_one_full_pass(tiny_models, ids, mode, float32_gemm):
+    # float32_gemm: what this checks is the cache, not a GEMM's rounding
     lm = tiny_models[mode]
     full = forward(lm, ids)
     # a prefill, then token by token; and chunks on both sides of the matvec/GEMM switch
@@ -67,9 +66,8 @@ def test_incremental_decoding_equals_one_full_pass(tiny_models, ids, mode, monke
         torch.testing.assert_close(forward(lm, ids, chunks), full, rtol=0, atol=atol)
 
 
-def test_last_logits_only_by_default(tiny_models, ids, monkeypatch):
+def test_last_logits_only_by_default(tiny_models, ids, float32_gemm):
     # the head meets one row in the integer kernels, all of them in the GEMM: in float32 the same products
-    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)
     lm = tiny_models["compact"]
     last = lm.model(torch.tensor(ids), torch.arange(len(ids)), kv_cache(lm, len(ids)))
     assert last.shape == (1, lm.spec.vocab_size)

@@ -89,10 +89,8 @@ def _nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :k].long()
 
 
-@pytest.fixture(autouse=True)
-def float32_gemm(monkeypatch):
-    """The exact checks here are float32's wherever the CPU would take the GEMM in bfloat16 (its own tests say so)."""
-    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)
+# the exact checks here are float32's wherever the CPU would take the GEMM in bfloat16 (test_bfloat16_gemm_rounds_each_factor_once checks that)
+pytestmark = pytest.mark.usefixtures("float32_gemm")
 
 
 def reference_weight(qt) -> torch.Tensor:

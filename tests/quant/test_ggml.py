@@ -28,10 +28,8 @@ NO_KERNELS = bool(os.environ.get("DESKPOD_NO_KERNELS"))
 needs_kernels = pytest.mark.skipif(NO_KERNELS, reason="DESKPOD_NO_KERNELS is set")
 
 
-@pytest.fixture(autouse=True)
-def float32_gemm(monkeypatch):
-    """The exact checks here are float32's wherever the CPU would take the GEMM in bfloat16 (its own tests say so)."""
-    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)
+# the exact checks here are float32's wherever the CPU would take the GEMM in bfloat16 (test_block_weight_paths checks that)
+pytestmark = pytest.mark.usefixtures("float32_gemm")
 
 
 def blocks_of(qtype: str, seed: int = 0, rows: int = N, width: int = K) -> np.ndarray:

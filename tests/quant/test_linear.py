@@ -11,15 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deskpod.quant import SCHEMES, QuantLinear, ggml, linear, quantize
+from deskpod.quant import SCHEMES, QuantLinear, linear, quantize
 from deskpod.quant.cpu import kernel_activations
 from deskpod.quant.linear import SchemeWeight
 
 
-@pytest.fixture(autouse=True)
-def float32_gemm(monkeypatch):
-    """The exact checks here are float32's wherever the CPU would take the GEMM in bfloat16 (test_cpu checks it)."""
-    monkeypatch.setattr(ggml, "GEMM_DTYPE", torch.float32)
+# the exact checks here are float32's wherever the CPU would take the GEMM in bfloat16 (test_cpu checks that)
+pytestmark = pytest.mark.usefixtures("float32_gemm")
 
 
 def _weight(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
