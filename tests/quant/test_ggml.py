@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from deskpod.quant import ggml
-from deskpod.quant.ggml import BLOCK_WEIGHTS, GGML_TYPES, MATVEC_MAX_ROWS, BlockWeight, has_kernel
+from deskpod.quant.ggml import (BLOCK_WEIGHTS, GGML_TYPES, INTERLEAVED, INTERLEAVED_ROWS, MATVEC_MAX_ROWS, BlockWeight,
+                                has_kernel)
 from deskpod.quant.kernels import ggml_blocks
 
 N, K = 13, 512  # odd rows catch a kernel that handles rows in pairs or fours; 512 is two K-quant super-blocks
@@ -54,6 +55,25 @@ PATHS = {"native": {}, "portable": {"portable": True}}
 WIDTHS = [(qtype, width) for qtype in TYPES for width in (K, 96) if width % BLOCK_WEIGHTS.get(qtype, 32) == 0]
 
 
+# every type in its file's row layout; the INTERLEAVED ones also regrouped eight rows at a time (24 rows: three groups)
+TYPE_LAYOUTS = [(qtype, "rows") for qtype in TYPES] + [(qtype, "interleaved") for qtype in sorted(INTERLEAVED)]
+WIDTH_LAYOUTS = [(qtype, width, layout) for qtype, width in WIDTHS for q, layout in TYPE_LAYOUTS if q == qtype]
+LAYOUT_ROWS = {"rows": N, "interleaved": 3 * INTERLEAVED_ROWS}
+
+
+def held(qtype: str, raw: np.ndarray, layout: str) -> tuple[torch.Tensor, int]:
+    """The blocks and type id the kernels take for `raw` (the file's rows) held in `layout`."""
+    blocks = torch.from_numpy(raw)
+    if layout == "rows":
+        return blocks, GGML_TYPES[qtype]
+    return ggml_blocks().interleave(blocks, GGML_TYPES[qtype]), GGML_TYPES[qtype] + ggml_blocks().X8
+
+
+def needs_simd() -> None:
+    if not ggml_blocks().simd():
+        pytest.skip("this CPU runs the plain-loop kernels, for which weights keep the file's row layout")
+
+
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
     """What the kernels multiply by: x rounded to int8 per block of 32 with scale d = max|x| / 127 (llama.cpp's
     Q8_0), the codes found in float32 as the kernels find them (round half to even of x * (1 / d)), then exact
@@ -71,21 +91,22 @@ def test_kernels_build():
 
 @needs_kernels
 @pytest.mark.parametrize("portable", [False, True])
-@pytest.mark.parametrize("qtype", TYPES)
-def test_dequantize_is_exactly_ggml(qtype, portable):
-    raw = blocks_of(qtype)
-    got = ggml_blocks().dequantize_rows(torch.from_numpy(raw), GGML_TYPES[qtype], K, torch.arange(N), portable)
-    np.testing.assert_array_equal(got.numpy(), reference_weights(qtype, raw))
+@pytest.mark.parametrize("qtype, layout", TYPE_LAYOUTS)
+def test_dequantize_is_exactly_ggml(qtype, portable, layout):
+    raw = blocks_of(qtype, rows=LAYOUT_ROWS[layout])
+    ids = torch.randperm(len(raw), generator=torch.Generator().manual_seed(0))  # any order
+    got = ggml_blocks().dequantize_rows(*held(qtype, raw, layout), K, ids, portable)
+    np.testing.assert_array_equal(got.numpy(), reference_weights(qtype, raw)[ids.numpy()])
 
 
 @needs_kernels
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])  # the 8/4/2/1-row kernels and their mixes
-@pytest.mark.parametrize("qtype, width", WIDTHS)
-def test_matmul_is_int8_activations_times_the_weights(qtype, width, rows, path):
-    raw = blocks_of(qtype, seed=rows, width=width)
+@pytest.mark.parametrize("qtype, width, layout", WIDTH_LAYOUTS)
+def test_matmul_is_int8_activations_times_the_weights(qtype, width, rows, path, layout):
+    raw = blocks_of(qtype, seed=rows, rows=LAYOUT_ROWS[layout], width=width)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
-    y = ggml_blocks().matmul(x, torch.from_numpy(raw), GGML_TYPES[qtype], **PATHS[path])
+    y = ggml_blocks().matmul(x, *held(qtype, raw, layout), **PATHS[path])
     w = torch.from_numpy(reference_weights(qtype, raw)).double()
     want = int8_activations(x) @ w.T
     # float32 sums of K products: error bound relative to the sum of |x * w| rather than to the result
@@ -98,15 +119,15 @@ def test_matmul_is_int8_activations_times_the_weights(qtype, width, rows, path):
 
 @needs_kernels
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("qtype", TYPES)
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype, path):
+@pytest.mark.parametrize("qtype, layout", TYPE_LAYOUTS)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype, path, layout):
     """Bit for bit: speculative decoding checks its guesses as rows of one step and must reply what decoding a
     token a step replies."""
-    raw = torch.from_numpy(blocks_of(qtype, seed=5))
+    raw, type_id = held(qtype, blocks_of(qtype, seed=5, rows=LAYOUT_ROWS[layout]), layout)
     x = torch.randn(13, K, generator=torch.Generator().manual_seed(5))
-    together = ggml_blocks().matmul(x, raw, GGML_TYPES[qtype], **PATHS[path])
+    together = ggml_blocks().matmul(x, raw, type_id, **PATHS[path])
     for row in range(13):
-        alone = ggml_blocks().matmul(x[row : row + 1].contiguous(), raw, GGML_TYPES[qtype], **PATHS[path])
+        alone = ggml_blocks().matmul(x[row : row + 1].contiguous(), raw, type_id, **PATHS[path])
         assert torch.equal(alone[0], together[row]), f"row {row}"
 
 
@@ -139,6 +160,60 @@ def test_rows_are_an_embedding_lookup(qtype):
     ids = torch.tensor([0, 12, 5, 5])
     np.testing.assert_array_equal(layer.rows(ids).numpy(), reference_weights(qtype, raw)[ids.numpy()])
     np.testing.assert_array_equal(layer.take_rows(ids).dequantize().numpy(), reference_weights(qtype, raw)[ids.numpy()])
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", sorted(INTERLEAVED))
+def test_interleaving_only_reorders_the_bits(qtype):
+    raw = torch.from_numpy(blocks_of(qtype, rows=16))
+    interleaved = ggml_blocks().interleave(raw, GGML_TYPES[qtype])
+    assert not torch.equal(interleaved, raw) and interleaved.shape == raw.shape
+    set_bits = [int(np.unpackbits(t.numpy()).sum()) for t in (raw, interleaved)]
+    assert set_bits[0] == set_bits[1]  # Q5's fifth bits move one by one; the rest moves in whole bytes
+    assert torch.equal(ggml_blocks().interleave(interleaved, GGML_TYPES[qtype], to_rows=True), raw)
+
+
+@needs_kernels
+def test_block_weight_interleaves_whole_groups_of_rows():
+    """Held interleaved where the rows come in whole groups (the file's bytes untouched); else as the file has them.
+    Either way the layer computes the same, and takes rows as the file holds them."""
+    needs_simd()
+    raw = blocks_of("Q4_0", rows=16)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(3))
+    grouped, plain = BlockWeight("Q4_0", torch.from_numpy(raw), K), BlockWeight("Q4_0", torch.from_numpy(raw), K, interleave=False)
+    assert grouped.interleaved and not plain.interleaved and "interleaved" in repr(grouped)
+    assert torch.equal(torch.from_numpy(raw), grouped.file_blocks()) and not torch.equal(grouped.blocks, grouped.file_blocks())
+    torch.testing.assert_close(grouped(x), plain(x), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([15, 2, 2, 9, 0, 1, 3, 4])  # 8 rows: the part is interleaved again
+    part = grouped.take_rows(ids)
+    assert part.interleaved and torch.equal(part.file_blocks(), torch.from_numpy(raw)[ids])
+    np.testing.assert_array_equal(part.dequantize().numpy(), reference_weights("Q4_0", raw)[ids.numpy()])
+    assert not BlockWeight("Q4_0", torch.from_numpy(raw[:13]), K).interleaved  # 13 rows: no whole groups
+    assert not BlockWeight("Q6_K", torch.from_numpy(blocks_of("Q6_K", rows=16)), K).interleaved  # no such layout
+
+
+@needs_kernels
+def test_multi_matmul_takes_both_layouts_at_once():
+    """A MoE layer's experts may be held either way (a ragged expert stays in rows): each product is the one its
+    weight computes alone."""
+    needs_simd()
+    rows8, rows13 = blocks_of("Q8_0", seed=1, rows=24), blocks_of("Q4_1", seed=2)
+    a, b = BlockWeight("Q8_0", torch.from_numpy(rows8), K), BlockWeight("Q4_1", torch.from_numpy(rows13), K)
+    assert a.interleaved and not b.interleaved
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(4))
+    out = ggml.multi_matmul(x, [ggml.Placed(a, 0, 0, 3), ggml.Placed(b, 1, 2, 3, col=24)], 5, 24 + 13)
+    assert torch.equal(out[0:3, :24], a(x[0:3])) and torch.equal(out[2:5, 24:], b(x[1:4]))
+
+
+@needs_kernels
+def test_an_interleaved_type_needs_whole_groups():
+    raw = torch.from_numpy(blocks_of("Q4_0", rows=13))
+    with pytest.raises(RuntimeError, match="not groups of 8"):
+        ggml_blocks().matmul(torch.randn(1, K), raw, GGML_TYPES["Q4_0"] + ggml_blocks().X8)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ggml_blocks().interleave(raw, GGML_TYPES["Q4_0"])
+    with pytest.raises(RuntimeError, match="no interleaved layout"):
+        ggml_blocks().interleave(torch.from_numpy(blocks_of("Q6_K", rows=16)), GGML_TYPES["Q6_K"])
 
 
 @needs_kernels

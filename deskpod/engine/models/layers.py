@@ -279,17 +279,16 @@ class MoE(nn.Module):
         if x.is_cuda and (grouped := self.grouped()) is not None:
             return grouped(x, weights, chosen).reshape(shape)
         if x.shape[0] == 1:  # one token (single-stream decode): its experts in turn, no grouping to do
-            # in expert order, as the grouped path adds them: the sum must not depend on the batch
-            order = sorted(zip(chosen[0].tolist(), weights[0].tolist()))
+            # in expert order and summed by index_add_, as the grouped path sums them: the sum must not depend on
+            # the batch
+            chosen, order = chosen[0].sort()
+            experts = chosen.tolist()
             if x.dtype == torch.float32 and x.device.type == "cpu" and (blocks := self.block_experts()) is not None:
-                rows = blocks(x, [(e, 0, row, 1) for row, (e, _) in enumerate(order)], len(order))
-                outputs = (rows[row : row + 1] for row in range(len(order)))
+                rows = blocks(x, [(e, 0, row, 1) for row, e in enumerate(experts)], len(experts))
             else:
-                outputs = (self.experts[expert](x) for expert, _ in order)
-            out = None
-            for y, (_, weight) in zip(outputs, order):
-                out = y * weight if out is None else out + y * weight
-            return out.reshape(shape)
+                rows = torch.cat([self.experts[expert](x) for expert in experts])
+            scaled = rows * weights[0, order].unsqueeze(-1)
+            return torch.zeros_like(x).index_add_(0, chosen.new_zeros(len(experts)), scaled).reshape(shape)
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)
         tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
