@@ -87,7 +87,7 @@ def tiled_gemm(x: torch.Tensor, expand: Callable[[int, int], torch.Tensor], out_
 # Types whose rows the SIMD kernels take regrouped eight at a time (the same bits, reordered once at load), so that
 # one pass of a block column yields eight outputs: their matrix-vector products run 2-3x faster (ggml_blocks.cpp,
 # "Interleaved").
-INTERLEAVED = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+INTERLEAVED = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "NVFP4"}
 INTERLEAVED_ROWS = 8
 
 

@@ -22,6 +22,8 @@ NO_KERNELS = bool(os.environ.get("DESKPOD_NO_KERNELS"))
 needs_kernels = pytest.mark.skipif(NO_KERNELS, reason="DESKPOD_NO_KERNELS is set")
 
 N = 13  # odd rows catch a kernel that handles rows in pairs
+# ... and 24, whole groups of eight, are held interleaved where the scheme's blocks can be (ggml.INTERLEAVED)
+ROW_COUNTS = [N, 24]
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
 SCHEMES = ["nvfp4", "mxfp4", "fp8", "fp8_e5m2", "int4", "int8"]
 
@@ -136,12 +138,13 @@ def test_kernels_build():
 @needs_kernels
 @pytest.mark.parametrize("k", [192, 75])  # whole blocks; ragged (odd, and not a multiple of 16 or 32)
 @pytest.mark.parametrize("m", [1, 3, 64, 65, 200, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1])
+@pytest.mark.parametrize("n", ROW_COUNTS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_matches_reference(scheme, m, k, monkeypatch):
+def test_matches_reference(scheme, n, m, k, monkeypatch):
     monkeypatch.setattr(ggml, "GEMM_TILE", 4 * 192)  # several tiles, the last one short, in the GEMM path
-    qt = random_layout(scheme, N, k, seed=m + k)
+    qt = random_layout(scheme, n, k, seed=m + k)
     layer = cpu_weights(qt)
-    assert isinstance(layer, CPUWeights) and (layer.out_features, layer.in_features) == (N, k)
+    assert isinstance(layer, CPUWeights) and (layer.out_features, layer.in_features) == (n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     assert_matches(layer(x), activations(scheme, x), reference_weight(qt))
 
@@ -172,10 +175,11 @@ def test_quantized_weights_match_dequantize_and_linear(scheme, m):
 
 
 @needs_kernels
+@pytest.mark.parametrize("n", ROW_COUNTS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_matvec_kernel_every_row_count(scheme):
+def test_matvec_kernel_every_row_count(scheme, n):
     """The matvec kernel's row counts 1..8 are separate compiled kernels, and rows come 8 at a time."""
-    qt = random_layout(scheme, N, 96, seed=4)
+    qt = random_layout(scheme, n, 96, seed=4)
     layer, w = cpu_weights(qt), reference_weight(qt)
     for m in range(1, 18):
         x = torch.randn(m, 96)
@@ -183,9 +187,10 @@ def test_matvec_kernel_every_row_count(scheme):
 
 
 @needs_kernels
+@pytest.mark.parametrize("n", ROW_COUNTS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_dequantize_is_the_reference(scheme):
-    qt = random_layout(scheme, N, 75)
+def test_dequantize_is_the_reference(scheme, n):
+    qt = random_layout(scheme, n, 75)
     torch.testing.assert_close(cpu_weights(qt).dequantize().double(), reference_weight(qt), rtol=1e-6, atol=0)
 
 
@@ -199,14 +204,15 @@ def test_keeps_leading_dimensions(scheme):
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("n", ROW_COUNTS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_portable_kernels_match_reference(scheme, m):
+def test_portable_kernels_match_reference(scheme, n, m):
     """The scalar fallback (what a machine without AVX2 runs) computes the same product and weight."""
-    qt = random_layout(scheme, N, 96, seed=3)
+    qt = random_layout(scheme, n, 96, seed=3)
     layer = cpu_weights(qt)
     x = torch.randn(m, 96)
     assert_matches(layer._matmul(x, portable=True), activations(scheme, x), reference_weight(qt))
-    torch.testing.assert_close(layer._expand(0, N, portable=True).double(), reference_weight(qt), rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer._expand(0, n, portable=True).double(), reference_weight(qt), rtol=1e-6, atol=0)
 
 
 # --- resident memory ------------------------------------------------------------------------------------
@@ -237,12 +243,15 @@ def test_fp8_e4m3_nan_codes_are_left_to_the_reference_path():
 
 
 @needs_kernels
-def test_non_finite_values_propagate_like_the_reference():
-    """E5M2 infinities and an MXFP4 NaN scale (255) give the same non-finite outputs as dequantize + matmul."""
-    e5 = random_layout("fp8_e5m2", N, 64)
+@pytest.mark.parametrize("n", ROW_COUNTS)
+def test_non_finite_values_propagate_like_the_reference(n):
+    """E5M2 infinities and an MXFP4 NaN scale (255) give the same non-finite outputs as dequantize + matmul; a
+    zero MXFP4 scale (2^-127) stays finite."""
+    e5 = random_layout("fp8_e5m2", n, 64)
     e5.data["weight"].view(torch.uint8)[2, 7] = 0x7C  # +inf
-    mx = random_layout("mxfp4", N, 64)
+    mx = random_layout("mxfp4", n, 64)
     mx.data["weight_scale"][4, 1] = 255
+    mx.data["weight_scale"][5, 0] = 0
     x = torch.randn(3, 64)
     for qt in (e5, mx):
         want = x.double() @ reference_weight(qt).T

@@ -56,7 +56,7 @@ WIDTHS = [(qtype, width) for qtype in TYPES for width in (K, 96) if width % BLOC
 
 
 # every type in its file's row layout; the INTERLEAVED ones also regrouped eight rows at a time (24 rows: three groups)
-TYPE_LAYOUTS = [(qtype, "rows") for qtype in TYPES] + [(qtype, "interleaved") for qtype in sorted(INTERLEAVED)]
+TYPE_LAYOUTS = [(qtype, "rows") for qtype in TYPES] + [(qtype, "interleaved") for qtype in sorted(INTERLEAVED & set(GGML_TYPES))]
 WIDTH_LAYOUTS = [(qtype, width, layout) for qtype, width in WIDTHS for q, layout in TYPE_LAYOUTS if q == qtype]
 LAYOUT_ROWS = {"rows": N, "interleaved": 3 * INTERLEAVED_ROWS}
 
@@ -163,7 +163,7 @@ def test_rows_are_an_embedding_lookup(qtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", sorted(INTERLEAVED))
+@pytest.mark.parametrize("qtype", sorted(INTERLEAVED & set(GGML_TYPES)))
 def test_interleaving_only_reorders_the_bits(qtype):
     raw = torch.from_numpy(blocks_of(qtype, rows=16))
     interleaved = ggml_blocks().interleave(raw, GGML_TYPES[qtype])

@@ -26,7 +26,7 @@
 // The E2M1 codes become their doubled values (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12: int8, like Q8_0's codes), the
 // half going into the scale.
 //
-// Interleaved (type id + X8): Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows regrouped eight at a time at load (the same
+// Interleaved (type id + X8): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4 and NVFP4 rows regrouped eight at a time at load (the same
 // bits in another order), so that a block column of eight rows meets x in one pass whose output rows are the
 // vector lanes (llama.cpp repacks Q4_0 likewise for its x86 GEMV). In a group of rows 8g..8g+7, block column i
 // holds the eight blocks' scale fields side by side (one vector load each), Q5's fifth bits regrouped, then the
@@ -120,7 +120,7 @@ auto for_type(int64_t type) -> decltype(&Kernel<Q4_0>::run) {
 
 // The interleaved types: their matmul kernels only (their rows are expanded through their base type's code).
 constexpr bool interleavable(int64_t type) {
-  return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0;
+  return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == MXFP4 || type == NVFP4;
 }
 
 template <template <int64_t> class Kernel>
@@ -131,6 +131,8 @@ auto for_any_type(int64_t type) -> decltype(&Kernel<Q4_0>::run) {
     case X8 + Q5_0: return &Kernel<X8 + Q5_0>::run;
     case X8 + Q5_1: return &Kernel<X8 + Q5_1>::run;
     case X8 + Q8_0: return &Kernel<X8 + Q8_0>::run;
+    case X8 + MXFP4: return &Kernel<X8 + MXFP4>::run;
+    case X8 + NVFP4: return &Kernel<X8 + NVFP4>::run;
   }
   return for_type<Kernel>(type);
 }
@@ -142,13 +144,17 @@ struct LayoutOf {
 
 Layout layout_of(int64_t type) { return for_type<LayoutOf>(base_type(type))(); }
 
-// An interleaved column of eight blocks, in order: each 2-byte scale field (d; Q4_1 and Q5_1 also m) of the eight
-// side by side; Q5's fifth bits, regrouped (high_bit_element); the codes, four bytes of each lane at a time.
+// An interleaved column of eight blocks, in order: each scale field of the eight side by side (float16 d, and m
+// for Q4_1 and Q5_1; MXFP4's E8M0 byte; NVFP4's two E4M3 bytes); Q5's fifth bits, regrouped (high_bit_element);
+// the codes, four bytes of each lane at a time.
 struct X8Parts {
-  int fields, high_bits, codes;  // per block: 2-byte fields, bytes of fifth bits, bytes of codes
+  int field_bytes, fields, high_bits, codes;  // per block: scale fields and their size, bytes of fifth bits and of codes
+  constexpr int head() const { return LANES * field_bytes * fields; }  // where the fifth bits start
+  constexpr int codes_at() const { return head() + LANES * high_bits; }
 };
 constexpr X8Parts x8_parts(int64_t type) {
-  return {type == Q4_1 || type == Q5_1 ? 2 : 1, type == Q5_0 || type == Q5_1 ? 4 : 0, type == Q8_0 ? 32 : 16};
+  return {type == MXFP4 || type == NVFP4 ? 1 : 2, type == Q4_1 || type == Q5_1 || type == NVFP4 ? 2 : 1,
+          type == Q5_0 || type == Q5_1 ? 4 : 0, type == Q8_0 ? 32 : 16};
 }
 
 // Q5's fifth bits: bit j of byte 4 * lane + b holds that lane's element high_bit_element(j, b), the element that
@@ -159,30 +165,30 @@ constexpr int high_bit_element(int j, int b) { return j < 4 ? 4 * j + b : 16 + 4
 // One lane's block (the type's own layout) into an interleaved column (its fifth bits' bytes zeroed beforehand)...
 inline void x8_put(int64_t type, const uint8_t* block, int lane, uint8_t* column) {
   const X8Parts x = x8_parts(type);
-  for (int f = 0; f < x.fields; ++f) std::memcpy(column + 2 * LANES * f + 2 * lane, block + 2 * f, 2);
-  const uint8_t* codes = block + 2 * x.fields + x.high_bits;
-  uint8_t* to = column + 2 * LANES * x.fields + LANES * x.high_bits;
-  for (int p = 0; p < x.codes; p += 4) std::memcpy(to + LANES * p + 4 * lane, codes + p, 4);
+  const int fb = x.field_bytes, field_end = fb * x.fields;
+  for (int f = 0; f < x.fields; ++f) std::memcpy(column + LANES * fb * f + fb * lane, block + fb * f, fb);
+  const uint8_t* codes = block + field_end + x.high_bits;
+  for (int p = 0; p < x.codes; p += 4) std::memcpy(column + x.codes_at() + LANES * p + 4 * lane, codes + p, 4);
   if (x.high_bits) {
     uint32_t qh;
-    std::memcpy(&qh, block + 2 * x.fields, 4);
+    std::memcpy(&qh, block + field_end, 4);
     for (int b = 0; b < 4; ++b)
-      for (int j = 0; j < 8; ++j) column[2 * LANES * x.fields + 4 * lane + b] |= uint8_t(((qh >> high_bit_element(j, b)) & 1) << j);
+      for (int j = 0; j < 8; ++j) column[x.head() + 4 * lane + b] |= uint8_t(((qh >> high_bit_element(j, b)) & 1) << j);
   }
 }
 
 // ... and back out of it.
 inline void x8_get(int64_t type, const uint8_t* column, int lane, uint8_t* block) {
   const X8Parts x = x8_parts(type);
-  for (int f = 0; f < x.fields; ++f) std::memcpy(block + 2 * f, column + 2 * LANES * f + 2 * lane, 2);
-  uint8_t* codes = block + 2 * x.fields + x.high_bits;
-  const uint8_t* from = column + 2 * LANES * x.fields + LANES * x.high_bits;
-  for (int p = 0; p < x.codes; p += 4) std::memcpy(codes + p, from + LANES * p + 4 * lane, 4);
+  const int fb = x.field_bytes, field_end = fb * x.fields;
+  for (int f = 0; f < x.fields; ++f) std::memcpy(block + fb * f, column + LANES * fb * f + fb * lane, fb);
+  uint8_t* codes = block + field_end + x.high_bits;
+  for (int p = 0; p < x.codes; p += 4) std::memcpy(codes + p, column + x.codes_at() + LANES * p + 4 * lane, 4);
   if (x.high_bits) {
     uint32_t qh = 0;
     for (int b = 0; b < 4; ++b)
-      for (int j = 0; j < 8; ++j) qh |= uint32_t((column[2 * LANES * x.fields + 4 * lane + b] >> j) & 1) << high_bit_element(j, b);
-    std::memcpy(block + 2 * x.fields, &qh, 4);
+      for (int j = 0; j < 8; ++j) qh |= uint32_t((column[x.head() + 4 * lane + b] >> j) & 1) << high_bit_element(j, b);
+    std::memcpy(block + field_end, &qh, 4);
   }
 }
 
@@ -512,22 +518,59 @@ inline __m256i dot_add(__m256i acc, __m256i c, __m256i q) {
 #endif
 }
 
+// The scales of an interleaved column, a lane per row: of codes 0-15 and of 16-31 (equal but for NVFP4), and the
+// offsets' (Q4_1 and Q5_1's m).
+struct ColumnScales {
+  __m256 first, second, offset;
+};
+
+template <int64_t base>
+inline ColumnScales column_scales(const uint8_t* b) {
+  auto float16s = [](const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+  auto bytes = [](const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); };
+  if constexpr (base == MXFP4) {  // E8M0 e -> 2^(e - 128), as e8m0_half: e = 0 a subnormal, 255 NaN
+    const __m256i e = bytes(b);
+    __m256i bits = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x00200000), _mm256_cmpeq_epi32(e, _mm256_setzero_si256()));
+    bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC00000), _mm256_cmpeq_epi32(e, _mm256_set1_epi32(255)));
+    const __m256 d = _mm256_castsi256_ps(bits);
+    return {d, d, d};
+  } else if constexpr (base == NVFP4) {  // E4M3 bytes (of codes 0-15, then of 16-31) -> their halved values
+    auto e4m3_half = [&](const uint8_t* p) {  // as E4M3_HALF holds them (computed: 1.3x a table gather here)
+      const __m256i x = bytes(p), em = _mm256_and_si256(x, _mm256_set1_epi32(0x7F));  // exponent and mantissa
+      // normal: 2^(e - 8) (1 + m / 8), its exponent field e + 119; e = 0: m 2^-10; 0x7F: NaN
+      const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(119 << 23)));
+      const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(1.0f / 1024));
+      __m256 v = _mm256_blendv_ps(normal, subnormal, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em)));
+      v = _mm256_blendv_ps(v, _mm256_set1_ps(NAN), _mm256_castsi256_ps(_mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7F))));
+      return _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x80)), 24)));
+    };
+    return {e4m3_half(b), e4m3_half(b + LANES), _mm256_setzero_ps()};
+  } else {
+    const __m256 d = float16s(b);
+    return {d, d, base == Q4_1 || base == Q5_1 ? float16s(b + 2 * LANES) : d};
+  }
+}
+
+// E2M1 code -> its doubled value + 12 (0..24): unsigned, for dpbusd; the 12 is taken off through the sum of x
+alignas(16) constexpr int8_t E2M1_X2_PLUS_12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+
 // R rows of x against one interleaved group of eight weight rows: lane l of each accumulator is output row l.
-// Each lane's 32-bit integer sum runs over a whole block column, in two chains (codes 0-15 and 16-31); the
-// codes meet x as unsigned (Q4_0's nibbles, Q8_0's bytes + 128 where the CPU has VNNI), their centre taken off
-// once per column through the sum of x's codes.
+// Each lane's 32-bit integer sums run over a whole block column, in two chains (codes 0-15 and 16-31); the
+// codes meet x as unsigned (nibbles; E2M1's doubled values + 12; Q8_0's bytes + 128 where the CPU has VNNI),
+// their centre taken off once per column through the sum of x's codes.
 template <int64_t type, int R>
 void dot8_rows_avx2(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_t K, float* out, int64_t out_stride) {
   constexpr int64_t base = base_type(type);
   constexpr int64_t column_bytes = LANES * layout<base>().block_bytes;
   constexpr X8Parts parts = x8_parts(base);
-  constexpr int head = 2 * LANES * parts.fields, codes_at = head + LANES * parts.high_bits;
+  constexpr bool e2m1 = base == MXFP4 || base == NVFP4, two_scales = base == NVFP4;
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
   constexpr bool biased = base == Q8_0;  // int8 codes + 128 as unsigned: one xor per column, not a sign per row
 #else
   constexpr bool biased = false;  // maddubs's int16 pairs would saturate at 255 * 127 * 2: codes keep their sign
 #endif
-  constexpr int centre = base == Q4_0 ? 8 : base == Q5_0 ? 16 : biased ? 128 : 0;
+  constexpr int centre = base == Q4_0 ? 8 : base == Q5_0 ? 16 : e2m1 ? 12 : biased ? 128 : 0;
   constexpr bool has_offset = base == Q4_1 || base == Q5_1;
   const int64_t slices = K / SLICE;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -541,26 +584,29 @@ void dot8_rows_avx2(const uint8_t* group, const QuantizedRows& xq, int64_t m0, i
     const uint8_t* b = group + i * column_bytes;
     for (int64_t ahead = 0; ahead < column_bytes; ahead += 64)
       _mm_prefetch(reinterpret_cast<const char*>(b) + X8_PREFETCH_AHEAD + ahead, _MM_HINT_T1);
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-    const __m256 m = has_offset ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16))) : d;
+    const ColumnScales scales = column_scales<base>(b);
     __m256i c[8];  // c[j]: bytes 4j..4j+3 of every lane's codes (elements 4j..4j+3)
     if constexpr (base == Q8_0) {
       for (int j = 0; j < 8; ++j) {
-        c[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + codes_at + 32 * j));
+        c[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + parts.codes_at() + 32 * j));
         if (biased) c[j] = _mm256_xor_si256(c[j], _mm256_set1_epi8(char(0x80)));
       }
     } else {  // nibbles: byte j holds elements j (low) and j + 16 (high)
       for (int j = 0; j < 4; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + codes_at + 32 * j));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + parts.codes_at() + 32 * j));
         c[j] = _mm256_and_si256(v, low4), c[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       }
       if constexpr (parts.high_bits != 0) {  // bit j of each byte: register j's fifth bit, moved to bit 4
-        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + head));
+        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + parts.head()));
         const __m256i bit4 = _mm256_set1_epi8(0x10);
         for (int j = 0; j < 8; ++j) {
           const __m256i moved = j < 4 ? _mm256_slli_epi16(high, 4 - j) : _mm256_srli_epi16(high, j - 4);
           c[j] = _mm256_or_si256(c[j], _mm256_and_si256(moved, bit4));
         }
+      }
+      if constexpr (e2m1) {
+        const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(E2M1_X2_PLUS_12)));
+        for (int j = 0; j < 8; ++j) c[j] = _mm256_shuffle_epi8(table, c[j]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -576,13 +622,19 @@ void dot8_rows_avx2(const uint8_t* group, const QuantizedRows& xq, int64_t m0, i
           second = dot_add(second, c[j + 4], four(16 + 4 * j));
         }
       }
-      __m256i isum = _mm256_add_epi32(first, second);
-      if (centre) {
-        const int32_t* sums = sum_row + r * (K / 16) + 2 * i;
-        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(centre * (sums[0] + sums[1])));
+      const int32_t* sums = sum_row + r * (K / 16) + 2 * i;  // of x's codes 0-15 and 16-31
+      const __m256 dx = _mm256_set1_ps(dx_row[r * slices + i]);
+      if constexpr (two_scales) {
+        first = _mm256_sub_epi32(first, _mm256_set1_epi32(centre * sums[0]));
+        second = _mm256_sub_epi32(second, _mm256_set1_epi32(centre * sums[1]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(scales.first, dx), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(scales.second, dx), acc[r]);
+      } else {
+        __m256i isum = _mm256_add_epi32(first, second);
+        if (centre) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(centre * (sums[0] + sums[1])));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scales.first, dx), acc[r]);
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(dx_row[r * slices + i])), acc[r]);
-      if constexpr (has_offset) offsets[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum_row[r * slices + i]), offsets[r]);
+      if constexpr (has_offset) offsets[r] = _mm256_fmadd_ps(scales.offset, _mm256_set1_ps(xsum_row[r * slices + i]), offsets[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * out_stride, _mm256_add_ps(acc[r], offsets[r]));
