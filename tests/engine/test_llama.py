@@ -85,3 +85,18 @@ def test_rms_norm_matches_pytorch():
     weight = torch.randn(64)
     x = torch.randn(5, 64) * 3
     torch.testing.assert_close(RMSNorm(weight, 1e-5)(x), F.rms_norm(x, (64,), weight, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_per_head_norms_are_the_norms_of_each_head():
+    """Queries' and keys' heads normed in one kernel call, read in place from the fused projection's output (its
+    rows strided), exactly as the norm of each head alone."""
+    from deskpod.engine.models.layers import Attention, AttentionOptions
+
+    H, KV, D = 4, 2, 16
+    q_norm, k_norm = RMSNorm(torch.randn(D), 1e-6), RMSNorm(torch.randn(D), 1e-5)
+    attn = Attention(AttentionOptions(H, KV, D, 1.0), None, None, 0, q_norm, k_norm)
+    qkv = torch.randn(3, H + 2 * KV, D) * 3
+    qk = qkv[:, : H + KV]  # strided: every token's values follow
+    got = attn.head_norms(qk, H)
+    assert torch.equal(got[:, :H], q_norm(qk[:, :H].contiguous())) and torch.equal(got[:, H:], k_norm(qk[:, H:].contiguous()))
+    torch.testing.assert_close(got[:, :H], F.rms_norm(qk[:, :H], (D,), q_norm.weight, 1e-6), rtol=1e-5, atol=1e-5)

@@ -29,6 +29,13 @@ namespace {
 
 // y = x / rms(x) * weight over the last dimension, in one pass (PyTorch's version is a chain of small ops,
 // which at decode's one row per call costs more than the arithmetic).
+inline void norm_row(const float* x, const float* weight, int64_t D, double eps, float* out) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / float(D) + float(eps));
+  for (int64_t i = 0; i < D; ++i) out[i] = x[i] * inv * weight[i];
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32");
   const int64_t D = x.size(-1), rows = x.numel() / D;
@@ -36,13 +43,26 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = xp + r * D;
-    float ss = 0.f;
-    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.f / std::sqrt(ss / float(D) + float(eps));
-    for (int64_t i = 0; i < D; ++i) op[r * D + i] = xr[i] * inv * wp[i];
-  }
+  for (int64_t r = 0; r < rows; ++r) norm_row(xp + r * D, wp, D, eps, op + r * D);
+  return out;
+}
+
+// Qwen3's and Gemma 3's per-head norms of queries and keys in one call: qk [T, H + KV, D] (its tokens' rows may
+// be strided: a slice of the fused qkv projection) -> [T, H + KV, D], the first H heads of each token normed with
+// q_weight, the others with k_weight, each as rms_norm computes it (PyTorch: two copies, two norms, a concat).
+torch::Tensor head_norms(torch::Tensor qk, torch::Tensor q_weight, torch::Tensor k_weight, int64_t H, double q_eps,
+                         double k_eps) {
+  TORCH_CHECK(qk.dtype() == torch::kFloat32 && qk.dim() == 3 && qk.stride(2) == 1 && qk.stride(1) == qk.size(2),
+              "qk must be float32 [T, heads, D] with each token's heads contiguous");
+  const int64_t T = qk.size(0), heads = qk.size(1), D = qk.size(2);
+  TORCH_CHECK(q_weight.numel() == D && k_weight.numel() == D && 0 <= H && H <= heads, "weights of ", D, " and H <= heads");
+  auto out = torch::empty({T, heads, D}, qk.options());
+  const float* q = q_weight.contiguous().data_ptr<float>();
+  const float* k = k_weight.contiguous().data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      norm_row(qk.data_ptr<float>() + t * qk.stride(0) + h * D, h < H ? q : k, D, h < H ? q_eps : k_eps,
+               out.data_ptr<float>() + (t * heads + h) * D);
   return out;
 }
 
@@ -388,6 +408,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
+  m.def("head_norms", &head_norms, py::arg("qk"), py::arg("q_weight"), py::arg("k_weight"), py::arg("H"),
+        py::arg("q_eps"), py::arg("k_eps"));
   m.def("rope_store", &rope_store, py::arg("qk"), py::arg("v"), py::arg("rot"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slots"), py::arg("H"));
   m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
