@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from deskpod.formats.weights import BlockTensor, StoredTensor
 from deskpod.quant.kernels import ggml_blocks
 from deskpod.quant.linear import LinearWeight
+from deskpod.quant.pages import HUGE_PAGES
 
 # ggml's type ids of the block types the kernels run, by GGUF type name
 GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -105,7 +106,9 @@ class BlockWeight(LinearWeight):
         self.interleaved = (interleave and ggml_type in INTERLEAVED and len(blocks) % INTERLEAVED_ROWS == 0
                             and ggml_blocks().simd())
         if self.interleaved:
-            blocks = ggml_blocks().interleave(blocks, self.type_id)  # a copy: the file's bytes stay as they are
+            # a copy (the file's bytes stay as they are), in huge pages: these are the weights decoding streams
+            into = HUGE_PAGES.take(blocks.numel()).view(blocks.shape)
+            blocks = ggml_blocks().interleave(blocks.contiguous(), self.type_id, out=into)
             self.type_id += ggml_blocks().X8
         self.register_buffer("blocks", blocks)  # [N, bytes per row] uint8
 

@@ -849,13 +849,17 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
 }
 
 // Rows of `type` regrouped eight at a time into its interleaved layout (x8_put), or back (to_rows).
-torch::Tensor interleave(torch::Tensor blocks, int64_t type, bool to_rows) {
+// `out`: where to write them (any contiguous uint8 tensor of blocks' shape), else a new tensor.
+torch::Tensor interleave(torch::Tensor blocks, int64_t type, bool to_rows, std::optional<torch::Tensor> into) {
   TORCH_CHECK(interleavable(type), "type ", type, " has no interleaved layout");
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.is_contiguous() && blocks.dim() == 2 && blocks.size(0) % LANES == 0,
               "blocks must be contiguous uint8 [N, bytes] with N a multiple of ", LANES);
   const int64_t bytes = layout_of(type).block_bytes, columns = blocks.size(1) / bytes;
   TORCH_CHECK(columns * bytes == blocks.size(1), "rows of ", blocks.size(1), " bytes are no whole blocks of type ", type);
-  auto out = to_rows ? torch::empty_like(blocks) : torch::zeros_like(blocks);  // x8_put ors in the fifth bits
+  TORCH_CHECK(!into || (into->dtype() == torch::kUInt8 && into->is_contiguous() && into->sizes() == blocks.sizes()),
+              "out must be contiguous uint8 of the blocks' shape");
+  auto out = into ? *into : torch::empty_like(blocks);
+  if (!to_rows) out.zero_();  // x8_put ors in the fifth bits
   const uint8_t* in = blocks.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1), group_bytes = LANES * row_bytes;
@@ -881,7 +885,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("portable") = false);
   m.def("dequantize_rows", &dequantize_rows, py::arg("blocks"), py::arg("type"), py::arg("K"), py::arg("rows"),
         py::arg("portable") = false, py::arg("scale") = 1.0, py::arg("bfloat16") = false);
-  m.def("interleave", &interleave, py::arg("blocks"), py::arg("type"), py::arg("to_rows") = false);
+  m.def("interleave", &interleave, py::arg("blocks"), py::arg("type"), py::arg("to_rows") = false,
+        py::arg("out") = py::none());
   m.def("simd", []() { return bool(HAVE_AVX2); });
   m.attr("X8") = X8;
 }

@@ -1,0 +1,59 @@
+"""Memory for weights that decoding streams from RAM, in 2 MB pages where the system gives them.
+
+A decode step that reads a Mixture-of-Experts' chosen experts touches a new 4 KB page every 4 KB of weights,
+and each one costs a TLB miss and a page-table walk. Linux backs memory with 2 MB pages ("transparent huge
+pages") where a program asks for them (madvise), and most distributions ship that setting: reading interleaved
+Q4_0 matrices of 0.4 MB from memory ran 1.26x faster from such pages than from 4 KB ones (22.8 against
+18.0 GB/s, 2 threads). Weights are carved from 64 MB chunks, since a page of 2 MB can only serve a range
+that large. Elsewhere (other systems, huge pages switched off) the chunks are ordinary memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+import torch
+
+CHUNK = 64 << 20  # bytes a chunk holds: at most this much is left unused at a chunk's end
+ALIGN = 64  # every piece starts on a cache line
+
+
+class HugePages:
+    """Hands out uint8 tensors carved from chunks of anonymous memory advised to be huge pages. A chunk is freed
+    once no tensor carved from it is left (each holds the chunk's mapping)."""
+
+    def __init__(self, chunk: int = CHUNK):
+        self.chunk_bytes = chunk
+        self._chunk: torch.Tensor | None = None
+        self._used = 0
+        self._lock = threading.Lock()  # models may load on several threads at once
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A new uint8 [nbytes] tensor (contents undefined)."""
+        if nbytes > self.chunk_bytes // 4:  # a large tensor gets chunks of its own, not a neighbour's leftovers
+            return _mapped(nbytes)[:nbytes]
+        with self._lock:
+            if self._chunk is None or self._used + nbytes > len(self._chunk):
+                self._chunk, self._used = _mapped(self.chunk_bytes), 0
+            piece = self._chunk[self._used : self._used + nbytes]
+            self._used += -(-nbytes // ALIGN) * ALIGN
+            return piece
+
+
+def _mapped(nbytes: int) -> torch.Tensor:
+    """nbytes of private anonymous memory, as huge pages where the system has them."""
+    size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    try:
+        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError, ValueError):  # no anonymous private mappings here (Windows)
+        return torch.empty(size, dtype=torch.uint8)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: ordinary pages
+            pass
+    return torch.frombuffer(memory, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
+HUGE_PAGES = HugePages()
