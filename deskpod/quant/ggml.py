@@ -105,12 +105,15 @@ class BlockWeight(LinearWeight):
         # (the plain-loop kernels, where the SIMD ones are not built, would only have to undo it row by row)
         self.interleaved = (interleave and ggml_type in INTERLEAVED and len(blocks) % INTERLEAVED_ROWS == 0
                             and ggml_blocks().simd())
+        # held in huge pages, a copy (the file's bytes stay as they are): these are the bytes decoding streams, and
+        # in 4 KB pages every 4 KB of them costs a TLB miss (deskpod.quant.pages)
+        held = HUGE_PAGES.take(blocks.numel()).view(blocks.shape)
         if self.interleaved:
-            # a copy (the file's bytes stay as they are), in huge pages: these are the weights decoding streams
-            into = HUGE_PAGES.take(blocks.numel()).view(blocks.shape)
-            blocks = ggml_blocks().interleave(blocks.contiguous(), self.type_id, out=into)
+            ggml_blocks().interleave(blocks.contiguous(), self.type_id, out=held)
             self.type_id += ggml_blocks().X8
-        self.register_buffer("blocks", blocks)  # [N, bytes per row] uint8
+        else:
+            held.copy_(blocks)
+        self.register_buffer("blocks", held)  # [N, bytes per row] uint8
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
@@ -204,5 +207,5 @@ def compact_weight(tensors: Sequence[StoredTensor]) -> LinearWeight | None:
     if not all(has_kernel(t.dtype, t.shape) for t in tensors) or len({t.shape[1] for t in tensors}) != 1:
         return None
     parts = [np.asarray(t.blocks()).reshape(t.rows, -1) for t in tensors]
-    blocks = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one tensor: its bytes as read, no copy
+    blocks = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one tensor: its bytes as read (BlockWeight copies)
     return BlockWeight(first.dtype, torch.from_numpy(np.ascontiguousarray(blocks)), first.shape[1])
