@@ -51,6 +51,9 @@
 #else
 #define HAVE_AVX2 0
 #endif
+#if defined(__BMI2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -157,12 +160,33 @@ constexpr X8Parts x8_parts(int64_t type) {
           type == Q5_0 || type == Q5_1 ? 4 : 0, type == Q8_0 ? 32 : 16};
 }
 
-// Q5's fifth bits: bit j of byte 4 * lane + b holds that lane's element high_bit_element(j, b), the element that
-// code register j holds in that byte (low nibbles, elements 0-15, in registers 0-3; high nibbles in 4-7). Register
-// j then takes its fifth bits with one shift and one mask.
-constexpr int high_bit_element(int j, int b) { return j < 4 ? 4 * j + b : 16 + 4 * (j - 4) + b; }
+// Q5's fifth bits: bit j of byte 4 * lane + b holds that lane's element high_bit_element(j, b) = 4j + b, the element
+// that code register j holds in that byte (low nibbles, elements 0-15, in registers 0-3; high nibbles in 4-7).
+// Register j then takes its fifth bits with one shift and one mask.
+constexpr int high_bit_element(int j, int b) { return 4 * j + b; }
 
-// One lane's block (the type's own layout) into an interleaved column (its fifth bits' bytes zeroed beforehand)...
+// Byte b of a lane's regrouped fifth bits from the block's 32 (bits b, b + 4, ..., b + 28), and back.
+inline uint8_t high_bits_of(uint32_t qh, int b) {
+#if defined(__BMI2__)
+  return uint8_t(_pext_u32(qh, 0x11111111u << b));
+#else
+  uint8_t byte = 0;
+  for (int j = 0; j < 8; ++j) byte |= uint8_t(((qh >> high_bit_element(j, b)) & 1) << j);
+  return byte;
+#endif
+}
+
+inline uint32_t high_bits_to(uint8_t byte, int b) {
+#if defined(__BMI2__)
+  return _pdep_u32(byte, 0x11111111u << b);
+#else
+  uint32_t qh = 0;
+  for (int j = 0; j < 8; ++j) qh |= uint32_t((byte >> j) & 1) << high_bit_element(j, b);
+  return qh;
+#endif
+}
+
+// One lane's block (the type's own layout) into an interleaved column...
 inline void x8_put(int64_t type, const uint8_t* block, int lane, uint8_t* column) {
   const X8Parts x = x8_parts(type);
   const int fb = x.field_bytes, field_end = fb * x.fields;
@@ -172,8 +196,7 @@ inline void x8_put(int64_t type, const uint8_t* block, int lane, uint8_t* column
   if (x.high_bits) {
     uint32_t qh;
     std::memcpy(&qh, block + field_end, 4);
-    for (int b = 0; b < 4; ++b)
-      for (int j = 0; j < 8; ++j) column[x.head() + 4 * lane + b] |= uint8_t(((qh >> high_bit_element(j, b)) & 1) << j);
+    for (int b = 0; b < 4; ++b) column[x.head() + 4 * lane + b] = high_bits_of(qh, b);
   }
 }
 
@@ -186,15 +209,22 @@ inline void x8_get(int64_t type, const uint8_t* column, int lane, uint8_t* block
   for (int p = 0; p < x.codes; p += 4) std::memcpy(codes + p, column + x.codes_at() + LANES * p + 4 * lane, 4);
   if (x.high_bits) {
     uint32_t qh = 0;
-    for (int b = 0; b < 4; ++b)
-      for (int j = 0; j < 8; ++j) qh |= uint32_t((column[x.head() + 4 * lane + b] >> j) & 1) << high_bit_element(j, b);
+    for (int b = 0; b < 4; ++b) qh |= high_bits_to(column[x.head() + 4 * lane + b], b);
     std::memcpy(block + field_end, &qh, 4);
   }
 }
 
-// Block column `column` of row `lane` in an interleaved group, in the type's own layout (bytes of one block).
-inline void x8_block(int64_t type, const uint8_t* group, int64_t column, int lane, uint8_t* out) {
-  x8_get(type, group + column * LANES * layout_of(type).block_bytes, lane, out);
+// Row `lane` of an interleaved group, `columns` blocks of it, in the type's own layout.
+template <int64_t type>
+struct X8Row {  // the type known when compiled: its parts' copies become a few moves
+  static void run(const uint8_t* group, int64_t columns, int lane, uint8_t* out) {
+    constexpr int64_t bytes = layout<type>().block_bytes;
+    for (int64_t c = 0; c < columns; ++c) x8_get(type, group + c * LANES * bytes, lane, out + c * bytes);
+  }
+};
+
+inline void x8_row(int64_t type, const uint8_t* group, int64_t columns, int lane, uint8_t* out) {
+  for_type<X8Row>(type)(group, columns, lane, out);
 }
 
 inline float f16(const uint8_t* p) {
@@ -375,7 +405,7 @@ struct Portable {
       constexpr Layout TL = layout<type>();
       std::vector<uint8_t> own(K / SLICE * TL.block_bytes);
       for (int lane = 0; lane < LANES; ++lane) {
-        for (int64_t c = 0; c < K / SLICE; ++c) x8_block(base_type(type), row, c, lane, own.data() + c * TL.block_bytes);
+        X8Row<base_type(type)>::run(row, K / SLICE, lane, own.data());
         dot_rows_portable<base_type(type)>(own.data(), xq, m0, rows, K, out + lane, stride);
       }
     } else {
@@ -815,15 +845,20 @@ torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, int64_t K, tor
   at::parallel_for(0, R * (K / SLICE), 64, [&](int64_t i0, int64_t i1) {
     uint8_t c[SLICE];
     alignas(32) float widened[SLICE];
-    alignas(32) uint8_t gathered[64];  // an interleaved row's block, in the type's layout
+    std::vector<uint8_t> gathered(interleaved ? row_bytes : 0);  // an interleaved row, in the type's layout
+    int64_t gathered_row = -1;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / (K / SLICE), slice = i % (K / SLICE);
-      const uint8_t* b = wp + ids[r] * row_bytes + (slice / L.slices) * L.block_bytes;
+      const uint8_t* row = wp + ids[r] * row_bytes;
       if (interleaved) {
-        const int64_t lane = ids[r] % LANES;
-        x8_block(type, wp + (ids[r] - lane) * row_bytes, slice, int(lane), gathered);
-        b = gathered;
+        if (r != gathered_row) {
+          const int64_t lane = ids[r] % LANES;
+          x8_row(type, wp + (ids[r] - lane) * row_bytes, row_bytes / L.block_bytes, int(lane), gathered.data());
+          gathered_row = r;
+        }
+        row = gathered.data();
       }
+      const uint8_t* b = row + (slice / L.slices) * L.block_bytes;
       const int s = int(slice % L.slices);
       void* dst = op + (r * K + slice * SLICE) * element_bytes;
       float* o = bfloat16 ? widened : static_cast<float*>(dst);
@@ -859,7 +894,6 @@ torch::Tensor interleave(torch::Tensor blocks, int64_t type, bool to_rows, std::
   TORCH_CHECK(!into || (into->dtype() == torch::kUInt8 && into->is_contiguous() && into->sizes() == blocks.sizes()),
               "out must be contiguous uint8 of the blocks' shape");
   auto out = into ? *into : torch::empty_like(blocks);
-  if (!to_rows) out.zero_();  // x8_put ors in the fifth bits
   const uint8_t* in = blocks.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1), group_bytes = LANES * row_bytes;
