@@ -4,6 +4,7 @@
     python benchmarks/quant_kernels.py --threads 1     # steadier on a shared machine
     python benchmarks/quant_kernels.py --hot           # weights left in cache between calls
     python benchmarks/quant_kernels.py --crossover     # also: matvec kernels vs tiled GEMM for M = 8..64
+    python benchmarks/quant_kernels.py --layouts       # instead: GGUF blocks interleaved vs as the file holds them
 
 For each weight shape [out, in] and number of activation rows M, every scheme's CPUWeights forward is timed
 against F.linear on the same weight expanded to float32 (what running without the kernels would keep
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from deskpod.quant import quantize
 from deskpod.quant.cpu import MATVEC_MAX_ROWS, CPUWeights, cpu_weights
-from deskpod.quant.ggml import BlockWeight
+from deskpod.quant.ggml import GGML_TYPES, INTERLEAVED, BlockWeight
 
 # SmolLM2-135M: MLP down [576, 1536], MLP up/gate [1536, 576], output head [49152, 576]
 SHAPES = [(576, 1536), (1536, 576), (49152, 576)]
@@ -122,6 +123,36 @@ def crossover_table(args) -> None:
         print(f"{s:>9} " + " ".join(f"{c:>14}" for c in cells), flush=True)
 
 
+def layouts_table(args) -> None:
+    """The GGUF kernels over each type the engine interleaves: its rows as the file holds them against rows
+    interleaved eight at a time, both in ordinary 4 KB pages, and the interleaved weight in the huge pages the
+    engine holds it in (deskpod.quant.pages; where the system gives none, the last two are alike)."""
+    import gguf
+    import numpy as np
+
+    stream = 0 if args.hot else args.stream_mib << 20
+    print(f"{'shape':>12} {'M':>4} {'type':>5} {'rows ms':>8} {'x8 ms':>8} {'x8 huge ms':>10} {'rows/x8':>8}"
+          f" {'rows/x8 huge':>12}")
+    for out, inp in SHAPES:
+        w = np.random.default_rng(0).standard_normal((out, inp)).astype(np.float32)
+        for kind in sorted(INTERLEAVED & set(GGML_TYPES)):
+            raw = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])))
+
+            def held(interleave: bool, huge: bool, kind=kind, raw=raw) -> BlockWeight:
+                layer = BlockWeight(kind, raw, inp, interleave=interleave)
+                if not huge:
+                    layer.blocks = layer.blocks.clone()  # the allocator's ordinary pages
+                return layer
+
+            calls = {name: copies(partial(held, *how), raw.nbytes, stream)
+                     for name, how in (("rows", (False, False)), ("x8", (True, False)), ("x8 huge", (True, True)))}
+            for m in args.rows:
+                t = fastest_ms(calls, torch.randn(m, inp), args.rounds)
+                print(f"{out:>5}x{inp:<6} {m:>4} {kind:>5} {t['rows']:>8.3f} {t['x8']:>8.3f} {t['x8 huge']:>10.3f}"
+                      f" {t['rows'] / t['x8']:>8.2f} {t['rows'] / t['x8 huge']:>12.2f}", flush=True)
+            del calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -132,10 +163,14 @@ def main() -> None:
     parser.add_argument("--stream-mib", type=int, default=128, help="weights streamed per timed run")
     parser.add_argument("--crossover", action="store_true")
     parser.add_argument("--crossover-rows", type=int, nargs="+", default=[8, 16, 20, 24, 32, 64])
+    parser.add_argument("--layouts", action="store_true", help="instead: the GGUF kernels over interleaved rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mode = "hot weights" if args.hot else f"weights streamed ({args.stream_mib} MiB per run)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {mode}")
+    if args.layouts:
+        layouts_table(args)
+        return
     main_table(args)
     if args.crossover:
         crossover_table(args)

@@ -110,6 +110,16 @@ class GGUFFile:
             data = data.reshape(rows, -1)
         return RawTensor(name, info.ggml_type, shape, data)
 
+    def mapped(self, name: str, expert: int | None = None) -> np.ndarray:
+        """A block-type tensor's bytes [rows, row_bytes] (or one expert's slice) as a view of the file's mapping,
+        for a reader that copies them at once (ggml.BlockWeight releases each part of the mapping it copied)."""
+        info = self._tensor(name)
+        offset, n_bytes, shape = info.offset, info.n_bytes, info.shape
+        if expert is not None:
+            n_bytes //= shape[0]
+            offset, shape = offset + expert * n_bytes, shape[1:]
+        return self._data[offset : offset + n_bytes].reshape(int(np.prod(shape[:-1])), -1)
+
     def dequantize(self, name: str, expert: int | None = None) -> np.ndarray:
         """The tensor (or one expert's slice) as float32, in PyTorch dimension order (the `gguf` package's
         reference dequantization)."""
@@ -269,7 +279,7 @@ class GGUFBlockTensor(BlockTensor):
         return GGUFFloatTensor.float(self)  # type: ignore[arg-type]  # the same reading
 
     def blocks(self) -> np.ndarray:
-        return self._ordered(self.file.raw(self.stored_name or self.name, self.expert).data)
+        return self._ordered(self.file.mapped(self.stored_name or self.name, self.expert))
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

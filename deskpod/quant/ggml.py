@@ -15,6 +15,7 @@ Types without a kernel here are expanded to float32 at load by the caller.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from deskpod.formats.weights import BlockTensor, StoredTensor
 from deskpod.quant.kernels import ggml_blocks
 from deskpod.quant.linear import LinearWeight
-from deskpod.quant.pages import HUGE_PAGES
+from deskpod.quant.pages import HUGE_PAGES, release_file_pages
 
 # ggml's type ids of the block types the kernels run, by GGUF type name
 GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -42,6 +43,8 @@ MATVEC_MAX_ROWS = 64
 # Weights expanded per tile in the prefill path: enough rows for an efficient GEMM, small enough to stay in
 # cache and never to hold a large matrix (a 262144 x 640 token table) expanded at once.
 GEMM_TILE = 1 << 20
+# Bytes of a weight copied at a time when it is loaded (then the file's pages under them are released)
+COPY_BYTES = 16 << 20
 
 
 def _gemm_dtype() -> torch.dtype:
@@ -97,7 +100,7 @@ class BlockWeight(LinearWeight):
     multiplies every weight (NVFP4's per-tensor scale; 1 for GGUF's own types). `blocks` come as the file holds
     them; INTERLEAVED types whose rows come in whole groups are held interleaved (interleave=False: never)."""
 
-    def __init__(self, ggml_type: str, blocks: torch.Tensor, in_features: int, scale: float = 1.0,
+    def __init__(self, ggml_type: str, blocks: torch.Tensor | np.ndarray, in_features: int, scale: float = 1.0,
                  interleave: bool = True):
         super().__init__()
         self.ggml_type, self.type_id = ggml_type, BLOCK_TYPES[ggml_type]
@@ -105,15 +108,26 @@ class BlockWeight(LinearWeight):
         # (the plain-loop kernels, where the SIMD ones are not built, would only have to undo it row by row)
         self.interleaved = (interleave and ggml_type in INTERLEAVED and len(blocks) % INTERLEAVED_ROWS == 0
                             and ggml_blocks().simd())
-        # held in huge pages, a copy (the file's bytes stay as they are): these are the bytes decoding streams, and
-        # in 4 KB pages every 4 KB of them costs a TLB miss (deskpod.quant.pages)
-        held = HUGE_PAGES.take(blocks.numel()).view(blocks.shape)
+        self.register_buffer("blocks", self._held(blocks))  # [N, bytes per row] uint8
         if self.interleaved:
-            ggml_blocks().interleave(blocks.contiguous(), self.type_id, out=held)
             self.type_id += ggml_blocks().X8
-        else:
-            held.copy_(blocks)
-        self.register_buffer("blocks", held)  # [N, bytes per row] uint8
+
+    def _held(self, blocks: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The blocks copied into huge pages (the file's bytes stay as they are): these are the bytes decoding
+        streams, and in 4 KB pages every 4 KB of them costs a TLB miss (deskpod.quant.pages). A few MB at a time,
+        each part of a mapped file released once copied, so that loading never holds a weight twice."""
+        held = HUGE_PAGES.take(blocks.shape[0] * blocks.shape[1]).view(tuple(blocks.shape))
+        step = max(1, COPY_BYTES // max(1, blocks.shape[1]) // INTERLEAVED_ROWS) * INTERLEAVED_ROWS
+        for r0 in range(0, len(blocks), step):
+            part = blocks[r0 : r0 + step]
+            rows = _tensor_of(np.ascontiguousarray(part)) if isinstance(part, np.ndarray) else part.contiguous()
+            if self.interleaved:
+                ggml_blocks().interleave(rows, self.type_id, out=held[r0 : r0 + step])
+            else:
+                held[r0 : r0 + step].copy_(rows)
+            if isinstance(part, np.ndarray):
+                release_file_pages(part)
+        return held
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
@@ -154,6 +168,13 @@ class BlockWeight(LinearWeight):
     def extra_repr(self) -> str:
         layout = ", interleaved" if self.interleaved else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.ggml_type}{layout}"
+
+
+def _tensor_of(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's memory, only read: a file's read-only mapping too (torch warns of those)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 @dataclass(frozen=True)
@@ -207,5 +228,9 @@ def compact_weight(tensors: Sequence[StoredTensor]) -> LinearWeight | None:
     if not all(has_kernel(t.dtype, t.shape) for t in tensors) or len({t.shape[1] for t in tensors}) != 1:
         return None
     parts = [np.asarray(t.blocks()).reshape(t.rows, -1) for t in tensors]
-    blocks = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one tensor: its bytes as read (BlockWeight copies)
-    return BlockWeight(first.dtype, torch.from_numpy(np.ascontiguousarray(blocks)), first.shape[1])
+    if len(parts) == 1:  # its bytes as read: BlockWeight copies them, releasing the file's pages as it goes
+        return BlockWeight(first.dtype, parts[0], first.shape[1])
+    weight = BlockWeight(first.dtype, np.concatenate(parts), first.shape[1])
+    for part in parts:  # copied: the file's pages need not count as this process's memory any more
+        release_file_pages(part)
+    return weight

@@ -10,9 +10,11 @@ that large. Elsewhere (other systems, huge pages switched off) the chunks are or
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 
+import numpy as np
 import torch
 
 CHUNK = 64 << 20  # bytes a chunk holds: at most this much is left unused at a chunk's end
@@ -57,3 +59,23 @@ def _mapped(nbytes: int) -> torch.Tensor:
 
 
 HUGE_PAGES = HugePages()
+MADV_DONTNEED = 4  # Linux's value (the mmap module names it only from Python 3.8 on some builds)
+
+
+def release_file_pages(array: np.ndarray) -> None:
+    """Stop counting a memory-mapped file's pages under `array` as this process's memory once its bytes have been
+    copied: the whole pages inside it are unmapped from the process (they stay in the page cache, and are read
+    again should anything touch them). Loading copies each weight into huge pages; without this, a load's peak
+    memory held every weight twice. Nothing for an array that is not a view of a mapped file."""
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if not isinstance(base, mmap.mmap) or array.nbytes == 0 or not array.flags.c_contiguous:
+        return
+    start = array.ctypes.data
+    first, end = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), MADV_DONTNEED)
+        except (OSError, AttributeError):  # no madvise in this C library: the pages stay counted
+            pass
