@@ -12,7 +12,6 @@ so a checkpoint deskpod does not fully understand is refused by name, never run 
 from __future__ import annotations
 
 import ctypes
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

@@ -59,7 +59,7 @@ def _mapped(nbytes: int) -> torch.Tensor:
 
 
 HUGE_PAGES = HugePages()
-MADV_DONTNEED = 4  # Linux's value (the mmap module names it only from Python 3.8 on some builds)
+MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)  # 4 is Linux's value, where the module lacks the name
 
 
 def release_file_pages(array: np.ndarray) -> None:
