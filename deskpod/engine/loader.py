@@ -11,7 +11,6 @@ so a checkpoint deskpod does not fully understand is refused by name, never run 
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from deskpod.quant.kernels import cpu_ops
 from deskpod.plan.devices import available_memory_bytes
 from deskpod.plan.shape import ModelShape
 from deskpod.quant.linear import WeightOptions, resident_bytes
+from deskpod.quant.pages import return_freed_heap
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -129,7 +129,7 @@ def load_model(path: str | Path, config: EngineConfig = EngineConfig(), name: st
     admit(source, config, context, share)
     tokenizer = TOKENIZERS[source.format](source)
     model = arch.build(ModelBuilder(source, weight_options(config), share, reduce))
-    _return_freed_memory()
+    return_freed_heap()
     check_all_used(source, arch.name, share)
     weights = config.weights
     # the kernels built (once per machine) now, not in the middle of the first request; without them (not
@@ -137,16 +137,6 @@ def load_model(path: str | Path, config: EngineConfig = EngineConfig(), name: st
     if config.device == "cpu" and config.dtype == "float32" and cpu_ops() is None:
         weights = "float32"
     return LoadedModel(model, tokenizer, source.spec, Path(path), source.label, context, weights)
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap's free memory back to the system. Loading copies weights (interleaving a block type's rows,
-    ggml.BlockWeight), and glibc keeps what the copies freed for reuse: 0.16 GB more resident for a 0.53 GB MoE.
-    A no-op on other C libraries."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _open(path: str | Path, name: str | None) -> WeightSource:

@@ -75,7 +75,18 @@ def release_file_pages(array: np.ndarray) -> None:
     start = array.ctypes.data
     first, end = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > first:
-        try:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), MADV_DONTNEED)
-        except (OSError, AttributeError):  # no madvise in this C library: the pages stay counted
-            pass
+        _libc_call("madvise", ctypes.c_void_p(first), ctypes.c_size_t(end - first), MADV_DONTNEED)
+
+
+def return_freed_heap() -> None:
+    """Hand the heap's free memory back to the system. Loading copies weights (BlockWeight), and glibc keeps what
+    the copies freed for reuse: 0.16 GB more resident for a 0.53 GB MoE. A no-op on other C libraries."""
+    _libc_call("malloc_trim", 0)
+
+
+def _libc_call(name: str, *args) -> None:
+    """C library function `name` on args, where the C library has it (else nothing: the memory stays counted)."""
+    try:
+        getattr(ctypes.CDLL(None), name)(*args)
+    except (OSError, AttributeError):
+        pass

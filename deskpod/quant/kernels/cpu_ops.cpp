@@ -57,12 +57,12 @@ torch::Tensor head_norms(torch::Tensor qk, torch::Tensor q_weight, torch::Tensor
   const int64_t T = qk.size(0), heads = qk.size(1), D = qk.size(2);
   TORCH_CHECK(q_weight.numel() == D && k_weight.numel() == D && 0 <= H && H <= heads, "weights of ", D, " and H <= heads");
   auto out = torch::empty({T, heads, D}, qk.options());
-  const float* q = q_weight.contiguous().data_ptr<float>();
-  const float* k = k_weight.contiguous().data_ptr<float>();
+  const torch::Tensor q = q_weight.contiguous(), k = k_weight.contiguous();  // held: their memory is read below
+  const float *xp = qk.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
+  float* op = out.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < heads; ++h)
-      norm_row(qk.data_ptr<float>() + t * qk.stride(0) + h * D, h < H ? q : k, D, h < H ? q_eps : k_eps,
-               out.data_ptr<float>() + (t * heads + h) * D);
+      norm_row(xp + t * qk.stride(0) + h * D, h < H ? qp : kp, D, h < H ? q_eps : k_eps, op + (t * heads + h) * D);
   return out;
 }
 

@@ -48,6 +48,11 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define HAVE_AVX2 1
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define HAVE_VNNI 1  // dpbusd on 256-bit registers
+#else
+#define HAVE_VNNI 0
+#endif
 #else
 #define HAVE_AVX2 0
 #endif
@@ -473,16 +478,19 @@ inline __m256i codes_avx2(const uint8_t* b, int s) {
 template <int64_t type>
 constexpr int centre() { return type == Q4_0 ? 8 : type == Q5_0 ? 16 : type == Q6_K ? 32 : 0; }
 
-// [sum of c[j] * q[j] over each group of 4 bytes] as 8 int32: lanes 0..3 hold elements 0..15, 4..7 the rest.
-inline __m256i dot_u8s8(__m256i c, __m256i q) {
+// acc + [sum of c[j] * q[j] over each group of 4 bytes] (c unsigned, q signed) as 8 int32: lanes 0..3 hold
+// elements 0..15, 4..7 the rest.
+inline __m256i dot_add(__m256i acc, __m256i c, __m256i q) {
 #if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), c, q);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, q);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), _mm256_set1_epi16(1));  // no overflow: c < 64 or |c| <= 128
+  return _mm256_dpbusd_avx_epi32(acc, c, q);
+#elif HAVE_VNNI
+  return _mm256_dpbusd_epi32(acc, c, q);
+#else  // no overflow: c < 64 or |c| <= 128
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), _mm256_set1_epi16(1)));
 #endif
 }
+
+inline __m256i dot_u8s8(__m256i c, __m256i q) { return dot_add(_mm256_setzero_si256(), c, q); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -537,17 +545,6 @@ void dot_rows_avx2(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int6
   for (int r = 0; r < R; ++r) out[r * out_stride] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + offsets[0][r] + offsets[1][r];
 }
 
-// acc + the sums of c[j] * q[j] over each group of 4 bytes (c unsigned, q signed), per 32-bit lane.
-inline __m256i dot_add(__m256i acc, __m256i c, __m256i q) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, c, q);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(acc, c, q);
-#else
-  return _mm256_add_epi32(acc, dot_u8s8(c, q));
-#endif
-}
-
 // The scales of an interleaved column, a lane per row: of codes 0-15 and of 16-31 (equal but for NVFP4), and the
 // offsets' (Q4_1 and Q5_1's m).
 struct ColumnScales {
@@ -595,11 +592,9 @@ void dot8_rows_avx2(const uint8_t* group, const QuantizedRows& xq, int64_t m0, i
   constexpr int64_t column_bytes = LANES * layout<base>().block_bytes;
   constexpr X8Parts parts = x8_parts(base);
   constexpr bool e2m1 = base == MXFP4 || base == NVFP4, two_scales = base == NVFP4;
-#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-  constexpr bool biased = base == Q8_0;  // int8 codes + 128 as unsigned: one xor per column, not a sign per row
-#else
-  constexpr bool biased = false;  // maddubs's int16 pairs would saturate at 255 * 127 * 2: codes keep their sign
-#endif
+  // with VNNI, int8 codes + 128 as unsigned: one xor per column, not a sign per row (without it maddubs's int16
+  // pairs would saturate at 255 * 127 * 2: codes keep their sign)
+  constexpr bool biased = HAVE_VNNI && base == Q8_0;
   constexpr int centre = base == Q4_0 ? 8 : base == Q5_0 ? 16 : e2m1 ? 12 : biased ? 128 : 0;
   constexpr bool has_offset = base == Q4_1 || base == Q5_1;
   const int64_t slices = K / SLICE;
@@ -801,10 +796,10 @@ torch::Tensor multi_matmul(torch::Tensor x, std::vector<torch::Tensor> weights, 
     int64_t i = int64_t(std::upper_bound(start.begin(), start.end(), u0) - start.begin()) - 1;
     for (int64_t u = u0; u < u1; ++u) {
       while (u >= start[i + 1]) ++i;
-      const int64_t n = (u - start[i]) * lanes[i];
+      const int64_t unit = u - start[i], n = unit * lanes[i];  // its first output column
       for (int64_t m = 0; m < count[i]; m += ROWS) {
         const int rows = int(std::min<int64_t>(ROWS, count[i] - m));
-        dots[i](rows_of[i] + n / lanes[i] * unit_bytes[i], xq, x_row[i] + m, rows, K, op + (out_row[i] + m) * N + col[i] + n, N);
+        dots[i](rows_of[i] + unit * unit_bytes[i], xq, x_row[i] + m, rows, K, op + (out_row[i] + m) * N + col[i] + n, N);
       }
     }
   });
