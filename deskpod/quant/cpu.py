@@ -12,10 +12,12 @@ kernels (deskpod.quant.ggml: activations rounded to int8 per 32, integer multipl
 
 FP8 has kernels of its own (float products). At load, rows are zero-padded to whole units of 32 inputs (only
 when `in` is ragged); nothing is widened. Up to MATVEC_MAX_ROWS rows of x (decoding) the kernels decode each
-unit of weights in registers and apply it to up to 8 rows at once; beyond that (prefill, large batches) the
-weight is expanded a tile of rows at a time for PyTorch's GEMM (in bfloat16 on AMX CPUs: deskpod.quant.ggml),
-whose cost then dominates. benchmarks/quant_kernels.py measures both against F.linear on the expanded float32 weight and
-against the engine's kernels over GGUF's Q4_0 / Q8_0 blocks (deskpod.quant.ggml).
+unit of weights in registers and apply it to up to 8 rows at once: on CPUs with AVX512-BF16 and VBMI the codes
+become bfloat16 through byte tables and meet activations rounded to bfloat16 in vdpbf16ps (such a build rounds
+the activations so in every path: `fp8_activations_bf16`), elsewhere float32 FMAs (AVX2). Beyond that (prefill,
+large batches) the weight is expanded a tile of rows at a time for PyTorch's GEMM (in bfloat16 on AMX CPUs:
+deskpod.quant.ggml), whose cost then dominates. benchmarks/quant_kernels.py measures both against F.linear on the
+expanded float32 weight and against the engine's kernels over GGUF's Q4_0 / Q8_0 blocks (deskpod.quant.ggml).
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ from deskpod.quant.kernels import ggml_blocks, lowbit_cpu
 MATVEC_MAX_ROWS = 20
 # the schemes whose kernels round activations to int8 per 32 (the GGUF kernels'): the rest take them as floats
 INT8_ACTIVATIONS = ("int4", "int8", "nvfp4", "mxfp4")
+FP8_SCHEMES = ("fp8", "fp8_e5m2")
+
+
+def fp8_activations_bf16() -> bool:
+    """Whether this machine's FP8 kernels multiply activations rounded to bfloat16 (AVX512-BF16 builds)."""
+    kernels = lowbit_cpu()
+    return kernels is not None and kernels.activations_bf16()
 
 
 def _round_up(n: int, m: int) -> int:
@@ -101,6 +110,10 @@ class FP8Weights(CPUWeights):
 
     def _matmul(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
         return lowbit_cpu().fp8_matmul(x, self.codes, self.row_scales, self.e5m2, portable=portable)
+
+    def _tiled_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        # the activations the matvec kernels multiply, so that a row's output does not depend on its batch
+        return super()._tiled_gemm(kernel_activations("fp8", x))
 
     def _expand(self, n0: int, n1: int, portable: bool = False) -> torch.Tensor:
         return lowbit_cpu().fp8_dequantize(self.codes[n0:n1], self.row_scales[n0:n1], self.e5m2, portable=portable)
@@ -175,7 +188,10 @@ KERNELS: dict[str, Callable[..., CPUWeights | None]] = {
 
 def kernel_activations(scheme: str, x: torch.Tensor) -> torch.Tensor:
     """x [..., in] as the scheme's CPU kernels multiply it: rounded to int8 per 32 (blocks counted from each row's
-    start; a ragged last block rounds its own values) for int4 and int8, else x itself."""
+    start; a ragged last block rounds its own values) for int4, int8, nvfp4 and mxfp4; rounded to bfloat16 for
+    fp8 where fp8_activations_bf16(); else x itself."""
+    if scheme in FP8_SCHEMES and fp8_activations_bf16():
+        return x.to(torch.bfloat16).to(x.dtype)
     if scheme not in INT8_ACTIVATIONS:
         return x
     padded = F.pad(x, (0, -x.shape[-1] % 32))

@@ -20,7 +20,9 @@ X86 = TARGETS["x86_64"]
     ("flags", "best"),
     [
         ({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq",
-          "avx512vl", "avx512_vnni"}, "x86-64-v4-vnni"),
+          "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi"}, "x86-64-v4-bf16"),
+        ({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq",
+          "avx512vl", "avx512_vnni", "avx512_bf16"}, "x86-64-v4-vnni"),
         ({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "avx_vnni"}, "x86-64-v3-vnni"),
         ({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe"}, "x86-64-v3"),
         ({"sse4_2", "popcnt"}, "x86-64"),

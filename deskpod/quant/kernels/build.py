@@ -40,6 +40,9 @@ _V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 # level is a build of its own; the portable one runs anywhere (x86-64-v2 and plain x86-64 CPUs included).
 TARGETS: dict[str, tuple[Target, ...]] = {
     "x86_64": (
+        # Sapphire Rapids, Zen 4 and later: FP8's bfloat16 kernels (lowbit_cpu.cpp) besides VNNI
+        Target("x86-64-v4-bf16", ("-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi"),
+               _V4 | {"avx512_vnni", "avx512_bf16", "avx512vbmi"}),
         Target("x86-64-v4-vnni", ("-march=x86-64-v4", "-mavx512vnni"), _V4 | {"avx512_vnni"}),
         Target("x86-64-v4", ("-march=x86-64-v4",), _V4),
         Target("x86-64-v3-vnni", ("-march=x86-64-v3", "-mavxvnni"), _V3 | {"avx_vnni"}),
