@@ -132,11 +132,22 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The rows of a matrix lie end to end: the codes 4 KB ahead are fetched into L2 while these are multiplied
+// (a decode step's weights come from L3 or memory; the hardware prefetcher alone keeps fewer in flight).
+constexpr int PREFETCH_AHEAD = 4096;
+
+// Unit u's weights as floats (unscaled), the codes ahead of them prefetched.
+template <class F>
+inline void unit_weights(const Row& row, int64_t u, __m256* v) {
+  _mm_prefetch(reinterpret_cast<const char*>(row.q + u * F::BYTES) + PREFETCH_AHEAD, _MM_HINT_T1);
+  F::decode(row.q + u * F::BYTES, v);
+}
+
 // Unit u times one row of x (at x), added into the accumulators (the row's scale comes once, at the end).
 template <class F>
 inline void unit_fma(const Row& row, int64_t u, const float* x, __m256& a, __m256& b) {
   __m256 v[4];
-  F::decode(row.q + u * F::BYTES, v);
+  unit_weights<F>(row, u, v);
   __m256 p[4];
   for (int i = 0; i < 4; ++i) p[i] = _mm256_loadu_ps(x + 8 * i);
   a = _mm256_fmadd_ps(v[2], p[2], _mm256_fmadd_ps(v[0], p[0], a));
@@ -159,11 +170,6 @@ float row_dot(const Row& row, const float* x) {
   return dot * row.row_scale;
 }
 
-// Unit u's weights as floats (unscaled): what the multi-row kernels reuse.
-template <class F>
-inline void unit_weights(const Row& row, int64_t u, __m256* v) {
-  F::decode(row.q + u * F::BYTES, v);
-}
 
 // R rows of x (stride K) against a weight row: each block is decoded and scaled once for all of them.
 // R is a compile-time constant so the loops unroll and the R x A accumulators stay in registers; with few
@@ -280,10 +286,6 @@ std::vector<uint16_t> bf16_activations(const float* x, int64_t M, int64_t K, int
 inline __m512 dot_bf16(__m512 acc, __m512i w, const uint16_t* x) {
   return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x));
 }
-
-// The rows of a matrix lie end to end: the codes 4 KB ahead are fetched into L2 while these are multiplied
-// (the weights of a decode step come from L3 or memory, the hardware prefetcher alone keeps fewer in flight).
-constexpr int PREFETCH_AHEAD = 4096;
 
 // R rows of x (bfloat16, stride K64) against a weight row, 64 codes at a time (the last 32 may stand alone:
 // the load stops at the row's end and the missing codes decode to zero).
