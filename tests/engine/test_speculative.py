@@ -1,5 +1,5 @@
-"""Speculative decoding (prompt lookup) on the real SmolLM2: the same replies as a token a step — greedy, seeded
-sampling with penalties, logprobs, stop strings, lengths, structured outputs — in fewer steps.
+"""Speculative decoding (prompt lookup, and a draft model) on the real SmolLM2: the same replies as a token a step
+— greedy, seeded sampling with penalties, logprobs, stop strings, lengths, structured outputs — in fewer steps.
 
 The compact kernels give a row the same result whatever else is in its step, and a draft's rows are attended to
 as decoding tokens, so the tokens are compared for equality, not closeness."""
@@ -12,6 +12,8 @@ import pytest
 from deskpod.engine.config import EngineConfig, SpeculativeConfig
 from deskpod.engine.engine import LLMEngine
 from deskpod.engine.sampler import SamplingParams, StructuredOutput
+from deskpod.errors import DeskpodError
+from deskpod.quant.convert import convert
 
 CODE = json.loads((Path(__file__).parents[1] / "data" / "code-samples.json").read_text())["parse_config"]
 ASKS = {
@@ -97,3 +99,37 @@ def test_no_guesses_while_the_batch_is_large(smollm2_compact, chats):
     while engine.has_work():
         engine.step()
     assert guesses_by_batch[3] == 0 and guesses_by_batch[1] > 0
+
+
+@pytest.fixture(scope="module")
+def smollm2_mxfp4(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 with MXFP4 weights: the same tokenizer, other numbers (its perplexity is 1.6x the GGUF's), so
+    that its guesses are often but not always the model's tokens."""
+    folder = tmp_path_factory.mktemp("draft") / "smollm2-mxfp4"
+    convert(smollm2_gguf, folder, "mxfp4", source_name="smollm2")
+    return folder
+
+
+def test_a_draft_model_gives_the_same_replies_in_fewer_steps(smollm2_compact, chats, smollm2_mxfp4):
+    """The draft guesses greedily; each guess is kept only where the model's own sampler draws that token, so
+    greedy and seeded replies are the model's. A rejected guess leaves the draft's cache for the next step."""
+    requests = {
+        "edit": (chats["edit"], SamplingParams(temperature=0, max_tokens=100)),
+        "capital": (chats["capital"], SamplingParams(temperature=0, max_tokens=40)),
+        "seeded": (chats["quote"], SamplingParams(temperature=0.8, seed=5, max_tokens=40, logprobs=1)),
+    }
+    plain, _, plain_steps = run(smollm2_compact, requests)
+    spec = SpeculativeConfig(method="draft_model", model=str(smollm2_mxfp4), num_speculative_tokens=4)
+    fast, engine, fast_steps = run(smollm2_compact, requests, spec)
+    for rid in requests:
+        assert fast[rid] == plain[rid], rid
+    stats = engine.stats()
+    assert stats.draft_tokens_total > stats.accepted_tokens_total > 0.3 * stats.draft_tokens_total
+    assert fast_steps < 0.7 * plain_steps
+    assert stats.kv_usage == 0
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(smollm2_compact, tiny_llama_gguf):
+    spec = SpeculativeConfig(method="draft_model", model=str(tiny_llama_gguf))
+    with pytest.raises(DeskpodError, match=r"the draft model .*tiny-llama.gguf does not share .*'s tokenizer"):
+        LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.1, context=1024, speculative=spec))
