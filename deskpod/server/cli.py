@@ -191,6 +191,8 @@ def serve(args: argparse.Namespace) -> int:
         log_level="info",
         access_log=not args.no_access_log,
         timeout_graceful_shutdown=5,
+        # asyncio's own loop, never uvloop where it happens to be installed: the gRPC server (grpc.aio) shares it
+        loop="asyncio",
     )
     return 0
 
