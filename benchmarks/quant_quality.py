@@ -14,7 +14,9 @@ first), then `deskpod quantize --to SCHEME` of that GGUF for each scheme, loaded
 - resident weights: bytes of the loaded model's buffers and parameters (less the RoPE table), in MB,
   and bits per weight over all weights and over the transformer blocks alone (embedding and head
   excluded: `deskpod quantize` keeps those at int8).
-- decode tok/s: one stream, greedy, --gen-tokens steps after a 128-token prompt; median of --repeats.
+- decode tok/s: one stream, greedy, --gen-tokens steps after a 128-token prompt; median of --repeats rounds,
+  each round timing every model once in turn (all of them loaded), so that a shared box's drift lands on every
+  model alike, not on whichever was measured last.
 - agreement with the original (the GGUF as the engine runs it), over the first 32 generated tokens of
   4 chat prompts: teacher-forced (at each of the original's 32 positions, is the scheme's argmax the
   same token) and free-running (greedy tokens identical from the start until the first difference).
@@ -74,19 +76,27 @@ def resident(lm, n_weights: int, n_block_weights: int) -> dict:
             "block_bits_per_weight": 8 * blocks / n_block_weights}
 
 
-def decode_speed(lm, prompt: list[int], gen_tokens: int, repeats: int) -> float:
+def decode_rate(lm, prompt: list[int], gen_tokens: int) -> float:
+    """Tokens/s of greedy single-stream decoding, --gen-tokens steps after `prompt`."""
     from deskpod.engine.models.layers import KVCache
 
-    def once() -> float:
-        cache = KVCache(lm.spec, len(prompt) + gen_tokens + 1)
-        token = int(lm.model(torch.tensor(prompt), torch.arange(len(prompt)), cache)[-1].argmax())
-        start = time.perf_counter()
-        for i in range(gen_tokens):
-            token = int(lm.model(torch.tensor([token]), torch.tensor([len(prompt) + i]), cache)[-1].argmax())
-        return gen_tokens / (time.perf_counter() - start)
+    cache = KVCache(lm.spec, len(prompt) + gen_tokens + 1)
+    token = int(lm.model(torch.tensor(prompt), torch.arange(len(prompt)), cache)[-1].argmax())
+    start = time.perf_counter()
+    for i in range(gen_tokens):
+        token = int(lm.model(torch.tensor([token]), torch.tensor([len(prompt) + i]), cache)[-1].argmax())
+    return gen_tokens / (time.perf_counter() - start)
 
-    once()  # warm-up
-    return statistics.median(once() for _ in range(repeats))
+
+def decode_speeds(models: dict, prompt: list[int], gen_tokens: int, repeats: int) -> dict[str, float]:
+    """name -> median tokens/s over `repeats` rounds, each round every model once, in turn."""
+    for lm in models.values():
+        decode_rate(lm, prompt, 8)  # warm-up
+    rates = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, lm in models.items():
+            rates[name].append(decode_rate(lm, prompt, gen_tokens))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def greedy(lm, prompts: list[list[int]]) -> list[list[int]]:
@@ -121,10 +131,10 @@ def weight_counts(gguf_path: Path) -> tuple[int, int]:
 
 
 def measure(name: str, lm, args, ids, counts, prompts, original) -> dict:
+    """Everything but the decode speed (decode_speeds, all models together)."""
     t = time.perf_counter()
     row = {"model": name, "perplexity": perplexity(lm, ids, min(args.window or lm.spec.max_context, lm.spec.max_context), args.chunk)}
     row |= resident(lm, *counts)
-    row["decode_tok_s"] = decode_speed(lm, ids[: args.prompt_tokens], args.gen_tokens, args.repeats)
     row |= agreement(lm, prompts, original)
     print(f"  {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return row
@@ -145,15 +155,16 @@ def run(args) -> list[dict]:
     prompts = [original.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     reference = greedy(original, prompts)
     counts = weight_counts(gguf)
-    rows = [measure(f"{args.model} GGUF (engine)", original, args, ids, counts, prompts, reference)]
-    del original
-    rows.append(measure(f"{args.model} float32", load_model(gguf, EngineConfig(weights="float32")), args, ids, counts,
-                        prompts, reference))
+    models = {f"{args.model} GGUF (engine)": original, f"{args.model} float32": load_model(gguf, EngineConfig(weights="float32"))}
     with tempfile.TemporaryDirectory(prefix="quant-quality-") as tmp:
         for scheme in args.schemes.split(","):
             folder = Path(tmp) / scheme
             convert(gguf, folder, scheme, source_name=args.model)
-            rows.append(measure(scheme, load_model(folder), args, ids, counts, prompts, reference))
+            models[scheme] = load_model(folder)
+    rows = [measure(name, lm, args, ids, counts, prompts, reference) for name, lm in models.items()]
+    speeds = decode_speeds(models, ids[: args.prompt_tokens], args.gen_tokens, args.repeats)
+    for row in rows:
+        row["decode_tok_s"] = speeds[row["model"]]
     return rows
 
 

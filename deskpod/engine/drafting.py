@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from deskpod.engine.config import EngineConfig, SpeculativeConfig
+from deskpod.engine.loader import LoadedModel, load_model
 from deskpod.errors import DeskpodError
 
 
@@ -60,8 +61,8 @@ class NgramDrafter:
 class ModelDrafter:
     """One request's greedy guesses from the draft model, over a KV cache of its own that grows with the request."""
 
-    def __init__(self, draft):
-        self.draft = draft  # a LoadedModel
+    def __init__(self, draft: LoadedModel):
+        self.draft = draft
         self.cache = None
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
 
@@ -103,7 +104,7 @@ class ModelDrafter:
 class Drafts:
     """The engine's source of drafters: one per request, of the configured method."""
 
-    def __init__(self, spec: SpeculativeConfig, target, config: EngineConfig):
+    def __init__(self, spec: SpeculativeConfig, target: LoadedModel, config: EngineConfig):
         self.spec, self.draft = spec, None
         if spec.method == "draft_model":
             self.draft = load_draft(spec.model, target, config)
@@ -112,14 +113,13 @@ class Drafts:
         return ModelDrafter(self.draft) if self.draft is not None else NgramDrafter(self.spec)
 
 
-def load_draft(name: str, target, config: EngineConfig):
+def load_draft(name: str, target: LoadedModel, config: EngineConfig) -> LoadedModel:
     """The draft model `name` (a store name, pulled first when it is a catalog name, or a path), loaded as the
     target is (device, dtype, threads), checked to share the target's tokenizer."""
     from deskpod.engine.llm import resolve_model_file  # the LLM API imports the engine: resolved at call time
-    from deskpod.engine.loader import load_model
 
     draft = load_model(resolve_model_file(name), replace(config, speculative=None, context=None), name=name)
-    same = draft.tokenizer._hf.get_vocab(with_added_tokens=True) == target.tokenizer._hf.get_vocab(with_added_tokens=True)
+    same = draft.tokenizer.vocabulary_ids() == target.tokenizer.vocabulary_ids()
     if not same or draft.spec.vocab_size > target.spec.vocab_size:
         raise DeskpodError(
             f"the draft model {name} does not share {target.label}'s tokenizer ({draft.tokenizer.vocab_size:,} tokens "

@@ -121,6 +121,10 @@ class Tokenizer:
         """The texts of the tokens a decode with skip_special leaves out."""
         return {t.content for t in self._hf.get_added_tokens_decoder().values() if t.special}
 
+    def vocabulary_ids(self) -> dict[str, int]:
+        """Every token (added ones included) and its id: two tokenizers with equal ones give the same ids."""
+        return self._hf.get_vocab(with_added_tokens=True)
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._hf.decode(ids, skip_special_tokens=skip_special)
 
