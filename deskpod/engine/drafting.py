@@ -107,7 +107,9 @@ class Drafts:
     def __init__(self, spec: SpeculativeConfig, target: LoadedModel, config: EngineConfig):
         self.spec, self.draft = spec, None
         if spec.method == "draft_model":
-            self.draft = load_draft(spec.model, target, config)
+            if spec.model not in target.drafts:  # loaded once per model, not per engine (each LLM.generate makes one)
+                target.drafts[spec.model] = load_draft(spec.model, target, config)
+            self.draft = target.drafts[spec.model]
 
     def new(self) -> Drafter:
         return ModelDrafter(self.draft) if self.draft is not None else NgramDrafter(self.spec)

@@ -12,7 +12,7 @@ so a checkpoint deskpod does not fully understand is refused by name, never run 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,8 @@ class LoadedModel:
     label: str  # the model as the user named it
     context: int  # the most tokens a request may hold here (the model's, or less if the config asks)
     weights: str = "compact"  # how its weights are held (EngineConfig.weights when it was loaded)
+    # speculative decoding's draft models loaded for it, by name: every engine over this model shares them
+    drafts: dict[str, LoadedModel] = field(default_factory=dict, repr=False, compare=False)
 
     def weight_bytes(self) -> int:
         """Resident bytes of the weights (buffers and parameters; the rotary frequencies excluded)."""
