@@ -120,7 +120,11 @@ def load_draft(name: str, target: LoadedModel, config: EngineConfig) -> LoadedMo
     target is (device, dtype, threads), checked to share the target's tokenizer."""
     from deskpod.engine.llm import resolve_model_file  # the LLM API imports the engine: resolved at call time
 
-    draft = load_model(resolve_model_file(name), replace(config, speculative=None, context=None), name=name)
+    try:
+        path = resolve_model_file(name)
+    except DeskpodError as e:  # say which of the two models it is
+        raise DeskpodError(f"the draft model (speculative decoding's model): {e}") from None
+    draft = load_model(path, replace(config, speculative=None, context=None), name=name)
     same = draft.tokenizer.vocabulary_ids() == target.tokenizer.vocabulary_ids()
     if not same or draft.spec.vocab_size > target.spec.vocab_size:
         raise DeskpodError(

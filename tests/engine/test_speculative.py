@@ -133,3 +133,9 @@ def test_a_draft_model_with_another_tokenizer_is_refused(smollm2_compact, tiny_l
     spec = SpeculativeConfig(method="draft_model", model=str(tiny_llama_gguf))
     with pytest.raises(DeskpodError, match=r"the draft model .*tiny-llama.gguf does not share .*'s tokenizer"):
         LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.1, context=1024, speculative=spec))
+
+
+def test_a_draft_model_not_in_the_store_is_named_as_the_draft(smollm2_compact):
+    spec = SpeculativeConfig(method="draft_model", model="no-such-draft")
+    with pytest.raises(DeskpodError, match=r"^the draft model \(speculative decoding's model\): .*no-such-draft"):
+        LLMEngine(smollm2_compact, EngineConfig(kv_cache_gb=0.1, context=1024, speculative=spec))
