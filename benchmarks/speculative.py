@@ -169,7 +169,8 @@ def main() -> int:
             except PeerError as e:
                 print(f"llama.cpp skipped: {e}", file=sys.stderr)
         same = [a["token_ids"] == b["token_ids"] for a, b in zip(runs["deskpod"], runs["deskpod + lookup"])]
-        same_draft = [a["token_ids"] == b["token_ids"] for a, b in zip(runs["deskpod"], runs.get("deskpod + draft", runs["deskpod"]))]
+        same_draft = ([a["token_ids"] == b["token_ids"] for a, b in zip(runs["deskpod"], runs["deskpod + draft"])]
+                      if args.draft else [])
         failed |= not all(same + same_draft)
         rates = {engine: statistics.median(rate(r) for r in replies) for engine, replies in runs.items()}
         results[workload] = {

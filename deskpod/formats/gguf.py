@@ -94,10 +94,7 @@ class GGUFFile:
         would count a second time in the process's resident memory while loading.) `expert`: only that
         slice of a stacked [experts, rows, cols] tensor is read."""
         info = self._tensor(name)
-        offset, n_bytes, shape = info.offset, info.n_bytes, info.shape
-        if expert is not None:
-            n_bytes //= shape[0]
-            offset, shape = offset + expert * n_bytes, shape[1:]
+        offset, n_bytes, shape = info.extent(expert)
         with open(self.path, "rb") as f:
             f.seek(offset)
             data = np.fromfile(f, dtype=np.uint8, count=n_bytes)
@@ -113,11 +110,7 @@ class GGUFFile:
     def mapped(self, name: str, expert: int | None = None) -> np.ndarray:
         """A block-type tensor's bytes [rows, row_bytes] (or one expert's slice) as a view of the file's mapping,
         for a reader that copies them at once (ggml.BlockWeight releases each part of the mapping it copied)."""
-        info = self._tensor(name)
-        offset, n_bytes, shape = info.offset, info.n_bytes, info.shape
-        if expert is not None:
-            n_bytes //= shape[0]
-            offset, shape = offset + expert * n_bytes, shape[1:]
+        offset, n_bytes, shape = self._tensor(name).extent(expert)
         return self._data[offset : offset + n_bytes].reshape(int(np.prod(shape[:-1])), -1)
 
     def dequantize(self, name: str, expert: int | None = None) -> np.ndarray:
@@ -155,6 +148,13 @@ class _TensorInfo:
     shape: tuple[int, ...]  # PyTorch order
     offset: int  # absolute, in the file
     n_bytes: int
+
+    def extent(self, expert: int | None = None) -> tuple[int, int, tuple[int, ...]]:
+        """(offset, n_bytes, shape) of the tensor, or of one expert's slice of a stacked [experts, rows, cols] one."""
+        if expert is None:
+            return self.offset, self.n_bytes, self.shape
+        n_bytes = self.n_bytes // self.shape[0]
+        return self.offset + expert * n_bytes, n_bytes, self.shape[1:]
 
 
 class _Header:
